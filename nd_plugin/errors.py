@@ -1,0 +1,63 @@
+"""Typed exceptions for user errors.
+
+Every error a user can cause derives from :class:`NDError`; the CLI prints its message as one line
+and exits non-zero, without a traceback. Messages say what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NDError",
+    "UnknownModelError",
+    "NothingToGateError",
+    "UntraceableModelError",
+    "InputShapeError",
+    "CheckpointMismatchError",
+    "DataError",
+    "ConfigError",
+    "RunDirError",
+    "TrainingError",
+]
+
+
+class NDError(Exception):
+    """Base class of every nd-plugin user error."""
+
+
+class UnknownModelError(NDError, KeyError):
+    """A model name that the registry cannot resolve (unknown or ambiguous)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NothingToGateError(NDError, ValueError):
+    """The model has no convolution that can carry a gate."""
+
+
+class UntraceableModelError(NDError, RuntimeError):
+    """torch-pruning's graph tracing cannot follow the model (the message names the layer)."""
+
+
+class InputShapeError(NDError, ValueError):
+    """``example_inputs`` (or data) of a shape the model cannot take."""
+
+
+class CheckpointMismatchError(NDError, ValueError):
+    """A checkpoint written for another architecture or number of classes."""
+
+
+class DataError(NDError, ValueError):
+    """A data set that is missing, empty, or does not fit the run."""
+
+
+class ConfigError(NDError, ValueError):
+    """An option outside its valid range (ratio, lambda, device, ...)."""
+
+
+class RunDirError(NDError, ValueError):
+    """A run directory that lacks what a command needs, or belongs to another run."""
+
+
+class TrainingError(NDError, RuntimeError):
+    """Training stopped (for example on a non-finite loss); the last good checkpoint is kept."""
