@@ -153,7 +153,13 @@ def find_sites(
     stems = _stem_convs(dg)
     sites = []
     for conv, spatial in shapes.items():
-        if conv in stems or _is_depthwise(conv) or conv not in dg.module2node:
+        if conv not in dg.module2node:
+            raise UntraceableModelError(
+                f"tracing cannot follow layer {names.get(conv, type(conv).__name__)!r}: its output leaves autograd "
+                "(.detach(), no_grad, numpy or a non-tensor op) before the model's output, so its channels "
+                "cannot be coupled with their consumers. Keep the forward pass differentiable."
+            )
+        if conv in stems or _is_depthwise(conv):
             continue
         if all(s == 1 for s in spatial) or uses.get(conv, 1) > 1:
             continue

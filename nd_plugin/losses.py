@@ -1,0 +1,127 @@
+"""The three decoupling losses (METHOD.md §2).
+
+``L = CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``, each of the three summed over the gated layers:
+
+- ``L_mi``: a bias-free linear classifier per layer reads the gates; cross-entropy with the label
+  (a variational bound on the mutual information between path and class).
+- ``L_kl``: ``KL(softmax(GAP(O)) ‖ softmax(α))``, aligning each gate with what its layer outputs.
+- ``L_s``: ``| mean over the batch of ‖α‖₁ − R·C |``, pulling the number of open gates of a
+  layer towards the target fraction ``R`` of its ``C`` filters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nd_plugin.errors import ConfigError
+
+__all__ = ["DecouplingLoss", "LossTerms"]
+
+
+@dataclass
+class LossTerms:
+    """The total loss and its terms (unweighted ``mi``, ``kl``, ``s``), for logging."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    mi: torch.Tensor
+    kl: torch.Tensor
+    s: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        """The terms as Python floats (one device sync)."""
+        values = torch.stack([self.total, self.ce, self.mi, self.kl, self.s]).detach().float().cpu().tolist()
+        return dict(zip(("loss", "ce", "l_mi", "l_kl", "l_s"), values))
+
+
+def _check(name: str, value: float, low: float, high: float | None, closed_high: bool = True) -> None:
+    ok = value >= low and (high is None or (value <= high if closed_high else value < high))
+    if not ok:
+        bound = "" if high is None else (f", {high}]" if closed_high else f", {high})")
+        raise ConfigError(f"{name} must be in [{low}{bound or ', inf)'}, got {value}.")
+
+
+class DecouplingLoss(nn.Module):
+    """Cross-entropy plus the three decoupling losses.
+
+    The module owns the per-layer ``L_mi`` classifiers, so pass its parameters to the optimiser.
+
+    Args:
+        lambda_m: weight of ``L_mi``.
+        lambda_k: weight of ``L_kl``.
+        lambda_s: weight of ``L_s``.
+        ratio: ``R``, the target fraction of a layer's filters that are on for an average input
+            (0 means plain L1 pressure towards closing gates), in ``[0, 1)``.
+        channels: filters per gated layer, in path order.
+        num_classes: number of classes (for the ``L_mi`` classifiers).
+
+    Example:
+        >>> loss_fn = DecouplingLoss(0.01, 1.0, 0.01, 0.6, channels=[4, 8], num_classes=3)
+        >>> logits, y = torch.randn(2, 3), torch.tensor([0, 2])
+        >>> gates = [torch.ones(2, 4), torch.zeros(2, 8)]
+        >>> terms = loss_fn(logits, y, gates, [torch.randn(2, 4), torch.randn(2, 8)])
+        >>> round(terms.s.item(), 2)  # |4 - 2.4| + |0 - 4.8|
+        6.4
+    """
+
+    def __init__(
+        self,
+        lambda_m: float = 0.01,
+        lambda_k: float = 1.0,
+        lambda_s: float = 0.01,
+        ratio: float = 0.6,
+        *,
+        channels: Sequence[int],
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        _check("ratio (--ratio)", ratio, 0.0, 1.0, closed_high=False)
+        for name, value in (("lambda_m", lambda_m), ("lambda_k", lambda_k), ("lambda_s", lambda_s)):
+            _check(name, value, 0.0, None)
+        self.lambda_m, self.lambda_k, self.lambda_s, self.ratio = lambda_m, lambda_k, lambda_s, ratio
+        self.channels = list(channels)
+        self.classifiers = nn.ModuleList(nn.Linear(c, num_classes, bias=False) for c in self.channels)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        gates: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        pre_gate: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+    ) -> LossTerms:
+        """Computes the loss.
+
+        Args:
+            logits: ``(N, K)`` network outputs.
+            targets: ``(N,)`` labels.
+            gates: per layer ``(N, C)`` gate values (as returned with ``return_path=True``).
+            pre_gate: per layer ``(N, C)`` GAP of the layer output before the gate
+                (``return_pre_gate=True``); needed when ``lambda_k > 0``.
+
+        Returns:
+            The :class:`LossTerms`.
+        """
+        gates = list(gates.values()) if isinstance(gates, Mapping) else list(gates)
+        if isinstance(pre_gate, Mapping):
+            pre_gate = list(pre_gate.values())
+        ce = F.cross_entropy(logits, targets)
+        zero = logits.new_zeros(())
+        mi, kl, s = zero, zero, zero
+        for i, alpha in enumerate(gates):
+            alpha = alpha.float()
+            if self.lambda_m > 0:
+                mi = mi + F.cross_entropy(self.classifiers[i](alpha), targets)
+            if self.lambda_k > 0:
+                if pre_gate is None or pre_gate[i] is None:
+                    raise ValueError("lambda_k > 0 needs the pre-gate outputs (return_pre_gate=True)")
+                target = F.softmax(pre_gate[i].float(), dim=1)
+                kl = kl + F.kl_div(F.log_softmax(alpha, dim=1), target, reduction="batchmean")
+            if self.lambda_s > 0:
+                s = s + (alpha.sum(1).mean() - self.ratio * alpha.shape[1]).abs()
+        total = ce + self.lambda_m * mi + self.lambda_k * kl + self.lambda_s * s
+        return LossTerms(total=total, ce=ce, mi=mi, kl=kl, s=s)

@@ -1,0 +1,33 @@
+"""The ``summary.json`` of a run: accuracy, gate density, filter states and FLOPs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nd_plugin.decoupled import DecoupledModel
+from nd_plugin.paths import PathStats
+
+__all__ = ["summarize", "state_shares"]
+
+
+def state_shares(stats: PathStats, tolerance: float = 0.0) -> dict[str, float]:
+    """Shares of silent / dynamic / energetic filters over all gated layers."""
+    freq = stats.frequency()
+    silent = float(np.mean(freq <= tolerance))
+    energetic = float(np.mean(freq >= 1.0 - tolerance))
+    return {"silent": silent, "dynamic": 1.0 - silent - energetic, "energetic": energetic}
+
+
+def summarize(dm: DecoupledModel, stats: PathStats, data: Any = None) -> dict[str, Any]:
+    """Summarises a trained decoupled model from its validation path statistics."""
+    summary: dict[str, Any] = {
+        "top1": stats.accuracy,
+        "n_val": stats.n,
+        "density": stats.density,
+        "gated_layers": len(stats.site_names),
+        "gated_filters": stats.num_filters,
+        "filter_states": state_shares(stats),
+    }
+    return summary

@@ -1,0 +1,666 @@
+"""The Trainer: one loop for CPU, GPU (bf16 autocast) and ``torchrun`` (DistributedDataParallel).
+
+Training has up to two phases. Without pretrained weights (the usual case offline) the plain model
+is first trained for ``warmup_epochs`` with every gate forced open and cross-entropy alone, as the
+paper fine-tunes an already trained network; then the gates are trained with the decoupling
+losses for ``epochs``. Every epoch ends with a validation pass that collects path statistics, a
+line in ``metrics.jsonl`` and an atomic checkpoint, so ``--resume`` continues with the next epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from nd_plugin.decoupled import DecoupledModel, wrap
+from nd_plugin.errors import ConfigError, RunDirError, TrainingError
+from nd_plugin.losses import DecouplingLoss
+from nd_plugin.paths import PathStats
+from nd_plugin.run import CHECKPOINT, CONFIG, METRICS, PATHS, SUMMARY, Run, atomic_save, atomic_write_text
+
+__all__ = ["TrainConfig", "Trainer", "decouple", "preset", "resolve_device"]
+
+# Seed Table A (λ_m, λ_k, λ_s, R) for the networks it names; CIFAR entries keep the paper's λs.
+_TABLE_A: dict[str, dict[str, float]] = {
+    "cifar:resnet": {"lambda_m": 0.01, "lambda_k": 1.0, "lambda_s": 1.5e-4},
+    "cifar:vgg": {"lambda_m": 0.04, "lambda_k": 1.0, "lambda_s": 2e-4},
+    "resnet18": {"lambda_m": 0.005, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.6},
+    "vgg16": {"lambda_m": 0.01, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.5},
+}
+_GENERIC = {"lambda_m": 0.005, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.6}
+
+
+def preset(model: str) -> dict[str, float]:
+    """Default λs (and R) for a model name: seed Table A where it names the network.
+
+    Example:
+        >>> preset("cifar:resnet56")["lambda_s"]
+        0.00015
+    """
+    name = model.split(":")[-1].lower()
+    if model.startswith("cifar:") or name.startswith(("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")):
+        return dict(_TABLE_A["cifar:vgg" if name.startswith("vgg") else "cifar:resnet"])
+    for key in ("resnet18", "vgg16"):
+        if name.startswith(key):
+            return dict(_TABLE_A[key])
+    return dict(_GENERIC)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a decoupling run (``None`` means: choose the default for the model/data).
+
+    Attributes:
+        ratio: ``R``, the target fraction of a layer's filters that are ON for an average input.
+        epochs: decoupling epochs (gates and losses on).
+        warmup_epochs: plain-model epochs first; default 0 with ``weights``/``pretrained``, else 3.
+        acm_lr: learning rate of the gates and L_mi classifiers (own group, no weight decay);
+            default 10× ``lr``: at the model's rate the gates barely move in a short run.
+        bn_recalibrate: batches of training data used after each decoupling epoch to re-estimate
+            BatchNorm statistics with eval-time (hard, noise-free) gates; 0 turns it off.
+    """
+
+    model: str = "resnet18"
+    data: str = "digits"
+    ratio: float | None = None
+    epochs: int | None = None
+    warmup_epochs: int | None = None
+    batch_size: int = 64
+    lr: float | None = None
+    acm_lr: float | None = None
+    lambda_m: float | None = None
+    lambda_k: float | None = None
+    lambda_s: float | None = None
+    sites: str = "internal"
+    weights: str | None = None
+    pretrained: bool = False
+    device: str = "auto"
+    seed: int = 0
+    schedule: str = "step"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    noise_std: float = 1.0
+    reduction: int = 4
+    workers: int = 0
+    bn_recalibrate: int = 50
+    amp: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``None`` replaced by its default, validated."""
+        cfg = TrainConfig(**asdict(self))
+        p = preset(cfg.model)
+        for key in ("lambda_m", "lambda_k", "lambda_s", "ratio"):
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, p.get(key, 0.6))
+        trained_start = bool(cfg.weights or cfg.pretrained)
+        if cfg.warmup_epochs is None:
+            cfg.warmup_epochs = 0 if trained_start else 3
+        if cfg.epochs is None:
+            cfg.epochs = 4 if cfg.data == "digits" else 2
+        if cfg.lr is None:
+            cfg.lr = 0.01 if trained_start else 0.05
+        if cfg.acm_lr is None:
+            cfg.acm_lr = 10 * cfg.lr
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` for any option out of range."""
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"--ratio must be in [0, 1) (the target fraction of filters that are on), got {self.ratio}.")
+        for key in ("lambda_m", "lambda_k", "lambda_s"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {value}.")
+        if self.epochs is not None and self.epochs < 0 or self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ConfigError("--epochs and --warmup-epochs must be >= 0.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        if self.schedule not in ("step", "cosine"):
+            raise ConfigError(f"--schedule must be 'step' or 'cosine', got {self.schedule!r}.")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.weights and self.pretrained:
+            raise ConfigError("pass either --weights PATH or --pretrained, not both.")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a CUDA request without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto.")
+    return torch.device(device)
+
+
+def _lr_factor(epoch: int, cfg: TrainConfig) -> float:
+    """LR multiplier at a global epoch: each phase restarts and decays on its own."""
+    if epoch < cfg.warmup_epochs:
+        start, length = 0, cfg.warmup_epochs
+    else:
+        start, length = cfg.warmup_epochs, max(cfg.epochs, 1)
+    t = (epoch - start) / length
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return 0.1 ** sum(t >= m for m in (0.5, 0.75))  # the paper's steps (100/150 of 200 epochs)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import torch_pruning
+    import torchvision
+
+    from nd_plugin import __version__
+
+    return {
+        "nd_plugin": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@dataclass
+class EpochResult:
+    """What one epoch leaves in ``metrics.jsonl``."""
+
+    epoch: int
+    phase: str
+    lr: float
+    train: dict[str, float]
+    val_top1: float
+    val_density: float
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "phase": self.phase,
+            "lr": self.lr,
+            **{f"train_{k}": v for k, v in self.train.items()},
+            "val_top1": self.val_top1,
+            "val_density": self.val_density,
+            "seconds": self.seconds,
+            **self.extra,
+        }
+
+
+class Trainer:
+    """Trains a :class:`DecoupledModel` with the decoupling losses and writes a run directory.
+
+    Args:
+        dm: the wrapped model.
+        data: a :class:`nd_plugin.data.DataBundle`.
+        config: the resolved :class:`TrainConfig`.
+        out: the run directory (only rank 0 writes).
+        progress: show progress bars (rank 0 only).
+
+    Example:
+        >>> cfg = TrainConfig(model="cifar:resnet20", data="synthetic", epochs=1).resolved()  # doctest: +SKIP
+        >>> Trainer(dm, data, cfg, out="runs/r20").fit()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        dm: DecoupledModel,
+        data: Any,
+        config: TrainConfig,
+        out: str | os.PathLike | None = None,
+        *,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = config
+        self.data = data
+        self.out = Path(out) if out is not None else None
+        self.device = resolve_device(config.device)
+        self.dist = _init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.progress = progress and self.dist.main
+        self.dm = dm.to(self.device)
+        if self.device.type == "cuda":
+            self.dm = self.dm.to(memory_format=torch.channels_last)
+        self.loss_fn = DecouplingLoss(
+            config.lambda_m,
+            config.lambda_k,
+            config.lambda_s,
+            config.ratio,
+            channels=[s.channels for s in dm.gate_sites],
+            num_classes=data.num_classes,
+        ).to(self.device)
+        gate_params = [p for n, p in self.dm.named_parameters() if ".acm." in f".{n}"]
+        gate_ids = {id(p) for p in gate_params}
+        model_params = [p for p in self.dm.parameters() if id(p) not in gate_ids]
+        self.optimizer = torch.optim.SGD(
+            [
+                {"params": model_params, "lr": config.lr, "weight_decay": config.weight_decay, "base_lr": config.lr},
+                {
+                    "params": gate_params + list(self.loss_fn.parameters()),
+                    "lr": config.acm_lr,
+                    "weight_decay": 0.0,
+                    "base_lr": config.acm_lr,
+                },
+            ],
+            lr=config.lr,
+            momentum=config.momentum,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, [lambda e: _lr_factor(e, config)] * 2
+        )
+        self.net: nn.Module = self.dm
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.dm, device_ids=ids)
+        self.start_epoch = 0
+        self.history: list[EpochResult] = []
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        """Everything needed to resume after ``epoch`` (0-based, completed)."""
+        return {
+            "model": self.dm.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a checkpoint written by :meth:`state_dict`; training continues after its epoch."""
+        self.dm.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"]) + 1
+
+    # ----------------------------------------------------------------------------------- loops
+    def _loader(self, split: str, epoch: int, *, shuffle: bool) -> DataLoader:
+        dataset = self.data.train if split == "train" else self.data.val
+        if self.dist.enabled:
+            dataset = Subset(dataset, range(self.dist.rank, len(dataset), self.dist.world))
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.cfg.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=shuffle and len(dataset) > self.cfg.batch_size,
+            persistent_workers=False,
+        )
+
+    def _autocast(self):
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training data; returns mean loss terms, accuracy and gate density."""
+        warmup = epoch < self.cfg.warmup_epochs
+        self.net.train()
+        sums = torch.zeros(8, device=self.device)  # loss, ce, mi, kl, s, correct, n, density*n
+        loader = self._loader("train", epoch, shuffle=True)
+        context = self.dm.gates_open() if warmup else nullcontext()
+        from nd_plugin._progress import make_progress
+
+        progress = make_progress(transient=True) if self.progress else None
+        task = None
+        with context, progress or nullcontext():
+            if progress is not None:
+                phase = "warm-up" if warmup else "decouple"
+                task = progress.add_task(f"epoch {epoch + 1}/{self.total_epochs} {phase}", total=len(loader), info="")
+            for step, (x, y) in enumerate(loader):
+                x, y = self._to_device(x, y)
+                with self._autocast():
+                    if warmup:
+                        logits = self.net(x)
+                        terms = self.loss_fn(logits, y, [], None)
+                        density = torch.ones((), device=self.device)
+                    else:
+                        want_pre = self.cfg.lambda_k > 0
+                        outputs = self.net(x, return_path=True, return_pre_gate=want_pre)
+                        logits, gates = outputs[0], outputs[1]
+                        pre = outputs[2] if want_pre else None
+                        terms = self.loss_fn(logits, y, gates, pre)
+                        density = torch.cat([g.detach() for g in gates.values()], 1).gt(0.5).float().mean()
+                if not torch.isfinite(terms.total):
+                    raise TrainingError(
+                        f"non-finite loss at epoch {epoch + 1}, step {step + 1}; training stopped and the last good "
+                        "checkpoint is kept. Lower --lr or the λs and rerun with --resume."
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+                self.optimizer.step()
+                n = y.shape[0]
+                with torch.no_grad():
+                    sums += torch.stack(
+                        [
+                            terms.total.detach() * n,
+                            terms.ce.detach() * n,
+                            terms.mi.detach() * n,
+                            terms.kl.detach() * n,
+                            terms.s.detach() * n,
+                            (logits.argmax(1) == y).sum().float(),
+                            torch.tensor(float(n), device=self.device),
+                            density * n,
+                        ]
+                    ).float()
+                if progress is not None and (step % 10 == 0 or step == len(loader) - 1):
+                    s = sums.tolist()
+                    info = f"loss {s[0] / s[6]:.3f} acc {s[5] / s[6]:.3f} density {s[7] / s[6]:.2f}"
+                    progress.update(task, completed=step + 1, info=info)
+        self.dist.all_reduce(sums)
+        s = sums.tolist()
+        n = max(s[6], 1.0)
+        return {
+            "loss": s[0] / n,
+            "ce": s[1] / n,
+            "l_mi": s[2] / n,
+            "l_kl": s[3] / n,
+            "l_s": s[4] / n,
+            "top1": s[5] / n,
+            "density": s[7] / n,
+        }
+
+    @torch.no_grad()
+    def recalibrate_bn(self, epoch: int) -> None:
+        """Re-estimates BatchNorm statistics with eval-time gates (hard, noise-free).
+
+        Training sees noisy, partly soft gates; evaluation sees hard ones, so the running statistics
+        of the layers after a gate drift. A few batches with the gates in eval mode fix that.
+        """
+        if self.cfg.bn_recalibrate <= 0:
+            return
+        norms = [m for m in self.dm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms:
+            return
+        saved = [(m.momentum, m.training) for m in norms]
+        self.dm.eval()
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average
+                m.train()
+            loader = self._loader("train", 10_000 + epoch, shuffle=True)
+            for step, (x, _y) in enumerate(loader):
+                if step >= self.cfg.bn_recalibrate:
+                    break
+                with self._autocast():
+                    self.dm(self._to_device(x, _y)[0])
+        finally:
+            for m, (momentum, training) in zip(norms, saved):
+                m.momentum = momentum
+                m.train(training)
+        if self.dist.enabled:
+            for m in norms:
+                for buf in (m.running_mean, m.running_var):
+                    self.dist.all_reduce(buf)
+                    buf /= self.dist.world
+
+    def evaluate(self, epoch: int = 0) -> PathStats:
+        """Validation pass collecting path statistics (all-reduced across ranks)."""
+        stats = self.dm.paths(
+            self._loader("val", epoch, shuffle=False),
+            device=self.device,
+            classes=list(self.data.classes),
+            num_classes=self.data.num_classes,
+        )
+        if self.dist.enabled:
+            for name in ("counts", "class_counts", "class_n"):
+                t = torch.as_tensor(getattr(stats, name), device=self.device)
+                setattr(stats, name, self.dist.all_reduce(t).cpu().numpy())
+            t = torch.tensor([stats.n, stats.correct], device=self.device)
+            stats.n, stats.correct = (int(v) for v in self.dist.all_reduce(t).tolist())
+        return stats
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cfg.warmup_epochs + self.cfg.epochs
+
+    def fit(self) -> PathStats:
+        """Runs the remaining epochs, writing metrics and a checkpoint after each.
+
+        Returns:
+            The validation path statistics after the last epoch.
+        """
+        stats = None
+        for epoch in range(self.start_epoch, self.total_epochs):
+            t0 = time.perf_counter()
+            phase = "warmup" if epoch < self.cfg.warmup_epochs else "decouple"
+            lr = self.optimizer.param_groups[0]["lr"]
+            train = self.train_epoch(epoch)
+            if phase == "decouple":
+                self.recalibrate_bn(epoch)
+            stats = self.evaluate(epoch)
+            self.scheduler.step()
+            result = EpochResult(epoch + 1, phase, lr, train, stats.accuracy, stats.density, time.perf_counter() - t0)
+            self.history.append(result)
+            if self.dist.main:
+                self._log(result)
+                if self.out is not None:
+                    with open(self.out / METRICS, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(result.to_dict()) + "\n")
+                    atomic_save(self.state_dict(epoch), self.out / CHECKPOINT)
+        if stats is None:  # nothing left to train (a finished run resumed): evaluate once
+            stats = self.evaluate(self.total_epochs)
+        return stats
+
+    def _log(self, r: EpochResult) -> None:
+        if not self.progress:
+            return
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"epoch {r.epoch}/{self.total_epochs} [{r.phase}] lr {r.lr:.4g} "
+            f"loss {r.train['loss']:.3f} (ce {r.train['ce']:.3f} mi {r.train['l_mi']:.3f} "
+            f"kl {r.train['l_kl']:.4f} s {r.train['l_s']:.2f}) train-acc {r.train['top1']:.3f} | "
+            f"val top-1 {r.val_top1:.4f} density {r.val_density:.3f} | {r.seconds:.0f}s"
+        )
+
+
+# ------------------------------------------------------------------------------------ decouple
+@contextmanager
+def _distributed_cleanup() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    config_file = out / CONFIG
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise RunDirError(f"--resume: {out} has no {CHECKPOINT} to resume from; drop --resume to start a new run there.")
+        previous = json.loads(config_file.read_text(encoding="utf-8"))
+        if previous.get("model") != cfg.model:
+            raise RunDirError(f"--resume: {out} holds a run of {previous.get('model')!r}, not {cfg.model!r}.")
+        return
+    if config_file.is_file():
+        previous = json.loads(config_file.read_text(encoding="utf-8"))
+        if previous.get("model") != cfg.model:
+            raise RunDirError(
+                f"--out {out} holds a run of another model ({previous.get('model')!r}); choose another --out."
+            )
+        if not overwrite:
+            raise RunDirError(
+                f"--out {out} already holds a run of {cfg.model!r}; pass --resume to continue it or --overwrite to start again."
+            )
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunDirError(f"--out {out} exists and is not a run directory; choose an empty or new directory.")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CHECKPOINT, METRICS, PATHS, SUMMARY):
+        (out / name).unlink(missing_ok=True)
+
+
+def decouple(
+    config: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Builds the model, wraps it, trains it and writes the run directory. What ``nd decouple`` runs.
+
+    Args:
+        config: the options (``None`` fields get the model's defaults).
+        out: the run directory.
+        resume: continue from ``out/checkpoint.pt`` (options are read from ``out/config.json``).
+        overwrite: start again in a directory that holds a run of the same model.
+        progress: show progress and the per-epoch log (rank 0).
+
+    Returns:
+        The summary (also written to ``summary.json``).
+
+    Example:
+        >>> summary = decouple(TrainConfig(model="resnet18", data="digits", ratio=0.6), "runs/resnet18")  # doctest: +SKIP
+    """
+    from nd_plugin.adapters import create_model, resolve_name
+    from nd_plugin.data import load_data
+
+    out = Path(out)
+    config.validate()
+    config = TrainConfig(**{**asdict(config), "model": resolve_name(config.model)})
+    if resume and (out / CONFIG).is_file():
+        saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+        names = {f.name for f in fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names} | {"device": config.device})
+    cfg = config.resolved()
+    device = resolve_device(cfg.device)
+    with _distributed_cleanup():
+        main = int(os.environ.get("RANK", "0")) == 0
+        if main:
+            _prepare_out(out, cfg, resume, overwrite)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        data = load_data(cfg.data)
+        model = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.weights)
+        example = torch.zeros(1, *data.input_size)
+        dm = wrap(model, example, sites=cfg.sites, reduction=cfg.reduction, noise_std=cfg.noise_std)
+        trainer = Trainer(dm, data, cfg, out, progress=progress)
+        if resume:
+            trainer.load_state_dict(Run(out).load_checkpoint(trainer.device))
+        elif main:
+            atomic_write_text(
+                out / CONFIG,
+                json.dumps(
+                    {
+                        "model": cfg.model,
+                        "data": cfg.data,
+                        "num_classes": data.num_classes,
+                        "classes": list(data.classes),
+                        "input_size": list(data.input_size),
+                        "mean": list(data.mean),
+                        "std": list(data.std),
+                        "sites": dm.site_names,
+                        "sites_mode": cfg.sites,
+                        "reduction": cfg.reduction,
+                        "noise_std": cfg.noise_std,
+                        "warmup": (
+                            f"{cfg.warmup_epochs} plain epochs before decoupling (no pretrained weights)"
+                            if cfg.warmup_epochs
+                            else "none (trained weights given)"
+                        ),
+                        "train": asdict(cfg),
+                        "world_size": trainer.dist.world,
+                        "device": str(device),
+                        "versions": _versions(),
+                    },
+                    indent=2,
+                ),
+            )
+            if progress and cfg.warmup_epochs:
+                from rich.console import Console
+
+                Console(stderr=True).print(
+                    f"no pretrained weights: training the plain model for {cfg.warmup_epochs} warm-up epoch(s) "
+                    f"with gates open, then decoupling for {cfg.epochs} epoch(s)"
+                )
+        stats = trainer.fit()
+        summary: dict[str, Any] = {}
+        if trainer.dist.main:
+            stats.save(out / PATHS)
+            from nd_plugin.summary import summarize
+
+            summary = summarize(dm.cpu().eval(), stats, data)
+            atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
+        return summary
