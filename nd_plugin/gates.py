@@ -61,8 +61,8 @@ class ACM(nn.Module):
     """Architecture controlling module: two FC layers on the globally pooled input.
 
     ``W1: C_in → max(C_in // reduction, 1)``, ``W2: → C_out``. Initialised so that every gate
-    starts open: ``W1 = 0``, ``b1 = 1``, ``W2`` small (so that ``W1`` receives a gradient from the
-    first step on) and ``b2 = init_bias``. The paper's release uses ``b2 = 1``; we default to 3,
+    starts open: ``W1 = 0``, ``b1 = 1``, ``W2`` with PyTorch's default init (so that ``W1``
+    receives a gradient from the first step on; ``z`` starts near ``b2 ± 0.6``) and ``b2 = init_bias``. The paper's release uses ``b2 = 1``; we default to 3,
     where the soft gate ``clamp(1.2·σ(z)−0.1, 0, 1)`` is saturated at 1, so that under the N(0, 1)
     training noise a freshly wrapped model computes (almost exactly) what the original did,
     instead of scaling every gated layer by ~0.8 and shifting the BatchNorm statistics.
@@ -90,7 +90,7 @@ class ACM(nn.Module):
         """Puts the ACM back into its all-gates-open initial state."""
         nn.init.zeros_(self.fc1.weight)
         nn.init.ones_(self.fc1.bias)
-        nn.init.normal_(self.fc2.weight, std=0.01)
+        self.fc2.reset_parameters()
         nn.init.constant_(self.fc2.bias, self.init_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

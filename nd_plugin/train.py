@@ -238,6 +238,13 @@ class EpochResult:
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochResult:
+        train = {k[len("train_"):]: v for k, v in d.items() if k.startswith("train_")}
+        known = {"epoch", "phase", "lr", "val_top1", "val_density", "seconds"}
+        extra = {k: v for k, v in d.items() if k not in known and not k.startswith("train_")}
+        return cls(d["epoch"], d["phase"], d["lr"], train, d["val_top1"], d["val_density"], d["seconds"], extra)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
@@ -331,6 +338,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
             "rng": _rng_state(),
+            "history": [r.to_dict() for r in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -341,6 +349,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"]) + 1
+        self.history = [EpochResult.from_dict(d) for d in state.get("history", [])]
 
     # ----------------------------------------------------------------------------------- loops
     def _loader(self, split: str, epoch: int, *, shuffle: bool) -> DataLoader:
@@ -514,12 +523,17 @@ class Trainer:
             if self.dist.main:
                 self._log(result)
                 if self.out is not None:
-                    with open(self.out / METRICS, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(result.to_dict()) + "\n")
+                    # the checkpoint carries the history; metrics.jsonl is rewritten from it, so a
+                    # kill between the two writes leaves nothing that --resume cannot repair
                     atomic_save(self.state_dict(epoch), self.out / CHECKPOINT)
+                    self._write_metrics()
         if stats is None:  # nothing left to train (a finished run resumed): evaluate once
             stats = self.evaluate(self.total_epochs)
         return stats
+
+    def _write_metrics(self) -> None:
+        lines = "".join(json.dumps(r.to_dict()) + "\n" for r in self.history)
+        atomic_write_text(self.out / METRICS, lines)
 
     def _log(self, r: EpochResult) -> None:
         if not self.progress:
@@ -599,7 +613,8 @@ def decouple(
     out = Path(out)
     config.validate()
     config = TrainConfig(**{**asdict(config), "model": resolve_name(config.model)})
-    if resume and (out / CONFIG).is_file():
+    if resume:
+        _prepare_out(out, config, resume=True, overwrite=False)
         saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
         names = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names} | {"device": config.device})

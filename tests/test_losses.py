@@ -1,0 +1,77 @@
+"""DecouplingLoss: each term against hand-computed values; all λ = 0 is plain cross-entropy."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nd_plugin
+from nd_plugin.errors import ConfigError
+from nd_plugin.losses import DecouplingLoss
+
+from test_wrap import TinyNet
+
+
+def _loss(**kw: float) -> DecouplingLoss:
+    loss = DecouplingLoss(**{"lambda_m": 1.0, "lambda_k": 1.0, "lambda_s": 1.0, "ratio": 0.0, **kw}, channels=[2], num_classes=2)
+    with torch.no_grad():
+        loss.classifiers[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    return loss
+
+
+def test_each_term_by_hand() -> None:
+    logits, y = torch.tensor([[0.0, 0.0]]), torch.tensor([0])
+    gates, pre = [torch.tensor([[1.0, 0.0]])], [torch.tensor([[0.0, 0.0]])]
+    terms = _loss()(logits, y, gates, pre)
+    assert terms.ce.item() == pytest.approx(math.log(2))
+    # L_mi: classifier logits [1, 0] for class 0
+    assert terms.mi.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    # L_kl = KL(softmax([0, 0]) || softmax([1, 0]))
+    q = [math.e / (1 + math.e), 1 / (1 + math.e)]
+    assert terms.kl.item() == pytest.approx(0.5 * math.log(0.5 / q[0]) + 0.5 * math.log(0.5 / q[1]), rel=1e-6)
+    # L_s = |mean ||a||_1 - R*C| = |1 - 0|
+    assert terms.s.item() == pytest.approx(1.0)
+    assert terms.total.item() == pytest.approx(terms.ce.item() + terms.mi.item() + terms.kl.item() + 1.0, rel=1e-6)
+
+
+def test_sparsity_target_ratio_and_weights() -> None:
+    gates = [torch.tensor([[1.0, 0.0], [1.0, 1.0]])]  # mean ||a||_1 = 1.5
+    terms = _loss(ratio=0.25, lambda_m=0.0, lambda_k=0.0, lambda_s=0.5)(torch.zeros(2, 2), torch.tensor([0, 1]), gates)
+    assert terms.s.item() == pytest.approx(1.0)  # |1.5 - 0.25 * 2|
+    assert terms.mi.item() == 0.0 and terms.kl.item() == 0.0
+    assert terms.total.item() == pytest.approx(math.log(2) + 0.5)
+
+
+@pytest.mark.parametrize("kw, match", [({"ratio": 1.0}, "ratio"), ({"ratio": -0.1}, "ratio"), ({"lambda_m": -1.0}, "lambda_m")])
+def test_bad_hyper_parameters(kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _loss(**kw)
+
+
+def test_all_lambdas_zero_is_plain_cross_entropy_training() -> None:
+    torch.manual_seed(0)
+    dm_a = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8))
+    dm_b = copy.deepcopy(dm_a)
+    loss_fn = DecouplingLoss(0.0, 0.0, 0.0, 0.5, channels=[6], num_classes=3)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    opt_a = torch.optim.SGD(dm_a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(dm_b.parameters(), lr=0.1)
+    for _ in range(3):
+        state = torch.get_rng_state()
+        logits, gates = dm_a(x, return_path=True)
+        terms = loss_fn(logits, y, gates)
+        assert torch.equal(terms.total, terms.ce)
+        opt_a.zero_grad()
+        terms.total.backward()
+        opt_a.step()
+        torch.set_rng_state(state)  # same gate noise for the plain run
+        plain = F.cross_entropy(dm_b(x), y)
+        opt_b.zero_grad()
+        plain.backward()
+        opt_b.step()
+    for pa, pb in zip(dm_a.parameters(), dm_b.parameters()):
+        assert torch.equal(pa, pb)

@@ -1,0 +1,158 @@
+"""Trainer and `nd decouple`: run directory, resume after a kill, NaN stop, bad options, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from typer.testing import CliRunner
+
+from nd_plugin.cli._app import app
+from nd_plugin.errors import TrainingError
+from nd_plugin.run import open_run
+from nd_plugin.train import TrainConfig, Trainer, decouple
+
+TINY = dict(model="cifar:resnet20", data="synthetic:96", batch_size=32, bn_recalibrate=2)
+
+
+def test_decouple_writes_the_run_directory(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = decouple(TrainConfig(**TINY, epochs=1, warmup_epochs=1, ratio=0.5), out, progress=False)
+    assert {p.name for p in out.iterdir()} >= {"config.json", "checkpoint.pt", "metrics.jsonl", "paths.npz", "summary.json"}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m["phase"]) for m in lines] == [(1, "warmup"), (2, "decouple")]
+    assert {"train_l_mi", "train_l_kl", "train_l_s", "val_top1", "val_density"} <= set(lines[1])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "cifar:resnet20" and cfg["train"]["ratio"] == 0.5
+    assert cfg["warmup"].startswith("1 plain epochs")
+    assert set(summary["filter_states"]) == {"silent", "dynamic", "energetic"}
+    run = open_run(out)
+    dm = run.build_model()
+    stats = run.stats()
+    assert stats.site_names == dm.site_names and stats.n == summary["n_val"]
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--ratio", "1.0"], "--ratio must be in [0, 1)"),
+        (["--ratio", "-0.5"], "--ratio must be in [0, 1)"),
+        (["--lambda-s", "-1"], "--lambda-s must be >= 0"),
+        (["--device", "cuda"], "no CUDA GPU is available"),
+        (["--resume"], "has no checkpoint.pt to resume from"),
+    ],
+)
+def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], match: str) -> None:
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "cifar:resnet20"}))
+    result = _cli("decouple", "cifar:resnet20", "--data", "synthetic:32", "--out", str(tmp_path / "run"), "--quiet", *args)
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert "Traceback" not in result.output
+
+
+def test_out_holding_another_models_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "cifar:vgg16_bn"}))
+    result = _cli("decouple", "cifar:resnet20", "--data", "synthetic:32", "--out", str(run), "--quiet")
+    assert result.exit_code == 2 and "holds a run of another model ('cifar:vgg16_bn')" in result.output
+
+
+def test_unknown_model_and_data_give_one_line(tmp_path: Path) -> None:
+    result = _cli("decouple", "no_such_net", "--out", str(tmp_path / "a"), "--quiet")
+    assert result.exit_code == 2 and "no_such_net" in result.output and "Traceback" not in result.output
+    result = _cli("decouple", "cifar:resnet20", "--data", f"imagefolder:{tmp_path / 'missing'}", "--out", str(tmp_path / "b"), "--quiet")
+    assert result.exit_code == 2 and "missing" in result.output
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    from nd_plugin import wrap
+    from nd_plugin.adapters import create_model
+    from nd_plugin.data import load_data
+
+    cfg = TrainConfig(**TINY, epochs=2, warmup_epochs=0).resolved()
+    data = load_data(cfg.data)
+    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
+    trainer = Trainer(dm, data, cfg, tmp_path, progress=False)
+    trainer.cfg.epochs = 1
+    trainer.fit()
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    trainer.cfg.epochs = 2
+    trainer.start_epoch = 1  # as --resume would
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e38
+    with pytest.raises(TrainingError, match="non-finite loss at epoch 2"):
+        trainer.fit()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert kept["epoch"] == good["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_kill_mid_epoch_and_resume_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nd_plugin.cli._app", "decouple", "cifar:resnet20", "--data", "synthetic:320",
+           "--epochs", "3", "--warmup-epochs", "0", "--batch-size", "16", "--out", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)  # mid-epoch 2: no chance to clean up
+    proc.wait()
+    assert metrics.read_text().count("\n") == 1
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    epochs = [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from nd_plugin import wrap
+    from nd_plugin.adapters import create_model
+    from nd_plugin.data import load_data
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(**TINY, epochs=1, warmup_epochs=0, device="cpu").resolved()
+    data = load_data("synthetic:64")
+    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
+    trainer = Trainer(dm, data, cfg, None, progress=False)
+    torch.manual_seed(rank)  # different gate noise per rank: gradients must still be averaged
+    trainer.train_epoch(0)
+    flat = torch.cat([p.detach().flatten() for p in dm.parameters()])
+    torch.save(flat, Path(tmp) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_keep_parameters_in_sync(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.allclose(a, b, atol=1e-6)
