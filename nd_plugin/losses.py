@@ -3,7 +3,9 @@
 ``L = CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``, each of the three summed over the gated layers:
 
 - ``L_mi``: a bias-free linear classifier per layer reads the gates; cross-entropy with the label
-  (a variational bound on the mutual information between path and class).
+  (a variational bound on the mutual information between path and class). The classifiers are
+  fitted at full strength on detached gates; ``λ_m`` scales only the gradient into the gates, so
+  a small ``λ_m`` does not also starve the bound's classifiers.
 - ``L_kl``: ``KL(softmax(GAP(O)) ‖ softmax(α))``, aligning each gate with what its layer outputs.
 - ``L_s``: ``| mean over the batch of ‖α‖₁ − R·C |``, pulling the number of open gates of a
   layer towards the target fraction ``R`` of its ``C`` filters.
@@ -111,11 +113,15 @@ class DecouplingLoss(nn.Module):
             pre_gate = list(pre_gate.values())
         ce = F.cross_entropy(logits, targets)
         zero = logits.new_zeros(())
-        mi, kl, s = zero, zero, zero
+        mi, kl, s, fit_q = zero, zero, zero, zero
         for i, alpha in enumerate(gates):
             alpha = alpha.float()
             if self.lambda_m > 0:
-                mi = mi + F.cross_entropy(self.classifiers[i](alpha), targets)
+                q = self.classifiers[i]
+                mi = mi + F.cross_entropy(q(alpha), targets)
+                # q is the variational distribution of the bound: it is fitted at full strength
+                # (on detached gates), while lambda_m scales only what reaches the gates
+                fit_q = fit_q + F.cross_entropy(q(alpha.detach()), targets)
             if self.lambda_k > 0:
                 if pre_gate is None or pre_gate[i] is None:
                     raise ValueError("lambda_k > 0 needs the pre-gate outputs (return_pre_gate=True)")
@@ -124,4 +130,6 @@ class DecouplingLoss(nn.Module):
             if self.lambda_s > 0:
                 s = s + (alpha.sum(1).mean() - self.ratio * alpha.shape[1]).abs()
         total = ce + self.lambda_m * mi + self.lambda_k * kl + self.lambda_s * s
+        if self.lambda_m > 0:
+            total = total + fit_q - fit_q.detach()  # gradient for q only; the value stays the loss
         return LossTerms(total=total, ce=ce, mi=mi, kl=kl, s=s)
