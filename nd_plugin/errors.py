@@ -17,6 +17,10 @@ __all__ = [
     "ConfigError",
     "RunDirError",
     "TrainingError",
+    "UnknownAttackError",
+    "DetectionError",
+    "StatsMismatchError",
+    "ExportError",
 ]
 
 
@@ -61,3 +65,19 @@ class RunDirError(NDError, ValueError):
 
 class TrainingError(NDError, RuntimeError):
     """Training stopped (for example on a non-finite loss); the last good checkpoint is kept."""
+
+
+class UnknownAttackError(NDError, ValueError):
+    """An attack name that ``nd_plugin.detect`` does not know (the message lists the known ones)."""
+
+
+class DetectionError(NDError, RuntimeError):
+    """Detection cannot be measured (no correctly classified input, no successful attack, ...)."""
+
+
+class StatsMismatchError(NDError, ValueError):
+    """Path statistics that were collected on another model (other gated layers or widths)."""
+
+
+class ExportError(NDError, RuntimeError):
+    """An export that cannot be written (directory not empty) or that failed its own check."""

@@ -230,8 +230,7 @@ def test_wrap_and_train_step_coverage(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=5)
     size = 32 if name.startswith("cifar:") else 64
-    sites = "all" if name == "timm:convnext_atto" else "internal"
-    dm = nd_plugin.wrap(model, torch.randn(1, 3, size, size), sites=sites)
+    dm = nd_plugin.wrap(model, torch.randn(1, 3, size, size))
     assert dm.gate_sites, name
     loss_fn = DecouplingLoss(0.01, 1.0, 0.01, 0.5, channels=[s.channels for s in dm.gate_sites], num_classes=5)
     params = list(dm.parameters()) + list(loss_fn.parameters())
