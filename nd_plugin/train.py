@@ -558,15 +558,9 @@ def _distributed_cleanup() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+def _check_out(out: Path, cfg: TrainConfig, overwrite: bool) -> None:
+    """Raises :class:`RunDirError` when ``out`` cannot take a new run of ``cfg.model``."""
     config_file = out / CONFIG
-    if resume:
-        if not (out / CHECKPOINT).is_file():
-            raise RunDirError(f"--resume: {out} has no {CHECKPOINT} to resume from; drop --resume to start a new run there.")
-        previous = json.loads(config_file.read_text(encoding="utf-8"))
-        if previous.get("model") != cfg.model:
-            raise RunDirError(f"--resume: {out} holds a run of {previous.get('model')!r}, not {cfg.model!r}.")
-        return
     if config_file.is_file():
         previous = json.loads(config_file.read_text(encoding="utf-8"))
         if previous.get("model") != cfg.model:
@@ -579,6 +573,18 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> 
             )
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise RunDirError(f"--out {out} exists and is not a run directory; choose an empty or new directory.")
+
+
+def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Checks ``out`` for a new run (or a resumable one) and, for a new run, clears old artefacts."""
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise RunDirError(f"--resume: {out} has no {CHECKPOINT} to resume from; drop --resume to start a new run there.")
+        previous = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+        if previous.get("model") != cfg.model:
+            raise RunDirError(f"--resume: {out} holds a run of {previous.get('model')!r}, not {cfg.model!r}.")
+        return
+    _check_out(out, cfg, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     for name in (CHECKPOINT, METRICS, PATHS, SUMMARY):
         (out / name).unlink(missing_ok=True)
@@ -622,8 +628,8 @@ def decouple(
     device = resolve_device(cfg.device)
     with _distributed_cleanup():
         main = int(os.environ.get("RANK", "0")) == 0
-        if main:
-            _prepare_out(out, cfg, resume, overwrite)
+        if main and not resume:  # refuse a bad --out before any work
+            _check_out(out, cfg, overwrite)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -631,6 +637,8 @@ def decouple(
         model = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.weights)
         example = torch.zeros(1, *data.input_size)
         dm = wrap(model, example, sites=cfg.sites, reduction=cfg.reduction, noise_std=cfg.noise_std)
+        if main and not resume:  # everything the run needs exists: only now touch the directory
+            _prepare_out(out, cfg, resume, overwrite)
         trainer = Trainer(dm, data, cfg, out, progress=progress)
         if resume:
             trainer.load_state_dict(Run(out).load_checkpoint(trainer.device))

@@ -156,3 +156,22 @@ def test_ddp_two_cpu_processes_keep_parameters_in_sync(tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_checkpoint_of_another_architecture_and_empty_imagefolder(tmp_path: Path) -> None:
+    from nd_plugin.adapters import create_model
+
+    ckpt = tmp_path / "vgg.pt"
+    torch.save({"state_dict": create_model("cifar:vgg16_bn").state_dict()}, ckpt)
+    result = _cli("decouple", "cifar:resnet20", "--data", "synthetic:32", "--weights", str(ckpt), "--out", str(tmp_path / "a"), "--quiet")
+    assert result.exit_code == 2 and "another architecture" in result.output and "Traceback" not in result.output
+    (tmp_path / "empty").mkdir()
+    result = _cli("decouple", "cifar:resnet20", "--data", f"imagefolder:{tmp_path / 'empty'}", "--out", str(tmp_path / "b"), "--quiet")
+    assert result.exit_code == 2 and "empty" in result.output.lower()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_models_command_lists_and_filters() -> None:
+    result = _cli("models", "resnet2*")
+    assert result.exit_code == 0
+    assert "cifar:resnet20" in result.output.split()
