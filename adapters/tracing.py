@@ -85,21 +85,22 @@ def group_layers(dg: tp.DependencyGraph, conv: nn.Conv2d) -> list[tuple[nn.Modul
 
 
 def _stem_convs(dg: tp.DependencyGraph) -> set[nn.Module]:
-    """Convs with no conv or linear layer upstream."""
-
-    def weighted_upstream(node: tp.Node) -> bool:
-        stack, seen = list(node.inputs), set()
+    """Convs with no conv or linear layer upstream (one memoised pass over the graph)."""
+    weighted_upstream: dict[tp.Node, bool] = {}
+    for start in dg.module2node.values():
+        stack = [(start, False)]
         while stack:
-            n = stack.pop()
-            if n in seen:
+            node, expanded = stack.pop()
+            if node in weighted_upstream:
                 continue
-            seen.add(n)
-            if isinstance(n.module, (nn.Conv2d, nn.Linear)):
-                return True
-            stack.extend(n.inputs)
-        return False
-
-    return {m for m, node in dg.module2node.items() if isinstance(m, nn.Conv2d) and not weighted_upstream(node)}
+            if not expanded:
+                stack.append((node, True))
+                stack.extend((i, False) for i in node.inputs if i not in weighted_upstream)
+                continue
+            weighted_upstream[node] = any(
+                isinstance(i.module, (nn.Conv2d, nn.Linear)) or weighted_upstream.get(i, False) for i in node.inputs
+            )
+    return {m for m, node in dg.module2node.items() if isinstance(m, nn.Conv2d) and not weighted_upstream[node]}
 
 
 def _output_shapes(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> dict[nn.Module, tuple[int, ...]]:
@@ -152,6 +153,7 @@ def find_sites(
     dg = dg or build_graph(model, example_inputs)
     stems = _stem_convs(dg)
     sites = []
+    groups: dict[nn.Module, list[tuple[nn.Module, object]]] = {}  # convs of one coupled group share it
     for conv, spatial in shapes.items():
         if conv not in dg.module2node:
             raise UntraceableModelError(
@@ -163,7 +165,12 @@ def find_sites(
             continue
         if all(s == 1 for s in spatial) or uses.get(conv, 1) > 1:
             continue
-        members = group_layers(dg, conv)
+        members = groups.get(conv)
+        if members is None:
+            members = group_layers(dg, conv)
+            for module, fn in members:
+                if isinstance(module, nn.Conv2d) and dg.is_out_channel_pruning_fn(fn):
+                    groups[module] = members
         internal = not any(_is_add(m) for m, _ in members)
         norm = _fusable_norm(dg, conv)
         if norm is not None and uses.get(norm, 1) > 1:

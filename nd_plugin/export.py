@@ -1,0 +1,357 @@
+"""Export of compact models: weights + manifest, ``torch.export`` program, ONNX; and ``nd prune``.
+
+An export directory holds::
+
+    manifest.json   what to rebuild: model name, classes, input size, gated layers, prune record
+    weights.pt      the compact state dict (tensors only: ``torch.load(..., weights_only=True)``)
+    model.pt2       ``torch.export`` program of the compact model (gates as masks)
+    model.onnx      the same as ONNX (opset of the installed exporter)
+    prune.json      FLOPs, parameters, latency, and the result of every export check
+
+:func:`load` rebuilds the compact model from ``manifest.json`` and ``weights.pt`` without
+unpickling any class. Every exported form is compared with the eager compact model on real inputs
+before the directory appears; a directory is written under a temporary name next to the target
+and renamed at the end, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nd_plugin.errors import ExportError
+from nd_plugin.pruning import CompactModel, PruneRecord, apply_record, check_tolerance, prune
+
+__all__ = ["FORMAT", "check_export_dir", "export", "load", "measure_latency", "prune_run"]
+
+FORMAT = "nd-plugin-compact/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.pt"
+PROGRAM = "model.pt2"
+ONNX = "model.onnx"
+PRUNE_JSON = "prune.json"
+CHECK_RTOL = 1e-4
+
+
+def check_export_dir(directory: str | os.PathLike, force: bool = False) -> Path:
+    """Refuses an existing non-empty directory unless ``force``; returns the path."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"export target {directory} exists and is not a directory; choose another --export path.")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise ExportError(f"export directory {directory} exists and is not empty; pass --force to replace it.")
+    return directory
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def _check(name: str, reference: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
+    err = _rel_err(reference, got)
+    same_pred = float((reference.argmax(1) == got.argmax(1)).float().mean())
+    return {"format": name, "max_rel_err": err, "same_prediction": same_pred, "ok": err <= CHECK_RTOL}
+
+
+def _frozen(compact: CompactModel) -> nn.Module:
+    """The compact network for tracing: eval mode, no parameter needs a gradient."""
+    import copy
+
+    net = copy.deepcopy(compact.model).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def measure_latency(fn: Callable[[torch.Tensor], Any], inputs: Sequence[torch.Tensor], repeats: int = 20) -> float:
+    """Median seconds of ``fn(x)`` over ``repeats`` calls cycling through ``inputs`` (after 3 warm-ups)."""
+    times = []
+    with torch.inference_mode():
+        for x in inputs[:3]:
+            fn(x)
+        for i in range(repeats):
+            x = inputs[i % len(inputs)]
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def export(
+    compact: CompactModel,
+    directory: str | os.PathLike,
+    inputs: torch.Tensor,
+    *,
+    model_spec: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    force: bool = False,
+    formats: Sequence[str] = ("weights", "pt2", "onnx"),
+) -> dict[str, Any]:
+    """Writes a compact model's export directory and checks every form against the eager model.
+
+    Args:
+        compact: the compact model.
+        directory: target directory (created; must be absent or empty unless ``force``).
+        inputs: real inputs ``(N, C, H, W)`` for the checks.
+        model_spec: how :func:`load` rebuilds the architecture: ``{"name": registry name,
+            "num_classes": K, "sites": ..., "noise_std": ...}``; without a name, ``load`` needs the
+            base model passed in.
+        extra: more results to store in ``prune.json`` (FLOPs, latency, ...).
+        force: replace a non-empty ``directory``.
+        formats: which of ``"weights"``, ``"pt2"``, ``"onnx"`` to write.
+
+    Returns:
+        The content of ``prune.json``.
+
+    Raises:
+        ExportError: the directory is not empty (without ``force``), or a check failed (nothing
+            is left behind).
+
+    Example:
+        >>> export(nd_plugin.prune(dm, stats), "out/", x_val[:64], model_spec={"name": "cifar:resnet56", "num_classes": 10})  # doctest: +SKIP
+    """
+    target = check_export_dir(directory, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        compact = compact.eval()
+        net = _frozen(compact)
+        with torch.no_grad():
+            reference = net(inputs)
+        checks: list[dict[str, Any]] = []
+        spec = dict(model_spec or {})
+        spec.setdefault("input_size", list(compact.input_size))
+        manifest = {
+            "format": FORMAT,
+            "model": spec,
+            "prune": compact.record.to_dict(),
+            "dynamic": [s.name for s in compact.gate_sites],
+            "files": {},
+            "versions": {"torch": torch.__version__},
+        }
+        if "weights" in formats:
+            state = {k: v.detach().cpu().contiguous() for k, v in compact.state_dict().items()}
+            torch.save(state, tmp / WEIGHTS)
+            manifest["files"]["weights"] = WEIGHTS
+            _write_json(tmp / MANIFEST, manifest)
+            if spec.get("name"):
+                rebuilt = load(tmp)
+                with torch.no_grad():
+                    checks.append(_check("weights+manifest", reference, rebuilt.model(inputs)))
+        if "pt2" in formats:
+            example = inputs[:2] if len(inputs) > 1 else inputs.expand(2, *inputs.shape[1:])  # batch 1 would be specialised
+            program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+            torch.export.save(program, tmp / PROGRAM)
+            manifest["files"]["pt2"] = PROGRAM
+            loaded = torch.export.load(tmp / PROGRAM).module()
+            with torch.no_grad():
+                checks.append(_check("torch.export", reference, loaded(inputs)))
+        if "onnx" in formats:
+            import onnxruntime as ort
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    net,
+                    (inputs[:1],),
+                    str(tmp / ONNX),
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                    dynamo=False,  # the TorchScript exporter needs no onnxscript rewrite of the gate ops
+                )
+            manifest["files"]["onnx"] = ONNX
+            session = ort.InferenceSession(str(tmp / ONNX), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(None, {"input": inputs.cpu().numpy()})[0])
+            checks.append(_check("onnx", reference.cpu(), got))
+        _write_json(tmp / MANIFEST, manifest)
+        result = {"checks": checks, "ok": all(c["ok"] for c in checks), **(extra or {})}
+        _write_json(tmp / PRUNE_JSON, result)
+        failed = [c for c in checks if not c["ok"]]
+        if failed:
+            detail = ", ".join(f"{c['format']} (max rel. error {c['max_rel_err']:.2e})" for c in failed)
+            raise ExportError(f"export check failed: {detail} differ from the eager model by more than {CHECK_RTOL}; nothing was written.")
+        if target.exists():
+            backup = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        return result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(directory: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> CompactModel:
+    """Rebuilds an exported compact model from ``manifest.json`` and ``weights.pt``.
+
+    The architecture comes from the registry name in the manifest (or ``model``, the unwrapped
+    base network, for models the registry does not know); it is wrapped with the same gated
+    layers, the prune record is applied (the same torch-pruning removal as at export time), and
+    the weights are loaded with ``torch.load(..., weights_only=True)``.
+
+    Args:
+        directory: an export directory.
+        model: the base (unwrapped, unpruned) network, when the manifest names none.
+        device: where to put the model.
+
+    Returns:
+        The :class:`~nd_plugin.pruning.CompactModel`, in eval mode.
+
+    Example:
+        >>> compact = nd_plugin.load("out/")  # doctest: +SKIP
+        >>> compact(x)  # doctest: +SKIP
+    """
+    from nd_plugin.decoupled import wrap
+
+    directory = Path(directory)
+    file = directory / MANIFEST
+    if not file.is_file():
+        raise ExportError(f"{directory} has no {MANIFEST}; export a model with `nd prune RUN --export {directory}`.")
+    manifest = json.loads(file.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{file} is not an nd-plugin compact-model manifest (format {manifest.get('format')!r}).")
+    spec = manifest["model"]
+    record = PruneRecord.from_dict(manifest["prune"])
+    if model is None:
+        if not spec.get("name"):
+            raise ExportError(f"{file} names no registry model; pass the base network: load({str(directory)!r}, model=...).")
+        from nd_plugin.adapters import create_model
+
+        model = create_model(spec["name"], num_classes=spec.get("num_classes"))
+    dm = wrap(
+        model,
+        torch.zeros(1, *spec["input_size"]),
+        sites=record.sites,
+        reduction=record.reduction,
+        noise_std=spec.get("noise_std", 1.0),
+    )
+    compact = apply_record(dm, record, inplace=True)
+    state = torch.load(directory / manifest["files"].get("weights", WEIGHTS), map_location="cpu", weights_only=True)
+    compact.load_state_dict(state)
+    return compact.to(device).eval()
+
+
+def prune_run(
+    run_dir: str | os.PathLike,
+    export_dir: str | os.PathLike | None = None,
+    *,
+    tolerance: float = 0.0,
+    force: bool = False,
+    check_inputs: int = 64,
+    latency_repeats: int = 10,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """``nd prune``: prunes a run's model with its path statistics, measures it, optionally exports.
+
+    Args:
+        run_dir: a run directory with ``checkpoint.pt`` and ``paths.npz``.
+        export_dir: where to export (None: measure only, write ``RUN/prune.json``).
+        tolerance: see :func:`nd_plugin.prune`.
+        force: replace a non-empty ``export_dir``.
+        check_inputs: validation inputs used for the equality and export checks.
+        latency_repeats: batch-1 calls per model for the median latency.
+        threads: ``torch.set_num_threads`` for the latency measurement (None: leave as is).
+
+    Returns:
+        The content of ``prune.json`` (also written to ``RUN/prune.json``).
+
+    Raises:
+        ConfigError: tolerance outside ``[0, 1)``.
+        RunDirError: no run, no checkpoint, or no ``paths.npz`` (the message says how to make it).
+        ExportError: ``export_dir`` not empty without ``force``; an export check failed.
+    """
+    from nd_plugin.flops import count_flops, expected_flops
+    from nd_plugin.pruning.plan import plain_copy
+    from nd_plugin.pruning.runtime import dynamic_runtime, fold_batchnorm
+    from nd_plugin.run import atomic_write_text, open_run
+
+    tolerance = check_tolerance(tolerance)
+    if export_dir is not None:
+        check_export_dir(export_dir, force)
+    run = open_run(run_dir)
+    stats = run.stats()
+    cfg = run.config
+    dm = run.build_model()
+    compact = prune(dm, stats, tolerance)
+    data = run.data()
+    loader = data.loader("val", batch_size=min(check_inputs, 256), shuffle=False)
+    inputs = next(iter(loader))[0][:check_inputs]
+    with torch.no_grad():
+        gated, pruned = dm(inputs), compact(inputs)
+    equality = _check("compact vs gated", gated, pruned)
+    with dm.gates_open():
+        original_flops = count_flops(dm, dm.input_size)
+    exp = expected_flops(compact, stats)
+    rt = dynamic_runtime(compact)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        singles = [inputs[i : i + 1] for i in range(min(len(inputs), 8))]
+        original = fold_batchnorm(plain_copy(dm.model), inputs[:1], inplace=True)
+        lat_orig = measure_latency(original, singles, latency_repeats)
+        lat_compact = measure_latency(rt, singles, latency_repeats)
+    finally:
+        torch.set_num_threads(previous_threads)
+    orig_params = sum(p.numel() for n, p in dm.named_parameters() if ".acm." not in n)
+    result: dict[str, Any] = {
+        "run": str(run.path),
+        "tolerance": tolerance,
+        "filters": compact.record.summary(),
+        "equality": equality,
+        "params": {"original": orig_params, "compact": _params(compact)},
+        "flops": {
+            "original": original_flops,
+            "compact_static": exp.static,
+            "compact_expected": exp.total,
+            "independence_assumed": exp.independence_assumed,
+            "expected_reduction": original_flops / max(exp.total, 1e-9),
+        },
+        "latency_ms": {
+            "original": lat_orig * 1e3,  # the original network, norms folded like the runtime's
+            "compact_dynamic": lat_compact * 1e3,
+            "speedup": lat_orig / lat_compact,
+            "threads": torch.get_num_threads() if not threads else threads,
+            "repeats": latency_repeats,
+        },
+    }
+    if not equality["ok"]:
+        raise ExportError(
+            f"the compact model differs from the gated model on validation inputs (max rel. error "
+            f"{equality['max_rel_err']:.2e}); were paths.npz collected with this checkpoint?"
+        )
+    if export_dir is not None:
+        spec = {
+            "name": cfg["model"],
+            "num_classes": cfg["num_classes"],
+            "input_size": list(cfg["input_size"]),
+            "noise_std": cfg.get("noise_std", 1.0),
+        }
+        result = export(compact, export_dir, inputs, model_spec=spec, extra=result, force=force)
+        result["export"] = str(export_dir)
+    atomic_write_text(run.path / PRUNE_JSON, json.dumps(result, indent=2) + "\n")
+    return result
+

@@ -1,0 +1,392 @@
+"""Permanent removal of silent filters; energetic gates dropped, dynamic gates kept.
+
+:func:`prune` turns a decoupled model and its path statistics into a :class:`CompactModel`:
+
+- a channel is removed when its gate was off for every input in *every* gated layer of its
+  coupled group (torch-pruning DependencyGraph group: the conv, its norm, the ACM's ``fc2`` row,
+  the consumers' input channels and the consumers' ACM ``fc1`` columns all go together);
+- a gated layer whose remaining filters were all on for every input loses its gate
+  (:class:`FixedSite`: conv then norm, nothing else);
+- every other gated layer keeps its ACM over the remaining filters and stays a
+  :class:`~nd_plugin.gates.GatedSite`.
+
+On the inputs the statistics were collected on, the compact model computes the same function as
+the gated model (only exact zeros are removed and only exact ones are dropped).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from nd_plugin.adapters.tracing import SiteInfo, build_graph
+from nd_plugin.decoupled import DecoupledModel
+from nd_plugin.errors import ConfigError, StatsMismatchError
+from nd_plugin.gates import GatedSite
+from nd_plugin.paths import PathStats
+from nd_plugin.pruning.importance import DecouplingImportance, node_label
+
+__all__ = ["CompactModel", "FixedSite", "PruneRecord", "apply_record", "check_tolerance", "prune"]
+
+
+class FixedSite(nn.Module):
+    """A former gated site whose gate was dropped: ``norm(conv(x))``.
+
+    It keeps the ``conv`` / ``norm`` attribute names of :class:`~nd_plugin.gates.GatedSite`, so the
+    state-dict keys of the conv and norm do not change when a gate is dropped.
+
+    Args:
+        conv: the convolution.
+        norm: the normalisation after it (``nn.Identity`` when there is none).
+
+    Example:
+        >>> site = FixedSite(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        >>> site(torch.randn(1, 3, 8, 8)).shape
+        torch.Size([1, 8, 6, 6])
+    """
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.norm = norm if norm is not None else nn.Identity()
+
+    @property
+    def out_channels(self) -> int:
+        """Number of filters."""
+        return self.conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+@dataclass
+class PruneRecord:
+    """What :func:`prune` did, in plain JSON-able types (the export manifest stores it).
+
+    Attributes:
+        tolerance: frequencies ``<= tolerance`` counted as silent, ``>= 1 - tolerance`` as energetic.
+        sites: every gated layer of the decoupled model, in path order.
+        original_channels: filters per gated layer before pruning.
+        kept: per gated layer, the original indices of the filters that remain (sorted).
+        static: gated layers whose gate was dropped (all remaining filters energetic).
+        reduction: the ACM reduction of the decoupled model (needed to rebuild it).
+    """
+
+    tolerance: float
+    sites: list[str]
+    original_channels: dict[str, int]
+    kept: dict[str, list[int]]
+    static: list[str] = field(default_factory=list)
+    reduction: int = 4
+
+    @property
+    def dynamic(self) -> list[str]:
+        """Gated layers that keep their gate, in path order."""
+        static = set(self.static)
+        return [s for s in self.sites if s not in static]
+
+    def removed(self, site: str) -> list[int]:
+        """Original indices of the filters removed from ``site``."""
+        kept = set(self.kept[site])
+        return [i for i in range(self.original_channels[site]) if i not in kept]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts of removed / static / dynamic filters."""
+        total = sum(self.original_channels.values())
+        kept = sum(len(v) for v in self.kept.values())
+        static = sum(len(self.kept[s]) for s in self.static)
+        return {
+            "filters": total,
+            "removed": total - kept,
+            "static": static,
+            "dynamic": kept - static,
+            "sites_static": len(self.static),
+            "sites_dynamic": len(self.sites) - len(self.static),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dictionary (for JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruneRecord:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            tolerance=float(data["tolerance"]),
+            sites=[str(s) for s in data["sites"]],
+            original_channels={str(k): int(v) for k, v in data["original_channels"].items()},
+            kept={str(k): [int(i) for i in v] for k, v in data["kept"].items()},
+            static=[str(s) for s in data.get("static", [])],
+            reduction=int(data.get("reduction", 4)),
+        )
+
+
+class CompactModel(DecoupledModel):
+    """A pruned decoupled model: silent filters gone, energetic gates dropped, dynamic gates kept.
+
+    It is a :class:`~nd_plugin.DecoupledModel` whose ``gate_sites`` are the dynamic layers (with
+    their new widths), so ``model(x, return_path=True)`` and ``.paths(loader)`` work as before.
+
+    Attributes:
+        record: the :class:`PruneRecord` that maps compact channels to original ones.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        gate_sites: Sequence[SiteInfo],
+        input_size: tuple[int, int, int],
+        record: PruneRecord,
+    ) -> None:
+        super().__init__(model, gate_sites, input_size)
+        self.record = record
+
+    def compact_stats(self, stats: PathStats) -> PathStats:
+        """Restricts statistics of the decoupled model to this model's dynamic gates.
+
+        Args:
+            stats: statistics over the original gated layers (as given to :func:`prune`).
+
+        Returns:
+            Statistics whose layers are this model's ``gate_sites`` and whose filters are the kept ones.
+        """
+        check_stats(stats, self.record.sites, self.record.original_channels)
+        cols = np.concatenate(
+            [np.asarray(self.record.kept[s], dtype=np.int64) + stats.layer_slice(s).start for s in self.record.dynamic]
+            or [np.zeros(0, dtype=np.int64)]
+        )
+        return PathStats(
+            site_names=list(self.record.dynamic),
+            site_channels=[len(self.record.kept[s]) for s in self.record.dynamic],
+            n=stats.n,
+            counts=stats.counts[cols],
+            class_counts=stats.class_counts[:, cols],
+            class_n=stats.class_n,
+            correct=stats.correct,
+            classes=stats.classes,
+            paths=stats.paths[:, cols] if stats.paths is not None else None,
+            labels=stats.labels,
+            preds=stats.preds,
+        )
+
+
+def check_tolerance(tolerance: float) -> float:
+    """Returns ``tolerance`` as a float, or raises ConfigError when it is outside ``[0, 1)``."""
+    try:
+        value = float(tolerance)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tolerance must be a number in [0, 1), got {tolerance!r}.") from None
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(
+            f"tolerance must be in [0, 1) (fraction of inputs a filter may be on and still count as silent), got {value}."
+        )
+    return value
+
+
+def check_stats(stats: PathStats, sites: Sequence[str], channels: Mapping[str, int] | Sequence[int]) -> None:
+    """Raises StatsMismatchError unless ``stats`` describe exactly these gated layers and widths."""
+    widths = [channels[s] for s in sites] if isinstance(channels, Mapping) else list(channels)
+    if list(stats.site_names) != list(sites) or list(stats.site_channels) != widths:
+        raise StatsMismatchError(
+            f"the path statistics cover {len(stats.site_names)} gated layers ({sum(stats.site_channels)} filters) "
+            f"but the model has {len(sites)} ({sum(widths)} filters); collect them on this model with "
+            "`DecoupledModel.paths(loader)` (or `nd analyze RUN`)."
+        )
+
+
+def _infer_reduction(dm: DecoupledModel) -> int:
+    """The smallest ACM reduction consistent with every site's hidden width (4 in the paper)."""
+    sites = dm.sites()
+    for r in range(1, 1025):
+        if all(max(s.conv.in_channels // r, 1) == s.acm.fc1.out_features for s in sites):
+            return r
+    return 4
+
+
+def _gated_convs(model: nn.Module, sites: Sequence[str]) -> dict[nn.Module, str]:
+    return {model.get_submodule(s).conv: s for s in sites}
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _graph(dm: DecoupledModel) -> tp.DependencyGraph:
+    device = next(dm.parameters()).device
+    dm.eval()
+    with torch.enable_grad():  # the gate's straight-through term links the ACM to its conv
+        return build_graph(dm.model, torch.randn(1, *dm.input_size, device=device))
+
+
+def _remove(dm: DecoupledModel, removed: Mapping[str, Sequence[int]], dg: tp.DependencyGraph) -> None:
+    """Removes, group by group, the given original filter indices of each gated layer."""
+    convs = _gated_convs(dm.model, dm.site_names)
+    done: set[str] = set()
+    for name in dm.site_names:
+        idxs = sorted(int(i) for i in removed.get(name, ()))
+        if name in done or not idxs:
+            continue
+        conv = dm.model.get_submodule(name).conv
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs)
+        for dep, dep_idxs in group:
+            other = convs.get(dep.target.module)
+            if other is not None and dg.is_out_channel_pruning_fn(dep.handler):
+                if other != name and sorted(int(i) for i in dep_idxs) != sorted(int(i) for i in removed.get(other, ())):
+                    raise StatsMismatchError(
+                        f"{name} and {other} share channels but the record removes different ones from them."
+                    )
+                done.add(other)
+        group.prune()
+        done.add(name)
+
+
+def apply_record(
+    dm: DecoupledModel, record: PruneRecord, *, inplace: bool = False, dg: tp.DependencyGraph | None = None
+) -> CompactModel:
+    """Applies a :class:`PruneRecord` to a decoupled model of the same architecture.
+
+    This is the structural half of :func:`prune` (and what :func:`nd_plugin.load` uses to rebuild
+    an exported model before loading its weights).
+
+    Args:
+        dm: the decoupled model (unpruned).
+        record: which filters to keep and which gates to drop.
+        inplace: modify ``dm`` rather than a copy.
+        dg: a dependency graph already built on ``dm.model`` (only with ``inplace``).
+
+    Returns:
+        The compact model, in eval mode.
+
+    Example:
+        >>> compact = apply_record(wrap(model), PruneRecord.from_dict(manifest["prune"]))  # doctest: +SKIP
+    """
+    if dm.site_names != record.sites or any(s.channels != record.original_channels[s.name] for s in dm.gate_sites):
+        raise StatsMismatchError(
+            "the prune record was made for other gated layers than this model has; rebuild the model "
+            "with the same architecture and `sites` as the run."
+        )
+    dm = dm if inplace else copy.deepcopy(dm)
+    was_grad = [p.requires_grad for p in dm.parameters()]
+    dg = dg if (inplace and dg is not None) else _graph(dm)
+    _remove(dm, {s: record.removed(s) for s in record.sites}, dg)
+    for p, g in zip(dm.parameters(), was_grad):
+        p.requires_grad_(g)
+    static = set(record.static)
+    for name in static:
+        site: GatedSite = dm.model.get_submodule(name)
+        _set_submodule(dm.model, name, FixedSite(site.conv, site.norm))
+    infos = [
+        dataclasses.replace(info, channels=len(record.kept[info.name]))
+        for info in dm.gate_sites
+        if info.name not in static
+    ]
+    compact = CompactModel(dm.model, infos, dm.input_size, record)
+    return compact.eval()
+
+
+def prune(
+    dm: DecoupledModel,
+    stats: PathStats,
+    tolerance: float = 0.0,
+    *,
+    inplace: bool = False,
+) -> CompactModel:
+    """Removes silent filters for good, drops energetic gates, keeps dynamic gates.
+
+    Channels are scored with :class:`DecouplingImportance` on torch-pruning DependencyGraph groups
+    (so a channel shared by several layers goes only when it is silent in all of them) and removed
+    group by group with ``Group.prune``, which also trims the gate's ``fc2`` rows and, where a gated
+    conv's input shrinks, its ACM's ``fc1`` columns. A layer never loses all its filters: when a
+    whole group is silent its most frequent channel stays (its gate stays, and stays off).
+
+    Args:
+        dm: the decoupled model (left untouched unless ``inplace``).
+        stats: its path statistics (``dm.paths(val_loader)``; the run's ``paths.npz``).
+        tolerance: a filter on for at most this fraction of inputs counts as silent, one on for at
+            least ``1 - tolerance`` as energetic. 0 (the default) keeps the function exact on the
+            inputs of ``stats``.
+        inplace: modify ``dm`` instead of a deep copy.
+
+    Returns:
+        The :class:`CompactModel` (eval mode); ``.record`` says what was removed.
+
+    Raises:
+        ConfigError: ``tolerance`` outside ``[0, 1)``.
+        StatsMismatchError: ``stats`` were collected on another model.
+
+    Example:
+        >>> stats = dm.paths(val_loader)  # doctest: +SKIP
+        >>> compact = nd_plugin.prune(dm, stats)  # doctest: +SKIP
+        >>> compact.record.summary()  # doctest: +SKIP
+        {'filters': 1920, 'removed': 412, 'static': 903, 'dynamic': 605, ...}
+    """
+    tolerance = check_tolerance(tolerance)
+    check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
+    dm = dm if inplace else copy.deepcopy(dm)
+    dg = _graph(dm)  # one trace serves both the decision and the removal
+    record = plan_record(dm, stats, tolerance, dg=dg)
+    return apply_record(dm, record, inplace=True, dg=dg)
+
+
+def plan_record(
+    dm: DecoupledModel, stats: PathStats, tolerance: float = 0.0, *, dg: tp.DependencyGraph | None = None
+) -> PruneRecord:
+    """Decides, without changing ``dm``, which filters :func:`prune` removes and which gates it drops.
+
+    Args:
+        dm: the decoupled model.
+        stats: its path statistics.
+        tolerance: see :func:`prune`.
+        dg: a dependency graph already built on ``dm.model``.
+
+    Returns:
+        The :class:`PruneRecord`.
+    """
+    tolerance = check_tolerance(tolerance)
+    check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
+    if dg is None:
+        was_training = dm.training
+        try:
+            dg = _graph(dm)
+        finally:
+            dm.train(was_training)
+    imp = DecouplingImportance(stats)
+    convs = _gated_convs(dm.model, dm.site_names)
+    removed: dict[str, list[int]] = {}
+    for name in dm.site_names:
+        if name in removed:
+            continue
+        conv = dm.model.get_submodule(name).conv
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+        score = imp(group)
+        silent = (score <= tolerance).nonzero().flatten()
+        if silent.numel() == score.numel():  # a layer keeps at least one filter
+            silent = silent[silent != int(torch.argmax(score))]
+        silent_set = set(silent.tolist())
+        for i, (dep, dep_idxs) in enumerate(group):
+            other = convs.get(dep.target.module)
+            if other is None or not dg.is_out_channel_pruning_fn(dep.handler):
+                continue
+            roots = group[i].root_idxs
+            removed[other] = sorted(int(d) for d, r in zip(dep_idxs, roots) if int(r) in silent_set)
+    counts = {name: stats.counts[stats.layer_slice(name)] for name in dm.site_names}
+    kept = {name: [i for i in range(len(counts[name])) if i not in set(removed.get(name, ()))] for name in dm.site_names}
+    energetic_at = (1.0 - tolerance) * stats.n
+    static = [name for name in dm.site_names if bool(np.all(counts[name][kept[name]] >= energetic_at))]
+    return PruneRecord(
+        tolerance=tolerance,
+        sites=list(dm.site_names),
+        original_channels={s.name: s.channels for s in dm.gate_sites},
+        kept=kept,
+        static=static,
+        reduction=_infer_reduction(dm),
+    )

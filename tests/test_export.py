@@ -1,0 +1,112 @@
+"""Export: weights + manifest rebuilt with weights_only, torch.export and ONNX, and `nd prune` bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_prune import TinyNet, decoupled  # noqa: E402
+
+import nd_plugin  # noqa: E402
+from nd_plugin import export as export_mod  # noqa: E402
+from nd_plugin.errors import ConfigError, ExportError, RunDirError  # noqa: E402
+from nd_plugin.export import export, load, prune_run  # noqa: E402
+from nd_plugin.pruning import prune  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compact_tiny():
+    dm, stats, x = decoupled("tiny")
+    return prune(dm, stats), x
+
+
+def test_export_writes_checked_forms_and_load_rebuilds(compact_tiny, tmp_path: Path) -> None:
+    compact, x = compact_tiny
+    out = tmp_path / "export"
+    result = export(compact, out, x)
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "weights.pt", "model.pt2", "model.onnx", "prune.json"}
+    formats = {c["format"]: c for c in result["checks"]}
+    assert formats.keys() == {"torch.export", "onnx"} and all(c["ok"] for c in formats.values())
+    assert json.loads((out / "prune.json").read_text())["ok"] is True
+    torch.manual_seed(0)
+    rebuilt = load(out, model=TinyNet())  # not a registry model: the base network is passed in
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), compact(x), rtol=1e-5, atol=1e-6)
+    assert [s.name for s in rebuilt.gate_sites] == [s.name for s in compact.gate_sites]
+    assert not list(tmp_path.glob(".export.tmp-*"))
+
+
+def test_load_by_registry_name(tmp_path: Path) -> None:
+    adapters = pytest.importorskip("nd_plugin.adapters")
+    dm, stats, x = decoupled("cifar:resnet20")
+    compact = prune(dm, stats)
+    result = export(compact, tmp_path / "e", x[:8], model_spec={"name": "cifar:resnet20", "num_classes": 10}, formats=("weights",))
+    assert result["checks"][0]["format"] == "weights+manifest" and result["ok"]
+    rebuilt = nd_plugin.load(tmp_path / "e")
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), compact(x), rtol=1e-5, atol=1e-6)
+    del adapters
+
+
+def test_non_empty_export_dir_needs_force(compact_tiny, tmp_path: Path) -> None:
+    compact, x = compact_tiny
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="--force"):
+        export(compact, out, x, formats=("weights",))
+    assert (out / "keep.txt").read_text() == "mine"
+    export(compact, out, x, formats=("weights",), force=True)
+    assert not (out / "keep.txt").exists() and (out / "weights.pt").is_file()
+
+
+def test_failed_check_leaves_nothing(compact_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compact, x = compact_tiny
+    monkeypatch.setattr(export_mod, "CHECK_RTOL", -1.0)  # every check fails
+    with pytest.raises(ExportError, match="check failed"):
+        export(compact, tmp_path / "export", x, formats=("pt2",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fake_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "cifar:resnet20", "num_classes": 10, "input_size": [3, 32, 32]}))
+    return run
+
+
+def test_prune_run_without_paths_says_how_to_make_them(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="paths.npz.*nd "):
+        prune_run(_fake_run(tmp_path))
+
+
+@pytest.mark.parametrize("tolerance", [-0.5, 1.0])
+def test_prune_run_tolerance_outside_unit_interval(tmp_path: Path, tolerance: float) -> None:
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        prune_run(_fake_run(tmp_path), tolerance=tolerance)
+
+
+def test_prune_run_refuses_non_empty_export_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        prune_run(_fake_run(tmp_path), out)
+
+
+def test_cli_prints_one_line_for_user_errors(tmp_path: Path) -> None:
+    typer_testing = pytest.importorskip("typer.testing")
+    from nd_plugin.cli._app import app, user_errors
+    from nd_plugin.cli._prune import prune_command
+
+    if not any(c.name == "prune" for c in app.registered_commands):
+        app.command("prune")(user_errors(prune_command))
+    result = typer_testing.CliRunner().invoke(app, ["prune", str(_fake_run(tmp_path)), "--tolerance", "1.5"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "tolerance" in lines[0]
