@@ -72,7 +72,8 @@ def decouple_command(
     warmup_epochs: Annotated[int | None, typer.Option(help="plain-model epochs first (default 3 without weights, 0 with)")] = None,
     batch_size: Annotated[int, typer.Option(help="batch size per process")] = 64,
     lr: Annotated[float | None, typer.Option(help="learning rate of the network (default 0.05 from scratch, 0.01 fine-tuning)")] = None,
-    acm_lr: Annotated[float | None, typer.Option(help="learning rate of the gates (default 10x --lr)")] = None,
+    acm_lr: Annotated[float | None, typer.Option(help="learning rate of the gates and L_mi classifiers (default 0.1)")] = None,
+    gate_bias: Annotated[float, typer.Option(help="initial gate logit; 3 starts every gate saturated open, 1 is the paper's release")] = 3.0,
     lambda_m: Annotated[float | None, typer.Option(help="weight of L_mi (path/class mutual information)")] = None,
     lambda_k: Annotated[float | None, typer.Option(help="weight of L_kl (gate/output alignment)")] = None,
     lambda_s: Annotated[float | None, typer.Option(help="weight of L_s (sparsity towards --ratio)")] = None,
@@ -102,6 +103,7 @@ def decouple_command(
         batch_size=batch_size,
         lr=lr,
         acm_lr=acm_lr,
+        gate_bias=gate_bias,
         lambda_m=lambda_m,
         lambda_k=lambda_k,
         lambda_s=lambda_s,
@@ -130,9 +132,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     table.add_row("silent / dynamic / energetic", " / ".join(f"{100 * states[k]:.1f}%" for k in ("silent", "dynamic", "energetic")))
     flops = summary.get("flops")
     if flops:
-        table.add_row("FLOPs original", f"{flops['original'] / 1e6:.1f}M")
-        table.add_row("FLOPs expected (dynamic)", f"{flops['expected'] / 1e6:.1f}M")
-        table.add_row("FLOPs static (silent removed)", f"{flops['static'] / 1e6:.1f}M")
+        table.add_row("FLOPs original", f"{flops['original'] / 1e6:.2f}M")
+        table.add_row("FLOPs static (silent removed)", f"{flops['compact_static'] / 1e6:.2f}M ({flops['static_reduction']:.2f}x fewer)")
+        table.add_row("FLOPs expected (dynamic)", f"{flops['compact_expected'] / 1e6:.2f}M ({flops['expected_reduction']:.2f}x fewer)")
     Console().print(table)
 
 

@@ -239,6 +239,7 @@ def wrap(
     sites: SiteSelector = "internal",
     reduction: int = 4,
     noise_std: float = 1.0,
+    init_bias: float = 3.0,
 ) -> DecoupledModel:
     """Puts a decoupling gate in front of each gate site of ``model``.
 
@@ -258,6 +259,7 @@ def wrap(
             :class:`SiteInfo` and returning whether to gate it.
         reduction: ACM hidden-width reduction (4 in the paper).
         noise_std: gate noise in training (1 in the paper).
+        init_bias: initial gate logit ``b2`` (1 in the paper's release; see :class:`~nd_plugin.gates.ACM`).
 
     Returns:
         The :class:`DecoupledModel`, in the training mode ``model`` had.
@@ -298,7 +300,7 @@ def wrap(
     for info in chosen:
         conv = model.get_submodule(info.name)
         norm = model.get_submodule(info.norm) if info.norm else None
-        site = GatedSite(conv, norm, reduction=reduction, noise_std=noise_std)
+        site = GatedSite(conv, norm, reduction=reduction, noise_std=noise_std, init_bias=init_bias)
         site.to(device=conv.weight.device)
         _set_submodule(model, info.name, site)
         if info.norm:

@@ -122,6 +122,7 @@ class GatedSite(nn.Module):
             something else). Its place in the parent model is taken by ``nn.Identity``.
         reduction: ACM hidden-layer reduction.
         noise_std: gate noise in training.
+        init_bias: initial gate logit (see :class:`ACM`).
 
     Attributes:
         force_open: when true the gates are all 1 and the site computes exactly ``norm(conv(x))``.
@@ -134,11 +135,12 @@ class GatedSite(nn.Module):
         *,
         reduction: int = 4,
         noise_std: float = 1.0,
+        init_bias: float = 3.0,
     ) -> None:
         super().__init__()
         self.conv = conv
         self.norm = norm if norm is not None else nn.Identity()
-        self.acm = ACM(conv.in_channels, conv.out_channels, reduction)
+        self.acm = ACM(conv.in_channels, conv.out_channels, reduction, init_bias)
         self.gate = _Binarize(noise_std)
         self.force_open = False
 

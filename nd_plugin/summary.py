@@ -21,7 +21,12 @@ def state_shares(stats: PathStats, tolerance: float = 0.0) -> dict[str, float]:
 
 
 def summarize(dm: DecoupledModel, stats: PathStats, data: Any = None) -> dict[str, Any]:
-    """Summarises a trained decoupled model from its validation path statistics."""
+    """Summarises a trained decoupled model from its validation path statistics.
+
+    FLOPs (fvcore, per input): ``original`` (gates open, no ACMs), ``decoupled`` (with ACMs),
+    ``compact_static`` (silent filters removed) and ``compact_expected`` (dynamic filters counted
+    with how often they run).
+    """
     summary: dict[str, Any] = {
         "top1": stats.accuracy,
         "n_val": stats.n,
@@ -30,4 +35,8 @@ def summarize(dm: DecoupledModel, stats: PathStats, data: Any = None) -> dict[st
         "gated_filters": stats.num_filters,
         "filter_states": state_shares(stats),
     }
+    from nd_plugin.flops import flops_summary
+    from nd_plugin.pruning import prune
+
+    summary["flops"] = flops_summary(dm, prune(dm, stats), stats)
     return summary

@@ -70,7 +70,9 @@ class TrainConfig:
         epochs: decoupling epochs (gates and losses on).
         warmup_epochs: plain-model epochs first; default 0 with ``weights``/``pretrained``, else 3.
         acm_lr: learning rate of the gates and L_mi classifiers (own group, no weight decay);
-            default 10× ``lr``: at the model's rate the gates barely move in a short run.
+            default 0.1: at the network's rate the gates barely move in a short run, at 0.5 they
+            overshoot into static on/off (measured on digits, docs/benchmarks.md).
+        gate_bias: initial gate logit ``b2`` of every ACM.
         bn_recalibrate: batches of training data used after each decoupling epoch to re-estimate
             BatchNorm statistics with eval-time (hard, noise-free) gates; 0 turns it off.
     """
@@ -95,6 +97,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     noise_std: float = 1.0
+    gate_bias: float = 3.0
     reduction: int = 4
     workers: int = 0
     bn_recalibrate: int = 50
@@ -115,7 +118,7 @@ class TrainConfig:
         if cfg.lr is None:
             cfg.lr = 0.01 if trained_start else 0.05
         if cfg.acm_lr is None:
-            cfg.acm_lr = 10 * cfg.lr
+            cfg.acm_lr = 0.1
         cfg.validate()
         return cfg
 
@@ -636,7 +639,7 @@ def decouple(
         data = load_data(cfg.data)
         model = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.weights)
         example = torch.zeros(1, *data.input_size)
-        dm = wrap(model, example, sites=cfg.sites, reduction=cfg.reduction, noise_std=cfg.noise_std)
+        dm = wrap(model, example, sites=cfg.sites, reduction=cfg.reduction, noise_std=cfg.noise_std, init_bias=cfg.gate_bias)
         if main and not resume:  # everything the run needs exists: only now touch the directory
             _prepare_out(out, cfg, resume, overwrite)
         trainer = Trainer(dm, data, cfg, out, progress=progress)
