@@ -519,7 +519,8 @@ class Trainer:
             train = self.train_epoch(epoch)
             if phase == "decouple":
                 self.recalibrate_bn(epoch)
-            stats = self.evaluate(epoch)
+            with self.dm.gates_open() if phase == "warmup" else nullcontext():  # warm-up trains the plain model
+                stats = self.evaluate(epoch)
             self.scheduler.step()
             result = EpochResult(epoch + 1, phase, lr, train, stats.accuracy, stats.density, time.perf_counter() - t0)
             self.history.append(result)
