@@ -31,6 +31,7 @@ def test_decouple_writes_the_run_directory(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(m["epoch"], m["phase"]) for m in lines] == [(1, "warmup"), (2, "decouple")]
     assert {"train_l_mi", "train_l_kl", "train_l_s", "val_top1", "val_density"} <= set(lines[1])
+    assert lines[0]["val_density"] == 1.0 and lines[0]["train_l_s"] == 0.0  # warm-up: the plain model
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "cifar:resnet20" and cfg["train"]["ratio"] == 0.5
     assert cfg["warmup"].startswith("1 plain epochs")
