@@ -486,10 +486,15 @@ class Trainer:
                     buf /= self.dist.world
 
     def evaluate(self, epoch: int = 0) -> PathStats:
-        """Validation pass collecting path statistics (all-reduced across ranks)."""
+        """Validation pass collecting path statistics (all-reduced across ranks).
+
+        On one process the raw paths are kept too (bit-packed in ``paths.npz``), so that the
+        analyses that need them (decision tree, path distribution) run without another pass.
+        """
         stats = self.dm.paths(
             self._loader("val", epoch, shuffle=False),
             device=self.device,
+            raw=not self.dist.enabled,
             classes=list(self.data.classes),
             num_classes=self.data.num_classes,
         )
