@@ -138,21 +138,22 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     Console().print(table)
 
 
-def _register_optional_commands() -> None:
-    """Adds the analysis, pruning and detection commands."""
-    from nd_plugin.cli import _analyze, _detect, _prune
+def _register_commands() -> None:
+    """Adds the analysis, pruning and detection commands (their modules import lazily-heavy code)."""
+    from nd_plugin.cli._analyze import analyze_command
+    from nd_plugin.cli._detect import detect_command
+    from nd_plugin.cli._prune import prune_command
 
-    app.command("analyze")(user_errors(_analyze.analyze_command))
-    app.command("prune")(user_errors(_prune.prune_command))
-    app.command("detect")(user_errors(_detect.detect_command))
+    app.command("analyze")(user_errors(analyze_command))
+    app.command("prune")(user_errors(prune_command))
+    app.command("detect")(user_errors(detect_command))
+
+
+_register_commands()
 
 
 def main() -> None:
     """Console-script entry point."""
-    try:
-        _register_optional_commands()
-    except ImportError:
-        pass
     app(prog_name="nd")
 
 

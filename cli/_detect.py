@@ -1,6 +1,6 @@
 """``nd detect``: adversarial-sample detection from calculation paths (thin; the API does the work).
 
-Register with ``app.command("detect")(detect_command)``.
+Registered in ``nd_plugin.cli._app`` as ``app.command("detect")(user_errors(detect_command))``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ["detect_command"]
 def detect_command(
     run: Annotated[Path, typer.Argument(help="run directory written by `nd decouple`")],
     attack: Annotated[str, typer.Option(help="fgsm, pgd, bim, mifgsm, cw or deepfool (torchattacks)")] = "fgsm",
-    eps: Annotated[float, typer.Option(help="L-inf budget in [0, 1] pixel units, in (0, 1]; 8/255 = 0.0314")] = 8 / 255,
+    eps: Annotated[float, typer.Option(help="L-inf budget in [0, 1] pixel units, in (0, 1]; 8/255 = 0.0314 (cw and deepfool are minimum-norm attacks and ignore it)")] = 8 / 255,
     data: Annotated[str | None, typer.Option(help="data spec instead of the run's (its validation split is attacked)")] = None,
     n: Annotated[int, typer.Option(help="clean test inputs to draw (the correctly classified ones are attacked)")] = 1000,
     steps: Annotated[int, typer.Option(help="iterations of iterative attacks (PGD-10 by default)")] = 10,
@@ -33,15 +33,6 @@ def detect_command(
     split the first time and reused afterwards. Reports attack success rate, and AUROC and TPR at
     5% FPR of the path detector, Mahalanobis (penultimate features) and max-softmax.
     """
-    from nd_plugin.cli._app import user_errors
-
-    user_errors(_detect)(run, attack, eps, data, n, steps, fit_n, refit, out, batch_size, device, seed)
-
-
-def _detect(
-    run: Path, attack: str, eps: float, data: str | None, n: int, steps: int, fit_n: int, refit: bool,
-    out: Path | None, batch_size: int, device: str, seed: int,
-) -> None:
     from nd_plugin.detect import run_detection
 
     res = run_detection(

@@ -211,7 +211,7 @@ def attack(
         import torchattacks
     except ImportError as exc:
         raise ConfigError(
-            "attacks need torchattacks, which is not installed: pip install 'nd-plugin[detect]' (or torchattacks>=3.5)."
+            "attacks need torchattacks, which is not installed: pip install 'torchattacks>=3.5'."
         ) from exc
 
     pixels = to_pixels(inputs.detach(), mean, std)

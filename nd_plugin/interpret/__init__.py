@@ -1,0 +1,39 @@
+"""Reading a decoupled network through its calculation paths (METHOD.md §3, seed §A).
+
+Every analysis is a pure function of path statistics (or of a model and images, for occlusion)
+returning a small dataclass with ``to_dict()`` for JSON; figures live in :mod:`nd_plugin.report`.
+
+Example:
+    >>> from nd_plugin.interpret import filter_states, class_paths, decision_tree  # doctest: +SKIP
+    >>> stats = dm.paths(val_loader, raw=True, classes=classes)  # doctest: +SKIP
+    >>> filter_states(stats).shares  # doctest: +SKIP
+    {'silent': 0.35, 'dynamic': 0.30, 'energetic': 0.35}
+"""
+
+from .classes import ClassPaths, class_paths, eta_squared
+from .distribution import PathDistribution, path_distribution
+from .hopkins import hopkins
+from .occlusion import OcclusionConcepts, grid_boxes, occlusion_concepts
+from .states import DYNAMIC, ENERGETIC, SILENT, FilterStates, LayerStates, filter_states
+from .tree import DecisionTree, TreeNode, decision_tree
+
+__all__ = [
+    "ClassPaths",
+    "DecisionTree",
+    "DYNAMIC",
+    "ENERGETIC",
+    "FilterStates",
+    "LayerStates",
+    "OcclusionConcepts",
+    "PathDistribution",
+    "SILENT",
+    "TreeNode",
+    "class_paths",
+    "decision_tree",
+    "eta_squared",
+    "filter_states",
+    "grid_boxes",
+    "hopkins",
+    "occlusion_concepts",
+    "path_distribution",
+]

@@ -1,0 +1,242 @@
+"""Semantic concepts by occlusion (seed §A.2, Fig. B).
+
+Black patches are laid over an image (a grid, or given boxes); every occluded copy goes through
+the decoupled model, and a filter is *silenced* by a patch when its gate is on for the image and
+off for the occluded copy. A filter's concept region is the union of the patches that silence it.
+Occluded copies are batched: one forward pass per ``batch_size`` patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from nd_plugin.errors import InputShapeError
+
+from ._common import jsonable
+
+__all__ = ["OcclusionConcepts", "grid_boxes", "occlusion_concepts"]
+
+
+def _pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
+    a, b = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    if int(a) < 1 or int(b) < 1:
+        raise ValueError(f"{what} must be positive, got {v!r}")
+    return int(a), int(b)
+
+
+def grid_boxes(height: int, width: int, patch: int | Sequence[int], stride: int | Sequence[int] | None = None) -> np.ndarray:
+    """Boxes ``(top, left, bottom, right)`` of square (or ``(h, w)``) patches over a grid.
+
+    The last row and column of patches are aligned with the image's border, so every pixel is
+    covered.
+
+    Args:
+        height: image height.
+        width: image width.
+        patch: patch size, an int or ``(h, w)``.
+        stride: step between patches (default half the patch).
+
+    Returns:
+        ``(P, 4)`` int array.
+
+    Raises:
+        InputShapeError: the patch is larger than the image.
+
+    Example:
+        >>> grid_boxes(8, 8, 4).tolist()[:3]
+        [[0, 0, 4, 4], [0, 2, 4, 6], [0, 4, 4, 8]]
+    """
+    ph, pw = _pair(patch, "patch")
+    if ph > height or pw > width:
+        raise InputShapeError(
+            f"occlusion patch {ph}x{pw} is larger than the {height}x{width} image; use a patch of at most "
+            f"{min(height, width)} pixels."
+        )
+    sh, sw = _pair(stride if stride is not None else (max(ph // 2, 1), max(pw // 2, 1)), "stride")
+
+    def starts(size: int, p: int, s: int) -> list[int]:
+        out = list(range(0, size - p + 1, s))
+        if out[-1] != size - p:
+            out.append(size - p)
+        return out
+
+    return np.array([(t, l, t + ph, l + pw) for t in starts(height, ph, sh) for l in starts(width, pw, sw)], dtype=np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class OcclusionConcepts:
+    """Which filters each occluding patch silences, for a few images.
+
+    Attributes:
+        names: gated layers in path order.
+        sizes: filters per layer.
+        image_size: ``(H, W)``.
+        boxes: ``(P, 4)`` patches ``(top, left, bottom, right)``.
+        base: ``(B, F)`` each image's path.
+        occluded: ``(B, P, F)`` the path of each occluded copy.
+        base_pred: ``(B,)`` predicted class of each image.
+        occluded_pred: ``(B, P)`` predicted class of each occluded copy.
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    image_size: tuple[int, int]
+    boxes: np.ndarray
+    base: np.ndarray
+    occluded: np.ndarray
+    base_pred: np.ndarray
+    occluded_pred: np.ndarray
+
+    @property
+    def silenced(self) -> np.ndarray:
+        """``(B, P, F)``: the filter is on for the image and off under the patch."""
+        return self.base[:, None, :] & ~self.occluded
+
+    def filter_name(self, f: int) -> tuple[str, int]:
+        """``(layer, channel)`` of path position ``f``."""
+        offsets = np.cumsum((0,) + self.sizes)
+        i = int(np.searchsorted(offsets, f, side="right") - 1)
+        return self.names[i], int(f - offsets[i])
+
+    def silencing_count(self, image: int) -> np.ndarray:
+        """``(F,)`` number of patches that silence each filter on one image."""
+        return self.silenced[image].sum(0)
+
+    def region(self, image: int, filt: int) -> np.ndarray:
+        """``(H, W)`` in ``[0, 1]``: how many of the filter's silencing patches cover each pixel, over the most."""
+        h, w = self.image_size
+        heat = np.zeros((h, w), dtype=np.float64)
+        for t, l, b, r in self.boxes[self.silenced[image, :, filt]]:
+            heat[t:b, l:r] += 1.0
+        return heat / heat.max() if heat.max() > 0 else heat
+
+    def concept_filters(self, image: int, top: int = 6, max_share: float = 0.5) -> list[int]:
+        """Filters with a localised concept on one image.
+
+        Those silenced by at least one patch and by at most ``max_share`` of the patches, the
+        most often silenced first (the most robust evidence).
+        """
+        cnt = self.silencing_count(image)
+        ok = np.flatnonzero((cnt >= 1) & (cnt <= max_share * len(self.boxes)))
+        return [int(f) for f in ok[np.argsort(-cnt[ok], kind="stable")][:top]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Per image: prediction, per patch the filters it silences, per filter its patches."""
+        images = []
+        sil = self.silenced
+        for b in range(self.base.shape[0]):
+            cnt = sil[b].sum(0)
+            per_filter = {}
+            for f in np.flatnonzero(cnt):
+                layer, ch = self.filter_name(int(f))
+                per_filter[f"{layer}[{ch}]"] = np.flatnonzero(sil[b, :, f])
+            images.append(
+                {
+                    "pred": self.base_pred[b],
+                    "active_filters": self.base[b].sum(),
+                    "patch_silences": sil[b].sum(1),
+                    "patch_activates": (~self.base[b][None, :] & self.occluded[b]).sum(1),
+                    "patch_pred": self.occluded_pred[b],
+                    "filters": per_filter,
+                    "concept_filters": [
+                        "{}[{}]".format(*self.filter_name(f)) for f in self.concept_filters(b)
+                    ],
+                }
+            )
+        return jsonable({"image_size": self.image_size, "boxes": self.boxes, "images": images})
+
+
+@torch.no_grad()
+def occlusion_concepts(
+    dm: torch.nn.Module,
+    images: torch.Tensor,
+    patch: int | Sequence[int] = 8,
+    stride: int | Sequence[int] | None = None,
+    boxes: Sequence[Sequence[int]] | np.ndarray | None = None,
+    *,
+    fill: float | Sequence[float] = 0.0,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> OcclusionConcepts:
+    """Records which filters turn off when parts of each image are blacked out.
+
+    Args:
+        dm: a :class:`~nd_plugin.decoupled.DecoupledModel`.
+        images: ``(B, C, H, W)`` (or one ``(C, H, W)``) in the model's input space (normalised).
+        patch: grid patch size (int or ``(h, w)``), ignored when ``boxes`` are given.
+        stride: grid step (default half the patch).
+        boxes: explicit patches ``(top, left, bottom, right)`` in pixels, e.g. eyes, nose, mouth.
+        fill: the occluder's value in the model's input space, one per channel or one for all;
+            black for a model normalised with ``mean``/``std`` is ``-mean / std``.
+        batch_size: occluded copies per forward pass.
+        device: where to run (default: the model's device).
+
+    Returns:
+        An :class:`OcclusionConcepts`.
+
+    Raises:
+        InputShapeError: a patch larger than the image, a box outside it, or images of the wrong rank.
+
+    Example:
+        >>> oc = occlusion_concepts(dm, x[:2], patch=8, fill=(-mean / std).tolist())  # doctest: +SKIP
+        >>> oc.concept_filters(0)  # doctest: +SKIP
+        [412, 97, 1301]
+    """
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4:
+        raise InputShapeError(f"images must be (B, C, H, W) or (C, H, W), got shape {tuple(images.shape)}")
+    _, c, h, w = images.shape
+    if boxes is None:
+        box_arr = grid_boxes(h, w, patch, stride)
+    else:
+        box_arr = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+        bad = (box_arr[:, 0] < 0) | (box_arr[:, 1] < 0) | (box_arr[:, 2] > h) | (box_arr[:, 3] > w)
+        bad |= (box_arr[:, 2] <= box_arr[:, 0]) | (box_arr[:, 3] <= box_arr[:, 1])
+        if bad.any():
+            raise InputShapeError(
+                f"occlusion box {box_arr[bad][0].tolist()} (top, left, bottom, right) is empty or outside the {h}x{w} image."
+            )
+    device = torch.device(device) if device is not None else next(dm.parameters()).device
+    fill_t = torch.as_tensor(fill, dtype=images.dtype, device=device).reshape(-1, 1, 1)
+    if fill_t.shape[0] not in (1, c):
+        raise InputShapeError(f"fill has {fill_t.shape[0]} values but the images have {c} channels")
+    was_training = dm.training
+    dm.eval()
+    base, occluded, base_pred, occ_pred = [], [], [], []
+    try:
+        for img in images.to(device):
+            logits, path = dm(img[None], return_path=True)
+            base.append(torch.cat(list(path.values()), 1)[0] > 0.5)
+            base_pred.append(int(logits.argmax(1)))
+            paths_b, preds_b = [], []
+            for start in range(0, len(box_arr), batch_size):
+                chunk = box_arr[start : start + batch_size]
+                batch = img[None].repeat(len(chunk), 1, 1, 1)
+                for j, (t, l, b, r) in enumerate(chunk):
+                    batch[j, :, t:b, l:r] = fill_t
+                logits, path = dm(batch, return_path=True)
+                paths_b.append(torch.cat(list(path.values()), 1) > 0.5)
+                preds_b.append(logits.argmax(1))
+            occluded.append(torch.cat(paths_b))
+            occ_pred.append(torch.cat(preds_b))
+    finally:
+        dm.train(was_training)
+    sites = getattr(dm, "gate_sites", None)
+    names = tuple(s.name for s in sites) if sites is not None else tuple(f"layer{i}" for i in range(len(path)))
+    sizes = tuple(s.channels for s in sites) if sites is not None else tuple(v.shape[1] for v in path.values())
+    return OcclusionConcepts(
+        names=names,
+        sizes=sizes,
+        image_size=(h, w),
+        boxes=box_arr,
+        base=torch.stack(base).cpu().numpy(),
+        occluded=torch.stack(occluded).cpu().numpy(),
+        base_pred=np.array(base_pred),
+        occluded_pred=torch.stack(occ_pred).cpu().numpy(),
+    )
