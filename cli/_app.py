@@ -73,7 +73,7 @@ def decouple_command(
     batch_size: Annotated[int, typer.Option(help="batch size per process")] = 64,
     lr: Annotated[float | None, typer.Option(help="learning rate of the network (default 0.05 from scratch, 0.01 fine-tuning)")] = None,
     acm_lr: Annotated[float | None, typer.Option(help="learning rate of the gates and L_mi classifiers (default 0.1)")] = None,
-    gate_bias: Annotated[float, typer.Option(help="initial gate logit; 3 starts every gate saturated open, 1 is the paper's release")] = 3.0,
+    gate_bias: Annotated[float, typer.Option(help="initial gate logit (1, the paper's release; 3 starts every gate saturated open)")] = 1.0,
     lambda_m: Annotated[float | None, typer.Option(help="weight of L_mi (path/class mutual information)")] = None,
     lambda_k: Annotated[float | None, typer.Option(help="weight of L_kl (gate/output alignment)")] = None,
     lambda_s: Annotated[float | None, typer.Option(help="weight of L_s (sparsity towards --ratio)")] = None,

@@ -239,7 +239,7 @@ def wrap(
     sites: SiteSelector = "internal",
     reduction: int = 4,
     noise_std: float = 1.0,
-    init_bias: float = 3.0,
+    init_bias: float = 1.0,
 ) -> DecoupledModel:
     """Puts a decoupling gate in front of each gate site of ``model``.
 
@@ -259,7 +259,7 @@ def wrap(
             :class:`SiteInfo` and returning whether to gate it.
         reduction: ACM hidden-width reduction (4 in the paper).
         noise_std: gate noise in training (1 in the paper).
-        init_bias: initial gate logit ``b2`` (1 in the paper's release; see :class:`~nd_plugin.gates.ACM`).
+        init_bias: initial gate logit ``b2`` (see :class:`~nd_plugin.gates.ACM`).
 
     Returns:
         The :class:`DecoupledModel`, in the training mode ``model`` had.

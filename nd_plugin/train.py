@@ -97,7 +97,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     noise_std: float = 1.0
-    gate_bias: float = 3.0
+    gate_bias: float = 1.0
     reduction: int = 4
     workers: int = 0
     bn_recalibrate: int = 50

@@ -60,12 +60,15 @@ def test_binarize_eval_keeps_autograd_link_for_tracing() -> None:
     assert torch.equal(a.detach(), (z > 0).float())
 
 
-def test_acm_starts_open() -> None:
+def test_acm_initial_logits_do_not_depend_on_the_input() -> None:
+    torch.manual_seed(0)
     acm = ACM(8, 5)
     z = acm(torch.randn(4, 8, 3, 3))
     assert z.shape == (4, 5)
-    assert (binarize(z, training=False) == 1).all()
-    assert torch.allclose(z, z[0].expand_as(z))  # W1 = 0: no input dependence at first
+    # W1 = 0, b1 = 1: z = W2 · 1 + b2 for every input
+    assert torch.allclose(z, (acm.fc2.weight.sum(1) + 1.0).expand_as(z), atol=1e-6)
+    saturated = ACM(8, 5, init_bias=3.0)
+    assert (binarize(saturated(torch.randn(4, 8, 3, 3)), training=False) == 1).all()
 
 
 @pytest.mark.parametrize("sites, expected", [("internal", ["conv1"]), ("all", ["conv1", "conv2"])])
