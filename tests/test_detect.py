@@ -317,14 +317,10 @@ def test_run_detection_zero_success(dm, clean, tmp_path, monkeypatch):
 
 
 def test_cli_one_line_errors(tmp_path):
-    typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from nd_plugin.cli._detect import detect_command
+    from nd_plugin.cli._app import app
 
-    app = typer.Typer()
-    app.command("detect")(detect_command)
-    app.command("other")(lambda: None)  # a group, so "detect" is a sub-command as in `nd`
     runner = CliRunner()
     for args, msg in (
         (["detect", str(tmp_path), "--attack", "nope"], "known attacks"),
