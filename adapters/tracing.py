@@ -23,6 +23,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nd_plugin._hooks import ForwardHooks
 from nd_plugin.errors import UntraceableModelError
 
 __all__ = ["SiteInfo", "build_graph", "find_sites", "group_layers"]
@@ -109,14 +110,9 @@ def _output_shapes(model: nn.Module, example_inputs: torch.Tensor | Sequence[tor
     def record(module: nn.Module, _inp: object, out: torch.Tensor) -> None:
         shapes[module] = tuple(out.shape[2:])
 
-    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            inputs = example_inputs if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    inputs = example_inputs if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    with ForwardHooks((m for m in model.modules() if isinstance(m, nn.Conv2d)), record), torch.no_grad():
+        model(*inputs)
     return shapes
 
 

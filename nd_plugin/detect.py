@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nd_plugin._hooks import ForwardHooks, HookOwner
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError, UnknownAttackError
 from nd_plugin.gates import ACM
 
@@ -326,15 +327,10 @@ def find_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
         '3'
     """
     order: list[str] = []
-    handles = []
-    try:
-        for name, mod in _outside_acm_linears(model).items():
-            handles.append(mod.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name)))
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    linears = _outside_acm_linears(model)
+    names = {mod: name for name, mod in linears.items()}
+    with ForwardHooks(linears.values(), lambda m, _i, _o: order.append(names[m])), torch.no_grad():
+        model(example)
     if not order:
         raise DetectionError(
             f"{type(model).__name__} runs no nn.Linear layer: the Mahalanobis baseline needs the classifier's input features."
@@ -342,38 +338,25 @@ def find_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
     return order[-1]
 
 
-class _ProbeHooks:
+class _ProbeHooks(HookOwner):
     """Owns the hooks that read gate logits (ACM outputs) and penultimate features; removed on exit."""
 
     def __init__(self, sites: Sequence[nn.Module], feature_module: nn.Module | None, gate_inputs: bool = False) -> None:
+        super().__init__()
         self.sites = list(sites)
         self.feature_module = feature_module
         self.gate_inputs_enabled = gate_inputs
         self.gate_inputs: list[torch.Tensor | None] = [None] * len(self.sites)
         self.z: list[torch.Tensor | None] = [None] * len(self.sites)
         self.features: torch.Tensor | None = None
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> _ProbeHooks:
-        try:
-            for i, site in enumerate(self.sites):
-                self._handles.append(site.acm.register_forward_hook(self._z_hook(i)))
-                if self.gate_inputs_enabled:
-                    self._handles.append(site.acm.register_forward_pre_hook(self._input_hook(i)))
-            if self.feature_module is not None:
-                self._handles.append(self.feature_module.register_forward_hook(self._feature_hook))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def register(self) -> None:
+        for i, site in enumerate(self.sites):
+            self.keep(site.acm.register_forward_hook(self._z_hook(i)))
+            if self.gate_inputs_enabled:
+                self.keep(site.acm.register_forward_pre_hook(self._input_hook(i)))
+        if self.feature_module is not None:
+            self.keep(self.feature_module.register_forward_hook(self._feature_hook))
 
     def _z_hook(self, i: int) -> Callable:
         def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from nd_plugin._hooks import HookOwner
 from nd_plugin.gates import GatedSite
 
 __all__ = ["GateRecorder", "PathStats"]
 
 
-class GateRecorder:
+class GateRecorder(HookOwner):
     """Context manager that records each site's gates (and pre-gate GAP) during forward passes.
 
     It owns the hooks it registers and removes them on exit, also when the forward raises.
@@ -40,31 +41,17 @@ class GateRecorder:
     """
 
     def __init__(self, sites: Sequence[GatedSite], *, pre_gate: bool = False) -> None:
+        super().__init__()
         self.sites = list(sites)
         self.pre_gate_enabled = pre_gate
         self.gates: list[torch.Tensor | None] = [None] * len(self.sites)
         self.pre_gate: list[torch.Tensor | None] = [None] * len(self.sites)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> GateRecorder:
-        try:
-            for i, site in enumerate(self.sites):
-                self._handles.append(site.gate.register_forward_hook(self._store(self.gates, i)))
-                if self.pre_gate_enabled:
-                    self._handles.append(site.norm.register_forward_hook(self._store(self.pre_gate, i, pool=True)))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Removes every hook this recorder registered."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def register(self) -> None:
+        for i, site in enumerate(self.sites):
+            self.keep(site.gate.register_forward_hook(self._store(self.gates, i)))
+            if self.pre_gate_enabled:
+                self.keep(site.norm.register_forward_hook(self._store(self.pre_gate, i, pool=True)))
 
     @staticmethod
     def _store(target: list, index: int, pool: bool = False):
