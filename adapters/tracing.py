@@ -57,7 +57,13 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     """
     was_training = model.training
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        # tracing follows autograd: it must work when called under no_grad / inference_mode too
+        with torch.inference_mode(False), torch.enable_grad():
+            if isinstance(example_inputs, torch.Tensor):
+                example_inputs = example_inputs.clone()
+            else:
+                example_inputs = [t.clone() for t in example_inputs]
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         raise UntraceableModelError(
             f"torch-pruning cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. "

@@ -34,26 +34,25 @@ def time_wrap(name: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
 def forward_ratio(name: str, batch: int, size: int | None, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = create_model(name).eval()
     c, h, w = default_input_size(model)
     h = w = size or h
     plain = copy.deepcopy(model)
-    with torch.inference_mode(False):
-        dm = nd_plugin.wrap(model, torch.randn(1, c, h, w)).eval()
+    dm = nd_plugin.wrap(model, torch.randn(1, c, h, w)).eval()
     x = torch.randn(batch, c, h, w)
-    for _ in range(2):
-        plain(x), dm(x)
     t_plain, t_dm = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        plain(x)
-        t_plain.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        dm(x)
-        t_dm.append(time.perf_counter() - t)
+    with torch.inference_mode():
+        for _ in range(2):
+            plain(x), dm(x)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            plain(x)
+            t_plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            dm(x)
+            t_dm.append(time.perf_counter() - t)
     mp, md = statistics.median(t_plain), statistics.median(t_dm)
     return {"input": [batch, c, h, w], "plain_ms": 1000 * mp, "wrapped_ms": 1000 * md, "ratio": md / mp}
 

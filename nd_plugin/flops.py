@@ -19,6 +19,7 @@ averaged over the recorded inputs exactly; without them the two layers are *assu
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,7 +63,9 @@ def flops_by_module(model: nn.Module, input_size: Sequence[int]) -> dict[str, in
         level = logger.level
         logger.setLevel(logging.ERROR)
         try:
-            return dict(_analysis(model, _example(model, input_size)).by_module())
+            with warnings.catch_warnings():  # fvcore's tracer calls the deprecated torch.jit.script
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+                return dict(_analysis(model, _example(model, input_size)).by_module())
         finally:
             logger.setLevel(level)
     finally:

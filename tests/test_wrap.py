@@ -119,6 +119,13 @@ def test_return_path_shapes_and_sites_metadata() -> None:
     assert dm.num_filters == 2 * (64 + 128 + 256 + 512)
 
 
+def test_wrap_works_under_inference_mode() -> None:
+    model = TinyNet()
+    with torch.inference_mode():
+        dm = nd_plugin.wrap(model, torch.randn(1, 3, 8, 8))
+    assert dm.site_names == ["conv1"]
+
+
 def test_wrap_infers_example_inputs() -> None:
     dm = nd_plugin.wrap(create_model("cifar:resnet20"))
     assert dm.input_size == (3, 32, 32)
