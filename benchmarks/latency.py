@@ -28,32 +28,9 @@ import nd_plugin
 from nd_plugin.flops import count_flops, expected_flops
 from nd_plugin.pruning import dynamic_runtime, fold_batchnorm, prune
 from nd_plugin.pruning.plan import plain_copy
+from nd_plugin.pruning.synthetic import synthetic_gates
 
 SIZES = {"resnet18": 224, "tv:resnet18": 224}
-
-
-def synthetic_gates(dm: nd_plugin.DecoupledModel, x: torch.Tensor, seed: int = 0, fractions=(1, 1, 1)) -> None:
-    """Silent / energetic / dynamic filters in the proportions ``fractions``, layer by layer."""
-    gen = torch.Generator().manual_seed(seed)
-    probs = torch.tensor(fractions, dtype=torch.float)
-    for site in dm.sites():
-        c = site.out_channels
-        kind = torch.multinomial(probs, c, replacement=True, generator=gen)
-        with torch.no_grad():
-            site.acm.fc1.weight.normal_(0, 1.0, generator=gen)
-            site.acm.fc1.bias.zero_()
-            site.acm.fc2.weight.normal_(0, 1.0, generator=gen)
-            site.acm.fc2.weight[kind != 2] = 0
-            site.acm.fc2.bias.copy_(torch.where(kind == 0, -1e4, torch.where(kind == 1, 1e4, 0.0)))
-            logits: list[torch.Tensor] = []
-            handle = site.acm.register_forward_hook(lambda _m, _i, out: logits.append(out))
-            try:
-                dm(x)
-            finally:
-                handle.remove()
-            ordered = logits[0].sort(dim=0).values
-            half = len(ordered) // 2
-            site.acm.fc2.bias[kind == 2] -= ((ordered[half - 1] + ordered[half]) / 2)[kind == 2]
 
 
 def _inputs_for(spec: str, n: int) -> torch.Tensor:

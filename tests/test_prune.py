@@ -20,6 +20,7 @@ from nd_plugin.errors import ConfigError, StatsMismatchError
 from nd_plugin.gates import GatedSite
 from nd_plugin.pruning import DecouplingImportance, FixedSite, dynamic_runtime, fold_batchnorm, plan_record, prune
 from nd_plugin.pruning.plan import analyse
+from nd_plugin.pruning.synthetic import synthetic_gates
 
 
 class TinyNet(nn.Module):
@@ -101,31 +102,8 @@ def real_images(n: int = 32, size: int = 32) -> tuple[torch.Tensor, torch.Tensor
 
 
 def set_gates(dm: nd_plugin.DecoupledModel, x: torch.Tensor, seed: int = 0) -> None:
-    """A third silent, a third energetic, a third dynamic filters in every gated layer.
-
-    Dynamic logits are centred on their median over ``x`` (layer by layer, in path order), so each
-    dynamic filter is on for about half of the inputs.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for site in dm.sites():
-        c = site.out_channels
-        kind = torch.randperm(c, generator=gen) % 3
-        with torch.no_grad():
-            site.acm.fc1.weight.normal_(0, 1.0, generator=gen)
-            site.acm.fc1.bias.zero_()
-            site.acm.fc2.weight.normal_(0, 1.0, generator=gen)
-            site.acm.fc2.weight[kind != 2] = 0
-            site.acm.fc2.bias.copy_(torch.where(kind == 0, -1e4, torch.where(kind == 1, 1e4, 0.0)))
-            logits = []
-            handle = site.acm.register_forward_hook(lambda _m, _i, out: logits.append(out))
-            try:
-                dm(x)
-            finally:
-                handle.remove()
-            ordered = logits[0].sort(dim=0).values  # threshold halfway between two inputs: no ties at 0
-            half = len(ordered) // 2
-            centre = (ordered[half - 1] + ordered[half]) / 2
-            site.acm.fc2.bias[kind == 2] -= centre[kind == 2]
+    """A third silent, a third energetic, a third dynamic filters in every gated layer."""
+    synthetic_gates(dm, x, seed=seed)
 
 
 def decoupled(kind: str, seed: int = 0, sites: str = "internal"):
