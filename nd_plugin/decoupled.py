@@ -102,7 +102,11 @@ class DecoupledModel(nn.Module):
         return sum(s.channels for s in self.gate_sites)
 
     def forward(
-        self, x: torch.Tensor, return_path: bool = False, return_pre_gate: bool = False
+        self,
+        x: torch.Tensor,
+        return_path: bool = False,
+        return_pre_gate: bool = False,
+        return_gate_logits: bool = False,
     ) -> torch.Tensor | tuple:
         """Runs the model.
 
@@ -110,11 +114,13 @@ class DecoupledModel(nn.Module):
             x: a batch of inputs.
             return_path: also return ``{layer: gates (N, C)}``.
             return_pre_gate: also return ``{layer: GAP of the layer's output before its gate}``.
+            return_gate_logits: also return ``{layer: ACM logits z (N, C)}``, where the eval-time
+                gate is ``1[z > 0]`` (what the sparsity loss counts).
 
         Returns:
-            ``logits``, or a tuple ``(logits, path[, pre_gate])``.
+            ``logits``, or a tuple ``(logits, path[, pre_gate][, gate_logits])``.
         """
-        if not (return_path or return_pre_gate):
+        if not (return_path or return_pre_gate or return_gate_logits):
             return self.model(x)
         with GateRecorder(self.sites(), pre_gate=return_pre_gate) as rec:
             logits = self.model(x)
@@ -122,6 +128,8 @@ class DecoupledModel(nn.Module):
         out: tuple = (logits, dict(zip(names, rec.path(x.shape[0], x.device))))
         if return_pre_gate:
             out += (dict(zip(names, rec.pre_gate)),)
+        if return_gate_logits:
+            out += (dict(zip(names, rec.logits)),)
         return out
 
     @contextlib.contextmanager

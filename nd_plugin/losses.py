@@ -8,7 +8,8 @@
   a small ``λ_m`` does not also starve the bound's classifiers.
 - ``L_kl``: ``KL(softmax(GAP(O)) ‖ softmax(α))``, aligning each gate with what its layer outputs.
 - ``L_s``: ``| mean over the batch of ‖α‖₁ − R·C |``, pulling the number of open gates of a
-  layer towards the target fraction ``R`` of its ``C`` filters.
+  layer towards the target fraction ``R`` of its ``C`` filters. Given the ACM logits, it counts the
+  eval-time gates ``1[z > 0]`` (the trainer does this).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def _check(name: str, value: float, low: float, high: float | None, closed_high:
     if not ok:
         bound = "" if high is None else (f", {high}]" if closed_high else f", {high})")
         raise ConfigError(f"{name} must be in [{low}{bound or ', inf)'}, got {value}.")
+
+
+def _eval_gate(z: torch.Tensor) -> torch.Tensor:
+    """``1[z > 0]`` in value, with the gradient of ``σ(z)``."""
+    soft = torch.sigmoid(z)
+    return soft - soft.detach() + (z > 0).to(z.dtype)
 
 
 class DecouplingLoss(nn.Module):
@@ -95,6 +102,7 @@ class DecouplingLoss(nn.Module):
         targets: torch.Tensor,
         gates: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
         pre_gate: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+        gate_logits: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
     ) -> LossTerms:
         """Computes the loss.
 
@@ -104,6 +112,10 @@ class DecouplingLoss(nn.Module):
             gates: per layer ``(N, C)`` gate values (as returned with ``return_path=True``).
             pre_gate: per layer ``(N, C)`` GAP of the layer output before the gate
                 (``return_pre_gate=True``); needed when ``lambda_k > 0``.
+            gate_logits: per layer ``(N, C)`` ACM logits ``z`` (``return_gate_logits=True``). When
+                given, ``L_s`` counts the eval-time gates ``1[z > 0]`` (straight-through via
+                ``σ(z)``) instead of the noisy, partly soft training gates, so that ``R`` is the
+                density the trained model shows in eval.
 
         Returns:
             The :class:`LossTerms`.
@@ -111,6 +123,8 @@ class DecouplingLoss(nn.Module):
         gates = list(gates.values()) if isinstance(gates, Mapping) else list(gates)
         if isinstance(pre_gate, Mapping):
             pre_gate = list(pre_gate.values())
+        if isinstance(gate_logits, Mapping):
+            gate_logits = list(gate_logits.values())
         ce = F.cross_entropy(logits, targets)
         zero = logits.new_zeros(())
         mi, kl, s, fit_q = zero, zero, zero, zero
@@ -128,7 +142,8 @@ class DecouplingLoss(nn.Module):
                 target = F.softmax(pre_gate[i].float(), dim=1)
                 kl = kl + F.kl_div(F.log_softmax(alpha, dim=1), target, reduction="batchmean")
             if self.lambda_s > 0:
-                s = s + (alpha.sum(1).mean() - self.ratio * alpha.shape[1]).abs()
+                counted = alpha if gate_logits is None else _eval_gate(gate_logits[i].float())
+                s = s + (counted.sum(1).mean() - self.ratio * counted.shape[1]).abs()
         total = ce + self.lambda_m * mi + self.lambda_k * kl + self.lambda_s * s
         if self.lambda_m > 0:
             total = total + fit_q - fit_q.detach()  # gradient for q only; the value stays the loss

@@ -33,6 +33,11 @@ class GateRecorder(HookOwner):
         pre_gate: also record the global average pool of each site's output *before* the gate
             (what the KL loss aligns the gate with).
 
+    Attributes:
+        gates: per site, the gate values ``α`` of the last forward pass.
+        logits: per site, the ACM logits ``z`` (``α = 1[z > 0]`` in eval).
+        pre_gate: per site, GAP of the output before the gate (with ``pre_gate=True``).
+
     Example:
         >>> with GateRecorder(sites) as rec:  # doctest: +SKIP
         ...     logits = model(x)
@@ -45,13 +50,21 @@ class GateRecorder(HookOwner):
         self.sites = list(sites)
         self.pre_gate_enabled = pre_gate
         self.gates: list[torch.Tensor | None] = [None] * len(self.sites)
+        self.logits: list[torch.Tensor | None] = [None] * len(self.sites)
         self.pre_gate: list[torch.Tensor | None] = [None] * len(self.sites)
 
     def register(self) -> None:
         for i, site in enumerate(self.sites):
-            self.keep(site.gate.register_forward_hook(self._store(self.gates, i)))
+            self.keep(site.gate.register_forward_hook(self._store_gate(i)))
             if self.pre_gate_enabled:
                 self.keep(site.norm.register_forward_hook(self._store(self.pre_gate, i, pool=True)))
+
+    def _store_gate(self, index: int):
+        def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.logits[index] = inputs[0]  # the ACM's logits z, before noise and binarisation
+            self.gates[index] = output
+
+        return hook
 
     @staticmethod
     def _store(target: list, index: int, pool: bool = False):

@@ -406,10 +406,10 @@ class Trainer:
                         density = torch.ones((), device=self.device)
                     else:
                         want_pre = self.cfg.lambda_k > 0
-                        outputs = self.net(x, return_path=True, return_pre_gate=want_pre)
-                        logits, gates = outputs[0], outputs[1]
+                        outputs = self.net(x, return_path=True, return_pre_gate=want_pre, return_gate_logits=True)
+                        logits, gates, z = outputs[0], outputs[1], outputs[-1]
                         pre = outputs[2] if want_pre else None
-                        terms = self.loss_fn(logits, y, gates, pre)
+                        terms = self.loss_fn(logits, y, gates, pre, gate_logits=z)
                         density = torch.cat([g.detach() for g in gates.values()], 1).gt(0.5).float().mean()
                 if not torch.isfinite(terms.total):
                     raise TrainingError(

@@ -75,3 +75,14 @@ def test_all_lambdas_zero_is_plain_cross_entropy_training() -> None:
         opt_b.step()
     for pa, pb in zip(dm_a.parameters(), dm_b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_sparsity_counts_eval_gates_when_logits_are_given() -> None:
+    soft_gates = [torch.tensor([[0.6, 0.4], [0.6, 0.4]])]  # training values: mean ||a||_1 = 1.0
+    z = [torch.tensor([[0.3, -0.2], [0.1, 0.5]], requires_grad=True)]  # eval gates: [1, 0], [1, 1]
+    loss = _loss(ratio=0.25, lambda_m=0.0, lambda_k=0.0, lambda_s=1.0)
+    assert loss(torch.zeros(2, 2), torch.tensor([0, 1]), soft_gates).s.item() == pytest.approx(0.5)  # |1 - 0.5|
+    terms = loss(torch.zeros(2, 2), torch.tensor([0, 1]), soft_gates, gate_logits=z)
+    assert terms.s.item() == pytest.approx(1.0)  # |1.5 - 0.5|
+    terms.s.backward()
+    assert z[0].grad is not None and (z[0].grad > 0).all()  # straight-through via sigmoid
