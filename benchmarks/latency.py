@@ -42,7 +42,6 @@ def _inputs_for(spec: str, n: int) -> torch.Tensor:
 
 def setup(run: str | None, model: str | None, n: int):
     if run is not None:
-        r = nd_plugin.run.open_run(run) if hasattr(nd_plugin, "run") else None
         from nd_plugin.run import open_run
 
         r = open_run(run)

@@ -200,7 +200,8 @@ class DecoupledModel(nn.Module):
                         break
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     logits = self.model(x)
-                    path = torch.cat(rec.path(x.shape[0], device), dim=1)
+                    per_site = rec.path(x.shape[0], device)
+                    path = torch.cat(per_site, dim=1) if per_site else logits.new_zeros(x.shape[0], 0)
                     if counts is None:
                         k = num_classes or (len(classes) if classes else logits.shape[1])
                         counts = torch.zeros(path.shape[1], dtype=torch.long, device=device)

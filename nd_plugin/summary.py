@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from nd_plugin.decoupled import DecoupledModel
+from nd_plugin.interpret import filter_states
 from nd_plugin.paths import PathStats
 
-__all__ = ["summarize", "state_shares"]
-
-
-def state_shares(stats: PathStats, tolerance: float = 0.0) -> dict[str, float]:
-    """Shares of silent / dynamic / energetic filters over all gated layers."""
-    freq = stats.frequency()
-    silent = float(np.mean(freq <= tolerance))
-    energetic = float(np.mean(freq >= 1.0 - tolerance))
-    return {"silent": silent, "dynamic": 1.0 - silent - energetic, "energetic": energetic}
+__all__ = ["summarize"]
 
 
 def summarize(dm: DecoupledModel, stats: PathStats, data: Any = None) -> dict[str, Any]:
@@ -33,7 +24,7 @@ def summarize(dm: DecoupledModel, stats: PathStats, data: Any = None) -> dict[st
         "density": stats.density,
         "gated_layers": len(stats.site_names),
         "gated_filters": stats.num_filters,
-        "filter_states": state_shares(stats),
+        "filter_states": filter_states(stats).shares,
     }
     from nd_plugin.flops import flops_summary
     from nd_plugin.pruning import prune

@@ -259,3 +259,10 @@ def test_wrap_and_train_step_coverage(name: str) -> None:
     with torch.no_grad():
         out, path = dm(x[:2], return_path=True)
     assert out.shape == (2, 5) and len(path) == len(dm.gate_sites)
+
+
+def test_paths_of_a_model_without_gated_layers() -> None:
+    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8)).eval()
+    empty = nd_plugin.DecoupledModel(dm.model, [], dm.input_size)  # e.g. a compact model with no dynamic layer left
+    stats = empty.paths([(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))])
+    assert stats.n == 4 and stats.num_filters == 0 and stats.class_n.tolist() == [2, 1, 1]
