@@ -4,8 +4,12 @@ Target (issue 3): a decoupled step costs at most 1.25x a plain step. Plain = the
 with every gate forced open and cross-entropy only (identical to the unwrapped model, see tests);
 decoupled = gates on, pre-gate recording and all three losses. Steps alternate, medians reported.
 
+On CUDA both are timed twice: launched op by op (eager), and replayed as CUDA graphs of forward,
+loss and backward (what the trainer does on one GPU, ``--cuda-graphs``); the optimiser step is
+eager in both.
+
 Usage: python benchmarks/train_step.py [--model tv:resnet18] [--size 32] [--batch 64] [--repeats 30]
-Takes about a minute on a 2-core CPU.
+Takes about a minute on a 2-core CPU, seconds on a GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 import nd_plugin
 from nd_plugin.adapters import create_model
 from nd_plugin.losses import DecouplingLoss
+from nd_plugin.train import _GraphedStep
 
 
 def main() -> None:
@@ -45,47 +50,75 @@ def main() -> None:
     opt_dm = torch.optim.SGD(list(dm.parameters()) + list(loss_fn.parameters()), lr=0.01, momentum=0.9)
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    def autocast():
+        if dev.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        return torch.autocast("cpu", enabled=False)
+
+    if dev.type == "cuda":
+        plain = plain.to(memory_format=torch.channels_last)
+        dm = dm.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def plain_step() -> None:
-        with autocast:
-            loss = F.cross_entropy(plain(x), y)
-        opt_plain.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_plain.step()
+    def plain_compute(xb, yb):
+        with autocast():
+            logits = plain(xb)
+            return loss_fn(logits, yb, [], None), logits, None
 
-    def dm_step() -> None:
-        with autocast:
-            logits, gates, pre = dm(x, return_path=True, return_pre_gate=True)
-            loss = loss_fn(logits, y, gates, pre).total
-        opt_dm.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_dm.step()
+    def dm_compute(xb, yb):
+        with autocast():
+            logits, gates, pre, z = dm(xb, return_path=True, return_pre_gate=True, return_gate_logits=True)
+            return loss_fn(logits, yb, gates, pre, gate_logits=z), logits, None
 
-    times: dict[str, list[float]] = {"plain": [], "decoupled": []}
-    for _ in range(3):
-        plain_step(), dm_step()
-    for _ in range(args.repeats):
-        for name, step in (("plain", plain_step), ("decoupled", dm_step)):
-            sync()
-            t = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    def eager(compute, opt):
+        def step() -> None:
+            terms = compute(x, y)[0]
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            opt.step()
+
+        return step
+
+    def graphed(compute, opt):
+        run = _GraphedStep(compute, opt)
+
+        def step() -> None:
+            run(x, y)
+            opt.step()
+
+        return step
+
+    modes = {"eager": eager} | ({"cuda_graphs": graphed} if dev.type == "cuda" else {})
     result = {
         "model": args.model,
         "input": [args.batch, 3, args.size, args.size],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({args.threads} threads)",
-        "plain_ms": 1000 * med["plain"],
-        "decoupled_ms": 1000 * med["decoupled"],
-        "ratio": med["decoupled"] / med["plain"],
+        "torch": torch.__version__,
         "gated_layers": len(dm.gate_sites),
     }
+    for mode, make in modes.items():
+        steps = {"plain": make(plain_compute, opt_plain), "decoupled": make(dm_compute, opt_dm)}
+        times: dict[str, list[float]] = {"plain": [], "decoupled": []}
+        for _ in range(5):
+            for step in steps.values():
+                step()
+        for _ in range(args.repeats):
+            for name, step in steps.items():
+                sync()
+                t = time.perf_counter()
+                step()
+                sync()
+                times[name].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result[mode] = {
+            "plain_ms": 1000 * med["plain"],
+            "decoupled_ms": 1000 * med["decoupled"],
+            "ratio": med["decoupled"] / med["plain"],
+        }
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as fh:

@@ -84,6 +84,7 @@ def decouple_command(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     schedule: Annotated[str, typer.Option(help="step (the paper's) or cosine")] = "step",
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
+    cuda_graphs: Annotated[bool, typer.Option(help="on one GPU, replay the decoupling step as a CUDA graph")] = True,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/MODEL)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="start again in an --out that holds a run of the same model")] = False,
@@ -114,6 +115,7 @@ def decouple_command(
         seed=seed,
         schedule=schedule,
         workers=workers,
+        cuda_graphs=cuda_graphs,
     )
     out = out or Path("runs") / model.replace(":", "-")
     summary = decouple(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)

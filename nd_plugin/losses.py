@@ -95,6 +95,28 @@ class DecouplingLoss(nn.Module):
         self.lambda_m, self.lambda_k, self.lambda_s, self.ratio = lambda_m, lambda_k, lambda_s, ratio
         self.channels = list(channels)
         self.classifiers = nn.ModuleList(nn.Linear(c, num_classes, bias=False) for c in self.channels)
+        # The layers are concatenated into one (N, sum C) path so that every term is a few kernels
+        # whatever the depth (per-layer loops cost ~20 small kernels per layer on a GPU).
+        # layer_of[j]: the layer of path column j; pad_index[j]: its slot in an (L, max C) layout.
+        layers, width = len(self.channels), max(self.channels, default=0)
+        layer_of = torch.repeat_interleave(torch.arange(layers), torch.tensor(self.channels, dtype=torch.long))
+        offsets = torch.tensor([0, *self.channels[:-1]], dtype=torch.long).cumsum(0) if layers else torch.zeros(0, dtype=torch.long)
+        within = torch.arange(len(layer_of)) - offsets[layer_of] if layers else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("_one_hot", F.one_hot(layer_of, layers).float(), persistent=False)
+        self.register_buffer("_pad_index", layer_of * width + within, persistent=False)
+        self.register_buffer("_target_on", torch.tensor(self.channels, dtype=torch.float) * ratio, persistent=False)
+        self._width = width
+
+    def _segment_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """``log_softmax`` within each layer's columns of an ``(N, sum C)`` path."""
+        padded = x.new_full((x.shape[0], len(self.channels) * self._width), float("-inf"))
+        padded = padded.index_copy(1, self._pad_index, x).view(x.shape[0], len(self.channels), self._width)
+        return F.log_softmax(padded, dim=2).flatten(1).index_select(1, self._pad_index)
+
+    def _per_layer_logits(self, alpha: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``(N * L, K)`` logits of each layer's classifier: one block-diagonal matmul."""
+        block = (self._one_hot.unsqueeze(2) * weight.t().unsqueeze(1)).flatten(1)  # (sum C, L * K)
+        return (alpha @ block).view(alpha.shape[0] * len(self.channels), -1)
 
     def forward(
         self,
@@ -126,25 +148,32 @@ class DecouplingLoss(nn.Module):
         if isinstance(gate_logits, Mapping):
             gate_logits = list(gate_logits.values())
         ce = F.cross_entropy(logits, targets)
-        zero = logits.new_zeros(())
-        mi, kl, s, fit_q = zero, zero, zero, zero
-        for i, alpha in enumerate(gates):
-            alpha = alpha.float()
-            if self.lambda_m > 0:
-                q = self.classifiers[i]
-                mi = mi + F.cross_entropy(q(alpha), targets)
-                # q is the variational distribution of the bound: it is fitted at full strength
-                # (on detached gates), while lambda_m scales only what reaches the gates
-                fit_q = fit_q + F.cross_entropy(q(alpha.detach()), targets)
-            if self.lambda_k > 0:
-                if pre_gate is None or pre_gate[i] is None:
-                    raise ValueError("lambda_k > 0 needs the pre-gate outputs (return_pre_gate=True)")
-                target = F.softmax(pre_gate[i].float(), dim=1)
-                kl = kl + F.kl_div(F.log_softmax(alpha, dim=1), target, reduction="batchmean")
-            if self.lambda_s > 0:
-                counted = alpha if gate_logits is None else _eval_gate(gate_logits[i].float())
-                s = s + (counted.sum(1).mean() - self.ratio * counted.shape[1]).abs()
-        total = ce + self.lambda_m * mi + self.lambda_k * kl + self.lambda_s * s
+        zero = logits.new_zeros((), dtype=torch.float)
+        mi, kl, s = zero, zero, zero
+        total = ce
+        if not gates:
+            return LossTerms(total=total, ce=ce, mi=mi, kl=kl, s=s)
+        if len(gates) != len(self.channels):
+            raise ValueError(f"expected gates of {len(self.channels)} layers, got {len(gates)}")
+        alpha = torch.cat(gates, 1).float()
+        n, layers = alpha.shape[0], len(self.channels)
         if self.lambda_m > 0:
-            total = total + fit_q - fit_q.detach()  # gradient for q only; the value stays the loss
+            weight = torch.cat([q.weight for q in self.classifiers], 1)
+            per_row = targets.repeat_interleave(layers)
+            # the sum over layers of each layer's mean cross-entropy
+            mi = F.cross_entropy(self._per_layer_logits(alpha, weight), per_row) * layers
+            # q is the variational distribution of the bound: it is fitted at full strength
+            # (on detached gates), while lambda_m scales only what reaches the gates
+            fit_q = F.cross_entropy(self._per_layer_logits(alpha.detach(), weight), per_row) * layers
+            total = total + self.lambda_m * mi + (fit_q - fit_q.detach())
+        if self.lambda_k > 0:
+            if pre_gate is None or any(p is None for p in pre_gate):
+                raise ValueError("lambda_k > 0 needs the pre-gate outputs (return_pre_gate=True)")
+            target_log = self._segment_log_softmax(torch.cat(list(pre_gate), 1).float())
+            kl = F.kl_div(self._segment_log_softmax(alpha), target_log, reduction="sum", log_target=True) / n
+            total = total + self.lambda_k * kl
+        if self.lambda_s > 0:
+            counted = alpha if gate_logits is None else _eval_gate(torch.cat(list(gate_logits), 1).float())
+            s = (counted.mean(0) @ self._one_hot - self._target_on).abs().sum()
+            total = total + self.lambda_s * s
         return LossTerms(total=total, ce=ce, mi=mi, kl=kl, s=s)

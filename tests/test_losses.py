@@ -86,3 +86,33 @@ def test_sparsity_counts_eval_gates_when_logits_are_given() -> None:
     assert terms.s.item() == pytest.approx(1.0)  # |1.5 - 0.5|
     terms.s.backward()
     assert z[0].grad is not None and (z[0].grad > 0).all()  # straight-through via sigmoid
+
+
+def _per_layer_reference(loss_fn: DecouplingLoss, logits, y, gates, pre, z) -> dict[str, torch.Tensor]:
+    """The losses written as METHOD.md states them: one loop over the layers."""
+    mi = kl = s = torch.zeros(())
+    for q, a, p, zl in zip(loss_fn.classifiers, gates, pre, z):
+        mi = mi + F.cross_entropy(q(a), y)
+        kl = kl + F.kl_div(F.log_softmax(a, 1), F.softmax(p, 1), reduction="batchmean")
+        counted = (zl > 0).float()
+        s = s + (counted.sum(1).mean() - loss_fn.ratio * a.shape[1]).abs()
+    return {"mi": mi, "kl": kl, "s": s}
+
+
+@pytest.mark.parametrize("channels", [[3], [2, 5, 4], [8, 1, 8, 3]])
+def test_batched_layers_equal_the_per_layer_sum(channels: list[int]) -> None:
+    torch.manual_seed(len(channels))
+    loss_fn = DecouplingLoss(0.3, 0.7, 0.2, 0.4, channels=channels, num_classes=4)
+    n = 5
+    logits, y = torch.randn(n, 4), torch.randint(0, 4, (n,))
+    gates = [torch.rand(n, c, requires_grad=True) for c in channels]
+    pre = [3 * torch.randn(n, c) for c in channels]
+    z = [torch.randn(n, c) for c in channels]
+    terms = loss_fn(logits, y, gates, pre, z)
+    ref = _per_layer_reference(loss_fn, logits, y, gates, pre, z)
+    for name in ("mi", "kl", "s"):
+        torch.testing.assert_close(getattr(terms, name), ref[name], rtol=1e-5, atol=1e-6)
+    # the gradient reaching the gates is that of lambda_m * L_mi + lambda_k * L_kl
+    (grads,) = torch.autograd.grad(terms.total, [gates[1]] if len(channels) > 1 else [gates[0]])
+    expected = torch.autograd.grad(0.3 * ref["mi"] + 0.7 * ref["kl"], [gates[1]] if len(channels) > 1 else [gates[0]])[0]
+    torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-6)
