@@ -1,0 +1,283 @@
+"""Shared helpers for benchmark scripts that run many short decoupling runs in one process.
+
+The data set is decoded once (:class:`Suite` holds the bundle) and every run of the script goes
+through :meth:`Suite.run`: ``decouple()`` with the script's common options plus per-run overrides,
+into its own subdirectory, giving one flat row (λs and R as resolved, top-1, gate density, filter
+state shares, FLOPs, wall seconds). :func:`write_json` writes the rows with the environment
+(git commit, device, torch version, data spec, command line).
+
+Used by ``table_c.py`` and ``lambda_sweep.py``; not a script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nd_plugin.train import TrainConfig, decouple, preset, resolve_device
+
+REPO = Path(__file__).resolve().parents[1]
+LAMBDAS = ("lambda_m", "lambda_k", "lambda_s")
+
+
+def log(message: str) -> None:
+    """Prints one progress line to stdout, flushed (long runs are often piped to a file)."""
+    print(message, flush=True)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the options every suite script shares (model, data, training length, λ overrides, output)."""
+    parser.add_argument("--model", default="cifar:resnet20", help="model name (default: cifar:resnet20)")
+    parser.add_argument("--data", default="imagefolder:/tmp/cifar10", help="data spec for nd_plugin.data.load_data")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        help="trained weights; 'auto' (default) looks for shared/weights/<model>-*.th next to or inside the repo, "
+        "'none' starts untrained (a plain warm-up phase comes first)",
+    )
+    parser.add_argument("--epochs", type=int, default=2, help="decoupling epochs per run (default 2)")
+    parser.add_argument("--warmup-epochs", type=int, default=None, help="plain epochs first (default: 0 with weights, else 3)")
+    parser.add_argument("--ratio", type=float, default=None, help="target ratio R (default: the model's preset)")
+    parser.add_argument("--lambda-m", type=float, default=None, help="λ_m where a run uses L_mi (default: preset)")
+    parser.add_argument("--lambda-k", type=float, default=None, help="λ_k where a run uses L_kl (default: preset)")
+    parser.add_argument("--lambda-s", type=float, default=None, help="λ_s where a run uses L_s (default: preset)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes per run (default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out-dir", default=None, help="run directories go here (default: a new temporary directory)")
+    parser.add_argument("--json", default=None, help="results file (default: <out-dir>/<script>.json)")
+    parser.add_argument("--progress", action="store_true", help="show nd_plugin's per-epoch progress and log")
+
+
+def resolve_weights(model: str, weights: str | None) -> str | None:
+    """Turns the ``--weights`` option into a path or None.
+
+    Args:
+        model: the model name, e.g. ``cifar:resnet20``.
+        weights: a path, ``none`` or ``auto`` (``shared/weights/<arch>-*.th`` above or inside the
+            repository; None when there is none, an error for a ``cifar:`` model).
+
+    Returns:
+        The weights file, or None to start untrained.
+    """
+    if weights is None or weights.lower() == "none":
+        return None
+    if weights.lower() != "auto":
+        if not Path(weights).is_file():
+            raise SystemExit(f"--weights {weights}: no such file")
+        return weights
+    arch = model.split(":")[-1]
+    for folder in (REPO.parent / "shared" / "weights", REPO / "shared" / "weights"):
+        found = sorted(folder.glob(f"{arch}-*.th"))
+        if found:
+            return str(found[0])
+    if model.startswith("cifar:"):  # never fall back to training a CIFAR model from scratch silently
+        raise SystemExit(f"--weights auto: no shared/weights/{arch}-*.th found; pass --weights PATH (or none)")
+    return None
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the numbers come from: commit, device, versions, data spec and the command line."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    dev = resolve_device(args.device)
+    if dev.type == "cuda":
+        device = f"{dev} ({torch.cuda.get_device_name(dev)})"
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "git_commit": commit,
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "data": args.data,
+        "model": args.model,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+@dataclass
+class Row:
+    """One run's results, flat, for tables and JSON (FLOPs per input; reductions are original / compact)."""
+
+    name: str
+    lambda_m: float
+    lambda_k: float
+    lambda_s: float
+    ratio: float
+    epochs: int
+    warmup_epochs: int
+    top1: float
+    density: float
+    silent: float
+    dynamic: float
+    energetic: float
+    flops_original: float | None
+    flops_static: float | None
+    flops_expected: float | None
+    static_reduction: float | None
+    expected_reduction: float | None
+    seconds: float
+    run_dir: str
+
+    def key(self) -> tuple[float, ...]:
+        """What makes two runs the same configuration."""
+        return (self.lambda_m, self.lambda_k, self.lambda_s, self.ratio, self.epochs, self.warmup_epochs)
+
+
+class Suite:
+    """Many decoupling runs of one model on one data set, decoded once.
+
+    Args:
+        args: the parsed common options (see :func:`add_common_args`).
+        script: the script's name, used for the default JSON file and temporary directory.
+
+    Example:
+        >>> suite = Suite(args, "table_c")  # doctest: +SKIP
+        >>> row = suite.run("ACM", lambda_m=0.0, lambda_k=0.0, lambda_s=0.0)  # doctest: +SKIP
+    """
+
+    def __init__(self, args: argparse.Namespace, script: str) -> None:
+        from nd_plugin.data import load_data
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.weights = resolve_weights(args.model, args.weights)
+        self.out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix=f"nd_{script}_"))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.json_path = Path(args.json) if args.json else self.out_dir / f"{script}.json"
+        self.env = environment(args) | {"weights": self.weights}
+        self.rows: list[Row] = []
+        log(f"[{script}] {args.model} on {args.data}, weights {self.weights}, device {self.env['device']}")
+        log(f"[{script}] runs in {self.out_dir}, results to {self.json_path}")
+        t = time.perf_counter()
+        self.data = load_data(args.data)
+        log(f"[{script}] data loaded in {time.perf_counter() - t:.0f}s ({len(self.data.train)} train / {len(self.data.val)} val)")
+
+    def preset(self) -> dict[str, float]:
+        """The λs this suite uses where a loss is on: the model's preset, overridden by the flags."""
+        values = {k: v for k, v in preset(self.args.model).items() if k in LAMBDAS}
+        for key in LAMBDAS:
+            if getattr(self.args, key) is not None:
+                values[key] = getattr(self.args, key)
+        return values
+
+    def config(self, **overrides: Any) -> TrainConfig:
+        """The resolved :class:`TrainConfig` of a run: common options, then ``overrides``."""
+        a = self.args
+        base = TrainConfig(
+            model=a.model,
+            data=a.data,
+            ratio=a.ratio,
+            epochs=a.epochs,
+            warmup_epochs=a.warmup_epochs,
+            batch_size=a.batch_size,
+            weights=self.weights,
+            device=a.device,
+            seed=a.seed,
+            workers=a.workers,
+            **self.preset(),
+        )
+        return TrainConfig(**(asdict(base) | overrides)).resolved()
+
+    def find(self, cfg: TrainConfig) -> Row | None:
+        """An earlier row of this suite with the same configuration, if any."""
+        key = (cfg.lambda_m, cfg.lambda_k, cfg.lambda_s, cfg.ratio, cfg.epochs, cfg.warmup_epochs)
+        return next((r for r in self.rows if r.key() == key), None)
+
+    def run(self, name: str, **overrides: Any) -> Row:
+        """Runs one decoupling (or reuses an identical earlier run) and returns its row.
+
+        Args:
+            name: the run's label; also (made file-name safe) its subdirectory of ``out_dir``.
+            **overrides: :class:`TrainConfig` fields for this run (e.g. ``lambda_m=0.0``).
+
+        Returns:
+            The :class:`Row`, also appended to :attr:`rows` (not for a reused run).
+        """
+        cfg = self.config(**overrides)
+        if (same := self.find(cfg)) is not None:
+            log(f"  {name}: same configuration as {same.name}, reused")
+            return same
+        out = self.out_dir / re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name).strip("_")
+        log(
+            f"  {name}: λm={cfg.lambda_m:g} λk={cfg.lambda_k:g} λs={cfg.lambda_s:g} R={cfg.ratio:g} "
+            f"epochs={cfg.warmup_epochs}+{cfg.epochs} ..."
+        )
+        t = time.perf_counter()
+        summary = decouple(cfg, out, overwrite=True, progress=self.args.progress, data=self.data)
+        seconds = time.perf_counter() - t
+        states = summary["filter_states"]
+        flops = summary.get("flops") or {}
+        row = Row(
+            name=name,
+            lambda_m=cfg.lambda_m,
+            lambda_k=cfg.lambda_k,
+            lambda_s=cfg.lambda_s,
+            ratio=cfg.ratio,
+            epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            top1=summary["top1"],
+            density=summary["density"],
+            silent=states["silent"],
+            dynamic=states["dynamic"],
+            energetic=states["energetic"],
+            flops_original=flops.get("original"),
+            flops_static=flops.get("compact_static"),
+            flops_expected=flops.get("compact_expected"),
+            static_reduction=flops.get("static_reduction"),
+            expected_reduction=flops.get("expected_reduction"),
+            seconds=seconds,
+            run_dir=str(out),
+        )
+        self.rows.append(row)
+        log(
+            f"  {name}: top-1 {row.top1:.4f} density {row.density:.3f} silent/dynamic/energetic "
+            f"{row.silent:.3f}/{row.dynamic:.3f}/{row.energetic:.3f} expected FLOPs x{row.expected_reduction or 0:.2f} "
+            f"({seconds:.0f}s)"
+        )
+        return row
+
+    def write(self, **extra: Any) -> dict[str, Any]:
+        """Writes the results so far (environment, rows, ``extra``) to :attr:`json_path`; returns them."""
+        payload = {"environment": self.env, "rows": [asdict(r) for r in self.rows], **extra}
+        write_json(self.json_path, payload)
+        return payload
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` as indented JSON (atomically: a killed script leaves the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def fmt_flops(value: float | None) -> str:
+    """FLOPs as ``12.3M`` (``-`` when unknown)."""
+    return "-" if value is None else f"{value / 1e6:.1f}M"
+
+
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    """A GitHub markdown table from a header and rows of already formatted cells."""
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return "\n".join(out)

@@ -1,0 +1,465 @@
+"""Accuracy against FLOPs: network decoupling vs torch-pruning's own pruners (issue 7, item 2).
+
+Everything starts from the same trained weights (default: the public CIFAR ResNet-20) and is
+trained for the same ``--epochs`` E with the same trainer, optimiser, schedule, augmentation and
+data order:
+
+- **decoupling** at each ``--ratios`` R: ``decouple()`` for E epochs with the model's preset λs
+  (overridable with ``--lambda-m/-k/-s``; ``--sites internal|all``). Its FLOPs are the *expected*
+  (dynamic) FLOPs per input of the compact model (silent filters removed, dynamic ones gated, gate
+  cost included); the static FLOPs after removal are recorded too.
+- **torch-pruning** baselines, one per ``--pruners`` entry: ``l1`` = ``MagnitudeImportance(p=1)``,
+  ``bn_scale`` = ``BNScaleImportance()``, ``group_norm`` = ``GroupMagnitudeImportance(p=2)`` (what
+  1.6.1 has in place of ``GroupNormImportance``; ``MagnitudeImportance`` is its alias there, so
+  ``l1`` is the group L1 norm), each with tp's standard ``BasePruner`` (= ``MetaPruner``), global
+  pruning, one shot, the final linear layer ignored. For every FLOPs target -- the expected FLOPs
+  each decoupling run reached, plus ``original / T`` for each ``--targets`` T (default 2) -- the
+  global pruning ratio is bisected until the pruned model's static FLOPs (the same fvcore counter,
+  ``nd_plugin.flops.count_flops``) are within ``--tol`` (2%) of the target; then the pruned model is
+  fine-tuned for E epochs (wrapped, every gate forced open: exactly the plain model, exactly the
+  trainer's settings, as the baseline in ``table_c.py``).
+- **fine-tuned**: the unpruned model, E epochs, gates open.
+
+Scope of the baselines (``--baseline-scope``): ``internal`` (default) lets tp prune the channels of
+the internal gate sites only -- the same filters decoupling with ``--sites internal`` gates, i.e.
+channels not tied to a residual addition. ``all`` is tp's unrestricted pruning (only the linear
+layer ignored); it fails on the CIFAR ResNets, whose option-A shortcuts (``F.pad`` of channels) tp
+cannot follow: it couples all residual stages as one group and the pruned model no longer runs.
+
+Prints a markdown table (method, FLOPs, reduction, top-1) and, for the decoupling run nearest 2x
+expected reduction, whether its top-1 is at least the best torch-pruning pruner's at the same
+FLOPs (and at the fixed 2x target), by how much. Writes a JSON (environment: git commit, device,
+versions, data spec, command; every row) and a figure, top-1 vs FLOPs reduction, next to it
+(``<json>.png``).
+
+Usage (GPU, CIFAR-10 JPEG copy extracted to /tmp/cifar10)::
+
+    python benchmarks/compare_pruners.py --data imagefolder:/tmp/cifar10 --device cuda \\
+        [--weights auto|PATH|none] [--epochs 2] [--ratios 0.7 0.5 0.35] [--targets 2] \\
+        [--pruners l1 bn_scale group_norm] [--sites internal] [--out-dir DIR] [--json PATH]
+
+Time: 3 decoupling runs + (3 pruners x 4 targets) fine-tunings + 1 baseline = 16 trainings of E
+epochs, plus the data decoding (~1 min for the JPEG copy) and the FLOPs bisections (~5-10 s per
+pruner and target, on the CPU). ResNet-20 on CIFAR-10 on an H100: 5-10 s per epoch, about 5-8 min
+in all at E = 2. On a 2-core CPU an epoch takes ~2.5 min plain / ~5 min decoupled: the default
+set is ~1.7 h at E = 2 and not practical; ``--epochs 1 --ratios 0.5 --pruners l1 --targets``
+(one decoupling run, one pruner matched to it, the baseline) is ~10 min. Smoke test in seconds:
+``--data synthetic:200 --epochs 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table, write_json
+
+import nd_plugin
+from nd_plugin.adapters import create_model
+from nd_plugin.adapters.tracing import find_sites
+from nd_plugin.flops import count_flops
+from nd_plugin.train import Trainer
+
+PRUNERS: dict[str, tuple[str, Callable[[], tp.importance.Importance]]] = {
+    "l1": ("tp L1", lambda: tp.importance.MagnitudeImportance(p=1)),
+    "bn_scale": ("tp BN scale", lambda: tp.importance.BNScaleImportance()),
+    "group_norm": ("tp group norm", lambda: tp.importance.GroupMagnitudeImportance(p=2)),
+}
+
+
+@dataclass
+class Result:
+    """One point of the comparison (FLOPs per input; reduction = original / flops).
+
+    Attributes:
+        method: label for tables and the figure, e.g. ``decoupling R=0.5`` or ``tp L1``.
+        family: ``decoupling``, ``fine-tuned`` or a key of :data:`PRUNERS`.
+        flops: the FLOPs compared: expected (dynamic) for decoupling, static otherwise.
+        static_flops: static FLOPs (decoupling: after removing silent filters).
+        reduction: original / ``flops``.
+        top1: validation top-1 after training.
+        target: the FLOPs target (torch-pruning rows), else None.
+        target_of: what set the target: a decoupling run's name or ``"<T>x"``.
+        pruning_ratio: the bisected global pruning ratio (torch-pruning rows).
+        matched: whether ``flops`` is within the tolerance of ``target``.
+        seconds: wall time of training (and, for tp rows, the bisection).
+    """
+
+    method: str
+    family: str
+    flops: float
+    static_flops: float
+    reduction: float
+    top1: float
+    target: float | None = None
+    target_of: str | None = None
+    pruning_ratio: float | None = None
+    matched: bool | None = None
+    seconds: float = 0.0
+
+
+def prunable_scope(model: nn.Module, example: torch.Tensor, scope: str) -> set[str] | None:
+    """Names of the convs whose filters the baselines may prune (None: every layer but the last linear).
+
+    Args:
+        model: the plain model.
+        example: one input batch for tracing.
+        scope: ``internal`` (the internal gate sites) or ``all``.
+    """
+    if scope == "all":
+        return None
+    return {s.name for s in find_sites(model, example) if s.internal}
+
+
+def tp_prune(
+    model: nn.Module, importance: tp.importance.Importance, ratio: float, example: torch.Tensor, scope: set[str] | None
+) -> nn.Module:
+    """A pruned copy of ``model``: tp's standard pruner, global pruning, one shot.
+
+    Args:
+        model: the plain model (not modified).
+        importance: the channel importance.
+        ratio: tp's global ``pruning_ratio``.
+        example: one input batch for tracing.
+        scope: names of the convs that may lose filters (None: all but the last linear layer).
+
+    Returns:
+        The pruned copy (eval mode, same device as ``model``).
+
+    Raises:
+        RuntimeError: the pruned model no longer runs (tp could not follow the graph).
+    """
+    pruned = copy.deepcopy(model).eval()
+    linears = [m for m in pruned.modules() if isinstance(m, nn.Linear)]
+    if scope is None:
+        ignored = linears[-1:]
+    else:
+        ignored = [m for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in scope]
+    if ratio > 0:
+        pruner = tp.pruner.BasePruner(
+            pruned, example, importance=importance, global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored
+        )
+        pruner.step()
+    try:
+        with torch.no_grad():
+            pruned(example)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"the model pruned by torch-pruning (ratio {ratio:.3f}) no longer runs: {exc}. "
+            "Use --baseline-scope internal for models tp cannot prune across residual stages."
+        ) from exc
+    return pruned
+
+
+def match_flops(
+    model: nn.Module,
+    importance: tp.importance.Importance,
+    target: float,
+    input_size: tuple[int, int, int],
+    *,
+    scope: set[str] | None,
+    tol: float = 0.02,
+    max_ratio: float = 0.95,
+    max_iter: int = 25,
+) -> tuple[nn.Module, float, int]:
+    """Bisects tp's global pruning ratio until the pruned model's static FLOPs are within ``tol`` of ``target``.
+
+    FLOPs fall as the ratio grows (more channels removed), so the bisection keeps the interval
+    ``[lo, hi]`` with ``flops(lo) > target >= flops(hi)``.
+
+    Args:
+        model: the plain model (not modified).
+        importance: the channel importance.
+        target: FLOPs per input to reach.
+        input_size: ``(C, H, W)``.
+        scope: names of the convs that may lose filters (see :func:`prunable_scope`).
+        tol: relative tolerance.
+        max_ratio: largest pruning ratio tried.
+        max_iter: bisection steps at most.
+
+    Returns:
+        ``(pruned model, pruning ratio, its FLOPs)``: the closest to ``target`` found (check the
+        tolerance yourself when the target may be out of reach).
+    """
+    example = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+    best: tuple[float, nn.Module, float, int] | None = None
+
+    def attempt(ratio: float) -> int:
+        nonlocal best
+        pruned = tp_prune(model, importance, ratio, example, scope)
+        flops = count_flops(pruned, input_size)
+        err = abs(flops / target - 1.0)
+        if best is None or err < best[0]:
+            best = (err, pruned, ratio, flops)
+        return flops
+
+    lo, hi = 0.0, max_ratio
+    if attempt(lo) <= target or attempt(hi) > target:  # target at or beyond either end
+        return best[1], best[2], best[3]
+    for _ in range(max_iter):
+        if best[0] <= tol:
+            break
+        mid = 0.5 * (lo + hi)
+        if attempt(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return best[1], best[2], best[3]
+
+
+def seed_all(seed: int) -> None:
+    """Seeds torch, numpy and random as ``decouple()`` does before it builds a model."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def finetune(model: nn.Module, suite: Suite, progress: bool) -> float:
+    """Fine-tunes a plain (possibly pruned) model exactly like the suite's gates-open baseline.
+
+    The model is wrapped and trained by :class:`~nd_plugin.train.Trainer` with the suite's resolved
+    config for ``warmup + epochs`` warm-up epochs and no decoupling epoch: every gate is forced
+    open, so the plain model is trained with the same optimiser, LR schedule, augmentation and
+    data order as the decoupling runs.
+
+    Returns:
+        Validation top-1.
+    """
+    base = suite.config()
+    cfg = suite.config(warmup_epochs=base.warmup_epochs + base.epochs, epochs=0)
+    seed_all(cfg.seed)
+    dm = nd_plugin.wrap(model, torch.zeros(1, *suite.data.input_size))
+    return float(Trainer(dm, suite.data, cfg, out=None, progress=progress).fit().accuracy)
+
+
+def targets_from(runs: list[Row], original: float, factors: list[float], tol: float) -> list[tuple[str, float]]:
+    """FLOPs targets: each decoupling run's expected FLOPs, then ``original / T``; near-duplicates dropped."""
+    out: list[tuple[str, float]] = []
+    candidates = [(r.name, float(r.flops_expected)) for r in runs if r.flops_expected] + [
+        (f"{t:g}x", original / t) for t in factors
+    ]
+    for name, value in candidates:
+        if all(abs(value / v - 1.0) > tol for _, v in out):
+            out.append((name, value))
+        else:
+            log(f"  target {name} ({fmt_flops(value)}) within {tol:.0%} of an earlier one, skipped")
+    return out
+
+
+def table(results: list[Result]) -> str:
+    """The markdown table: method, FLOPs, reduction, top-1 (and what a tp row was matched to)."""
+    lines = [
+        [
+            r.method,
+            fmt_flops(r.flops) + (" (exp.)" if r.family == "decoupling" else ""),
+            fmt_flops(r.static_flops),
+            f"{r.reduction:.2f}x",
+            f"{100 * r.top1:.2f}",
+            "" if r.target_of is None else f"{r.target_of}" + ("" if r.matched else " (NOT matched)"),
+        ]
+        for r in sorted(results, key=lambda r: (r.reduction, r.family))
+    ]
+    return markdown_table(["method", "FLOPs", "static FLOPs", "reduction", "top-1 %", "matched to"], lines)
+
+
+def verdict(results: list[Result], factor: float = 2.0, tol: float = 0.02) -> dict[str, Any] | None:
+    """Decoupling vs the best torch-pruning pruner near ``factor``x.
+
+    Takes the decoupling run whose expected reduction is closest to ``factor`` and compares its
+    top-1 with the best tp pruner matched to its FLOPs, and -- when it is within 15% of ``factor``
+    -- with the best at the fixed ``factor``x target.
+    """
+    dec = [r for r in results if r.family == "decoupling"]
+    tps = [r for r in results if r.family in PRUNERS]
+    if not dec or not tps:
+        return None
+    near = min(dec, key=lambda r: abs(math.log(r.reduction / factor)))
+    close = abs(math.log(near.reduction / factor)) <= math.log(1.15)
+    out: dict[str, Any] = {"decoupling": near.method, "reduction": near.reduction, "top1": near.top1, "within_15pct": close}
+    at_its_flops = [r for r in tps if r.target is not None and abs(r.target / near.flops - 1) <= tol]
+    at_factor = [r for r in tps if r.target_of == f"{factor:g}x"] if close else []
+    for key, rivals in (("at_its_flops", at_its_flops), (f"at_{factor:g}x", at_factor)):
+        if rivals:
+            best = max(rivals, key=lambda r: r.top1)
+            out[key] = {
+                "best_tp": best.method,
+                "tp_reduction": best.reduction,
+                "tp_top1": best.top1,
+                "margin": near.top1 - best.top1,
+                "decoupling_at_least_as_good": near.top1 >= best.top1,
+            }
+    return out
+
+
+def verdict_text(v: dict[str, Any] | None, factor: float = 2.0) -> str:
+    """The verdict as lines for stdout."""
+    if v is None:
+        return "no decoupling run or no torch-pruning row: nothing to compare"
+    lines = [f"~{factor:g}x: {v['decoupling']} reached {v['reduction']:.2f}x expected FLOPs reduction, top-1 {100 * v['top1']:.2f}%"]
+    if not v["within_15pct"]:
+        lines.append(f"  (no decoupling run is within 15% of {factor:g}x: try smaller --ratios or a larger --lambda-s)")
+    for key, label in (("at_its_flops", "at its FLOPs"), (f"at_{factor:g}x", f"at the fixed {factor:g}x target")):
+        if key in v:
+            c = v[key]
+            word = "at least as good as" if c["decoupling_at_least_as_good"] else "WORSE than"
+            lines.append(
+                f"  {label}: decoupling is {word} the best torch-pruning pruner ({c['best_tp']}, "
+                f"{c['tp_reduction']:.2f}x, {100 * c['tp_top1']:.2f}%) by {100 * c['margin']:+.2f} points"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[Result] | list[dict[str, Any]]):
+    """Top-1 against FLOPs reduction: one series per method family.
+
+    Decoupling points are at their expected reduction (filled) with the static reduction after
+    removing silent filters (hollow) joined to them; the fine-tuned unpruned model is a dashed line.
+
+    Args:
+        results: :class:`Result` objects or their dicts (as in the JSON).
+
+    Returns:
+        The matplotlib Figure.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = [r if isinstance(r, Result) else Result(**r) for r in results]
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    markers = {"l1": "s", "bn_scale": "^", "group_norm": "D"}
+    for fam, (label, _) in PRUNERS.items():
+        pts = sorted((r.reduction, 100 * r.top1) for r in rows if r.family == fam)
+        if pts:
+            ax.plot(*zip(*pts), marker=markers[fam], label=label, alpha=0.85)
+    dec = sorted((r for r in rows if r.family == "decoupling"), key=lambda r: r.reduction)
+    if dec:
+        ax.plot([r.reduction for r in dec], [100 * r.top1 for r in dec], "o-", color="C3", lw=2, label="decoupling (expected)")
+        for r in dec:
+            static = r.reduction * r.flops / r.static_flops if r.static_flops else r.reduction  # original / static
+            ax.plot([static, r.reduction], [100 * r.top1] * 2, ":", color="C3", lw=1)
+            ax.plot([static], [100 * r.top1], "o", mfc="none", color="C3")
+        ax.plot([], [], "o", mfc="none", color="C3", label="decoupling (static)")
+    for r in rows:
+        if r.family == "fine-tuned":
+            ax.axhline(100 * r.top1, ls="--", color="gray", lw=1, label=f"fine-tuned, unpruned ({100 * r.top1:.1f}%)")
+    ax.set_xlabel("FLOPs reduction (original / FLOPs per input)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Decoupling vs torch-pruning, same weights and epochs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5, 0.35], help="decoupling ratios R")
+    p.add_argument("--sites", choices=("internal", "all"), default="internal", help="decoupling gate sites")
+    p.add_argument("--pruners", nargs="*", choices=list(PRUNERS), default=list(PRUNERS), help="torch-pruning importances")
+    p.add_argument(
+        "--targets", type=float, nargs="*", default=[2.0], help="fixed FLOPs reduction targets for tp, besides the decoupling runs' FLOPs"
+    )
+    p.add_argument("--tol", type=float, default=0.02, help="relative FLOPs tolerance of the matching (default 0.02)")
+    p.add_argument("--baseline-scope", choices=("internal", "all"), default="internal", help="channels tp may prune")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unpruned fine-tuned run")
+    args = p.parse_args()
+    if args.ratio is not None:
+        p.error("use --ratios here")
+    suite = Suite(args, "compare_pruners")
+    data = suite.data
+    started = time.perf_counter()
+
+    plain = create_model(args.model, num_classes=data.num_classes, checkpoint=suite.weights).eval()
+    original = count_flops(plain, data.input_size)
+    log(f"[compare_pruners] {args.model}: {fmt_flops(original)} FLOPs per input")
+    results: list[Result] = []
+
+    def save() -> None:
+        payload = {
+            "environment": suite.env
+            | {"torch_pruning": importlib.metadata.version("torch-pruning"), "elapsed_s": time.perf_counter() - started},
+            "options": vars(args),
+            "original_flops": original,
+            "results": [asdict(r) for r in results],
+            "decoupling_runs": [asdict(r) for r in suite.rows],
+            "verdict_2x": verdict(results, tol=args.tol),
+        }
+        write_json(suite.json_path, payload)
+
+    if not args.no_baseline:
+        log("fine-tuned, unpruned:")
+        t = time.perf_counter()
+        top1 = finetune(copy.deepcopy(plain), suite, args.progress)
+        results.append(Result("fine-tuned (unpruned)", "fine-tuned", original, original, 1.0, top1, seconds=time.perf_counter() - t))
+        log(f"  top-1 {top1:.4f}")
+        save()
+
+    log("decoupling:")
+    runs = []
+    for ratio in args.ratios:
+        row = suite.run(f"decoupling R={ratio:g}", ratio=ratio, sites=args.sites)
+        runs.append(row)
+        results.append(
+            Result(
+                row.name,
+                "decoupling",
+                float(row.flops_expected),
+                float(row.flops_static),
+                original / float(row.flops_expected),
+                row.top1,
+                seconds=row.seconds,
+            )
+        )
+        if row.flops_original and abs(row.flops_original / original - 1) > 1e-6:
+            log(f"  note: the run counts {fmt_flops(row.flops_original)} original FLOPs, the plain model {fmt_flops(original)}")
+        save()
+
+    targets = targets_from(runs, original, args.targets, args.tol)
+    example = torch.zeros(1, *data.input_size)
+    scope = prunable_scope(plain, example, args.baseline_scope)
+    for key in args.pruners:
+        label, make = PRUNERS[key]
+        for of, target in targets:
+            t = time.perf_counter()
+            pruned, ratio, flops = match_flops(plain, make(), target, data.input_size, scope=scope, tol=args.tol)
+            matched = abs(flops / target - 1) <= args.tol
+            log(
+                f"{label} -> {of}: target {fmt_flops(target)}, ratio {ratio:.3f} gives {fmt_flops(flops)} "
+                f"({flops / target - 1:+.1%}{'' if matched else ', NOT within tolerance'}); fine-tuning ..."
+            )
+            top1 = finetune(pruned, suite, args.progress)
+            results.append(
+                Result(label, key, flops, flops, original / flops, top1, target, of, ratio, matched, time.perf_counter() - t)
+            )
+            log(f"  top-1 {top1:.4f}")
+            save()
+
+    save()
+    print()
+    print(table(results))
+    print()
+    print(verdict_text(verdict(results, tol=args.tol)))
+    fig = plot(results)
+    figure = suite.json_path.with_suffix(".png")
+    fig.savefig(figure, dpi=150)
+    log(f"\nresults: {suite.json_path}\nfigure: {figure}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One device-machine call (H100, <= 10 min) running the GPU rows of docs/benchmarks.md in order of
+# priority; a step that no longer fits the remaining time is skipped (and reported as such).
+#
+# Needs, in ignored folders of the checkout (see docs/benchmarks.md, "GPU runs"):
+#   .whl/  wheels of torch-pruning, fvcore, iopath, yacs, termcolor, torchattacks (the image lacks them)
+#   .data/ cifar10-jpeg.tar.gz, resnet20-12fca82f.th, resnet56-4bfd9763.th (copies of ../shared)
+# Results land in $OUT: results.tar.gz (every JSON/PNG/log) and runs.tar.gz.part-* (run directories
+# without optimiser state, split into 15 MB parts; `cat runs.tar.gz.part-* | tar xz`).
+set -u
+BUDGET=${BUDGET:-560}          # seconds for the whole script
+START=$(date +%s)
+ROOT=$PWD
+R=/tmp/results; mkdir -p $R /tmp/runs
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/* . > $R/pip.log 2>&1 \
+  || { tail -5 $R/pip.log; exit 1; }
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+mkdir -p /tmp/cifar10 && tar xzf .data/cifar10-jpeg.tar.gz -C /tmp/cifar10
+D=imagefolder:/tmp/cifar10
+W20=$ROOT/.data/resnet20-12fca82f.th
+W56=$ROOT/.data/resnet56-4bfd9763.th
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $R/gpu.txt
+ND="python3 -m nd_plugin.cli._app"
+COMMON="--device cuda --batch-size 128 --workers 6"
+
+step() {  # step NAME NEEDED_SECONDS COMMAND...: run when it fits, with what is left as its timeout
+  local name=$1 need=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) - 25 ))
+  if (( left < need )); then echo "SKIPPED $name (needs ~${need}s, ${left}s left)" | tee -a $R/steps.txt; return; fi
+  local t0=$(date +%s)
+  timeout $left "$@" > $R/$name.log 2>&1
+  local rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a $R/steps.txt
+  tail -4 $R/$name.log
+}
+
+step train_step_r18 20 python3 benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --out $R/train_step_r18.json
+step train_step_r20 20 python3 benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --out $R/train_step_r20.json
+# a longer, class-specific decoupling run for interpretation (issue 5) and detection (issue 6)
+step r20_classpaths 60 $ND decouple cifar:resnet20 --data $D --weights $W20 --ratio 0.5 --lambda-s 0.01 --lambda-m 0.05 \
+  --epochs 6 $COMMON --out /tmp/runs/r20_classpaths --quiet
+step detect_r20 40 python3 benchmarks/detect.py /tmp/runs/r20_classpaths --n 2000 --fit-n 10000 --device cuda --batch-size 500 --json $R/detect_r20.json
+step table_c_r20 90 python3 benchmarks/table_c.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
+  --epochs 2 $COMMON --out-dir /tmp/runs/table_c_r20 --json $R/table_c_r20.json
+step r18_224 30 python3 - <<'PY'
+from nd_plugin.data import load_data
+from nd_plugin.train import TrainConfig, decouple
+data = load_data("digits", image_size=224)
+decouple(TrainConfig(model="tv:resnet18", data="digits", ratio=0.6, device="cuda", workers=6), "/tmp/runs/r18_224_digits", data=data, progress=False)
+PY
+step compare_pruners 120 python3 benchmarks/compare_pruners.py --model cifar:resnet20 --weights $W20 --data $D --lambda-s 0.01 \
+  --ratios 0.7 0.5 0.35 --targets 2 --epochs 2 $COMMON --out-dir /tmp/runs/compare --json $R/compare_pruners.json
+step table_c_r56 100 python3 benchmarks/table_c.py --model cifar:resnet56 --weights $W56 --data $D --ratio 0.5 --lambda-s 0.01 \
+  --epochs 1 --no-baseline $COMMON --out-dir /tmp/runs/table_c_r56 --json $R/table_c_r56.json
+step lambda_sweep_r20 60 python3 benchmarks/lambda_sweep.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
+  --m-values 0,0.01,0.05 --k-values 0,1,3 --s-values 0.003,0.01,0.03 --epochs 1 $COMMON --out-dir /tmp/runs/sweep --json $R/lambda_sweep_r20.json
+
+# pack: every small result, and the run directories the CPU benchmarks need (optimiser state dropped)
+find /tmp/runs -name summary.json -o -name metrics.jsonl -o -name config.json | tar czf $R/run_summaries.tar.gz -T - 2>/dev/null
+tar czf $OUT/results.tar.gz -C /tmp results
+python3 - <<'PY'
+import pathlib, torch
+for ck in pathlib.Path("/tmp/runs").glob("*/checkpoint.pt"):
+    state = torch.load(ck, map_location="cpu", weights_only=False)
+    state.pop("optimizer", None)
+    torch.save(state, ck)
+PY
+keep=""
+for d in r20_classpaths r18_224_digits "table_c_r56/ACM+L_s+L_mi+L_kl"; do [ -d /tmp/runs/$d ] && keep="$keep runs/$d"; done
+[ -n "$keep" ] && tar czf - -C /tmp $keep | split -b 15M - $OUT/runs.tar.gz.part-
+ls -la $OUT; echo "total $(( $(date +%s) - START ))s"
