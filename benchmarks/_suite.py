@@ -56,6 +56,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes per run (default 0)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="train eagerly on the GPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out-dir", default=None, help="run directories go here (default: a new temporary directory)")
     parser.add_argument("--json", default=None, help="results file (default: <out-dir>/<script>.json)")
@@ -194,6 +195,7 @@ class Suite:
             device=a.device,
             seed=a.seed,
             workers=a.workers,
+            cuda_graphs=not a.no_cuda_graphs,
             **self.preset(),
         )
         return TrainConfig(**(asdict(base) | overrides)).resolved()

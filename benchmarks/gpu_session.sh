@@ -21,6 +21,7 @@ W20=$ROOT/.data/resnet20-12fca82f.th
 W56=$ROOT/.data/resnet56-4bfd9763.th
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $R/gpu.txt
 ND="python3 -m nd_plugin.cli._app"
+cd /tmp  # the checkout's nd_plugin/ (without adapters/, cli/) must not shadow the installed package
 COMMON="--device cuda --batch-size 128 --workers 6"
 
 step() {  # step NAME NEEDED_SECONDS COMMAND...: run when it fits, with what is left as its timeout
@@ -34,30 +35,39 @@ step() {  # step NAME NEEDED_SECONDS COMMAND...: run when it fits, with what is 
   tail -4 $R/$name.log
 }
 
-step train_step_r18 20 python3 benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --out $R/train_step_r18.json
-step train_step_r20 20 python3 benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --out $R/train_step_r20.json
+if [ -z "${SKIP_TRAIN_STEP:-}" ]; then
+step train_step_r18 20 python3 $ROOT/benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --out $R/train_step_r18.json
+step train_step_r20 20 python3 $ROOT/benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --out $R/train_step_r20.json
+fi
+# the trainer's CUDA-graph step on a real loader; when it fails, every run below trains eagerly
+GRAPHS=""
+step graph_check 20 $ND decouple resnet18 --epochs 1 --warmup-epochs 1 --device cuda --workers 2 --out /tmp/runs/graph_check --quiet
+grep -q "graph_check rc=0" $R/steps.txt || GRAPHS="--no-cuda-graphs"
+echo "graphs: ${GRAPHS:-on}" | tee -a $R/steps.txt
 # a longer, class-specific decoupling run for interpretation (issue 5) and detection (issue 6)
 step r20_classpaths 60 $ND decouple cifar:resnet20 --data $D --weights $W20 --ratio 0.5 --lambda-s 0.01 --lambda-m 0.05 \
-  --epochs 6 $COMMON --out /tmp/runs/r20_classpaths --quiet
-step detect_r20 40 python3 benchmarks/detect.py /tmp/runs/r20_classpaths --n 2000 --fit-n 10000 --device cuda --batch-size 500 --json $R/detect_r20.json
-step table_c_r20 90 python3 benchmarks/table_c.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
-  --epochs 2 $COMMON --out-dir /tmp/runs/table_c_r20 --json $R/table_c_r20.json
-step r18_224 30 python3 - <<'PY'
+  --epochs 6 $COMMON $GRAPHS --out /tmp/runs/r20_classpaths --quiet
+step table_c_r20 90 python3 $ROOT/benchmarks/table_c.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
+  --epochs 2 $COMMON $GRAPHS --out-dir /tmp/runs/table_c_r20 --json $R/table_c_r20.json
+step compare_pruners 120 python3 $ROOT/benchmarks/compare_pruners.py --model cifar:resnet20 --weights $W20 --data $D --lambda-s 0.01 \
+  --ratios 0.7 0.5 0.35 --targets --epochs 2 $COMMON $GRAPHS --out-dir /tmp/runs/compare --json $R/compare_pruners.json
+step detect_r20 40 python3 $ROOT/benchmarks/detect.py /tmp/runs/r20_classpaths --n 2000 --fit-n 10000 --device cuda --batch-size 500 --json $R/detect_r20.json
+step r18_224 30 python3 - $GRAPHS <<'PY'
+import sys
 from nd_plugin.data import load_data
 from nd_plugin.train import TrainConfig, decouple
 data = load_data("digits", image_size=224)
-decouple(TrainConfig(model="tv:resnet18", data="digits", ratio=0.6, device="cuda", workers=6), "/tmp/runs/r18_224_digits", data=data, progress=False)
+cfg = TrainConfig(model="tv:resnet18", data="digits", ratio=0.6, device="cuda", workers=6, cuda_graphs="--no-cuda-graphs" not in sys.argv)
+decouple(cfg, "/tmp/runs/r18_224_digits", data=data, progress=False)
 PY
-step compare_pruners 120 python3 benchmarks/compare_pruners.py --model cifar:resnet20 --weights $W20 --data $D --lambda-s 0.01 \
-  --ratios 0.7 0.5 0.35 --targets 2 --epochs 2 $COMMON --out-dir /tmp/runs/compare --json $R/compare_pruners.json
-step table_c_r56 100 python3 benchmarks/table_c.py --model cifar:resnet56 --weights $W56 --data $D --ratio 0.5 --lambda-s 0.01 \
-  --epochs 1 --no-baseline $COMMON --out-dir /tmp/runs/table_c_r56 --json $R/table_c_r56.json
-step lambda_sweep_r20 60 python3 benchmarks/lambda_sweep.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
-  --m-values 0,0.01,0.05 --k-values 0,1,3 --s-values 0.003,0.01,0.03 --epochs 1 $COMMON --out-dir /tmp/runs/sweep --json $R/lambda_sweep_r20.json
+step table_c_r56 100 python3 $ROOT/benchmarks/table_c.py --model cifar:resnet56 --weights $W56 --data $D --ratio 0.5 --lambda-s 0.01 \
+  --epochs 1 --no-baseline $COMMON $GRAPHS --out-dir /tmp/runs/table_c_r56 --json $R/table_c_r56.json
+step lambda_sweep_r20 60 python3 $ROOT/benchmarks/lambda_sweep.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
+  --m-values 0,0.01,0.05 --k-values 0,1,3 --s-values 0.003,0.01,0.03 --epochs 1 $COMMON $GRAPHS --out-dir /tmp/runs/sweep --json $R/lambda_sweep_r20.json
 
 # pack: every small result, and the run directories the CPU benchmarks need (optimiser state dropped)
 find /tmp/runs -name summary.json -o -name metrics.jsonl -o -name config.json | tar czf $R/run_summaries.tar.gz -T - 2>/dev/null
-tar czf $OUT/results.tar.gz -C /tmp results
+cp $R/*.log $R/steps.txt /tmp/results/ 2>/dev/null; tar czf $OUT/results.tar.gz -C /tmp results
 python3 - <<'PY'
 import pathlib, torch
 for ck in pathlib.Path("/tmp/runs").glob("*/checkpoint.pt"):

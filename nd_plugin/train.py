@@ -595,7 +595,7 @@ class _GraphedStep:
     next call captures the step on static input buffers, and every later call copies its batch in
     and replays the graph. The gradients land in the same ``.grad`` tensors every time, so the
     caller runs ``optimizer.step()`` eagerly after each call (the learning rate may change). A batch
-    of another shape, or a failed capture, runs eagerly.
+    of another shape runs eagerly; a failed capture raises :class:`TrainingError`.
     """
 
     def __init__(self, compute: Any, optimizer: torch.optim.Optimizer, warmup: int = 3) -> None:
@@ -604,7 +604,6 @@ class _GraphedStep:
         self.warmup = warmup
         self.side = torch.cuda.Stream()
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.failed = False
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: Any = None
 
@@ -618,23 +617,22 @@ class _GraphedStep:
         self.static = (x.clone(), y.clone())
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: the data loader's pin-memory thread keeps calling CUDA during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs = self.compute(*self.static)
             self.outputs[0].total.backward()
         self.graph = graph
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Any:
-        if self.failed or (self.static is not None and (x.shape, y.shape) != (self.static[0].shape, self.static[1].shape)):
-            if self.graph is not None:
-                # the eager step must not free the graph's gradient buffers
-                out = self.compute(x, y)
-                for group in self.optimizer.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.grad.zero_()
-                out[0].total.backward()
-                return out
-            return self._eager(x, y)
+        if self.static is not None and (x.shape, y.shape) != (self.static[0].shape, self.static[1].shape):
+            # an eager step, keeping (not freeing) the graph's gradient buffers
+            out = self.compute(x, y)
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.zero_()
+            out[0].total.backward()
+            return out
         if self.graph is None and self.warmup > 0:
             self.warmup -= 1
             self.side.wait_stream(torch.cuda.current_stream())
@@ -645,13 +643,11 @@ class _GraphedStep:
         if self.graph is None:
             try:
                 self._capture(x, y)
-            except Exception as exc:  # noqa: BLE001 - any capture failure: train on, eagerly
-                import warnings
-
-                warnings.warn(f"CUDA-graph capture of the training step failed ({exc}); training eagerly", stacklevel=2)
-                self.failed, self.graph, self.static = True, None, None
-                torch.cuda.synchronize()
-                return self._eager(x, y)
+            except Exception as exc:  # a failed capture leaves the CUDA RNG unusable: stop cleanly
+                raise TrainingError(
+                    f"CUDA-graph capture of the training step failed ({str(exc).splitlines()[0]}); "
+                    "rerun with --no-cuda-graphs (and --resume to keep the finished epochs)."
+                ) from exc
         assert self.static is not None and self.graph is not None
         self.static[0].copy_(x)
         self.static[1].copy_(y)

@@ -270,3 +270,15 @@ def test_fold_batchnorm_keeps_outputs() -> None:
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_dynamic_runtime_padded_filter_blocks_match_compact(pruned, monkeypatch) -> None:
+    from nd_plugin.pruning import runtime
+
+    monkeypatch.setattr(runtime, "_ONEDNN_MIN_NUMEL", 0)  # pad every active set to a multiple of 8
+    _, _, x, compact = pruned
+    rt = dynamic_runtime(compact)
+    with torch.no_grad():
+        ref = compact(x[:6])
+        for i in range(6):
+            assert torch.allclose(rt(x[i : i + 1]), ref[i : i + 1], rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -10,8 +10,9 @@ which each dynamic layer
 
 Batches of more than one input run full width with the gates as masks (different inputs take
 different paths). Every norm that follows a conv is folded into it first. Weight slices are cached
-per active set (an LRU of ``cache_size`` entries per layer): paths recur, so most calls skip the
-gather; ``cache_size=0`` gathers on every call.
+per on/off pattern of the gates (an LRU of ``cache_size`` entries per layer, keyed by the pattern's
+bytes, so a hit needs no ``nonzero`` either): paths recur, so most calls skip the gather;
+``cache_size=0`` gathers on every call. At batch size 1 the ACM is a spatial sum and two ``addmm``.
 
 Example:
     >>> rt = dynamic_runtime(compact)  # doctest: +SKIP
@@ -86,11 +87,20 @@ def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor, *, inplace: b
     return model.eval()
 
 
+# PyTorch runs batch-1 3x3 convs on larger inputs through oneDNN, which is faster for multiples of 8
+# filters; smaller ones go through im2col, where the count does not matter.
+_ONEDNN_MIN_NUMEL = 20480
+
+
 class _ActiveSets:
-    """Active channel indices of each narrow layer during one forward pass (owned by the runtime)."""
+    """Active channels of each narrow layer during one forward pass (owned by the runtime).
+
+    ``sets[name]`` is ``(key, index)``: the layer's on/off pattern as bytes (one per filter) and
+    the active channel indices; ``None`` when the layer ran full width.
+    """
 
     def __init__(self) -> None:
-        self.sets: dict[str, torch.Tensor | None] = {}
+        self.sets: dict[str, tuple[bytes, torch.Tensor] | None] = {}
 
 
 class _LRU:
@@ -103,9 +113,6 @@ class _LRU:
         self.misses = 0
 
     def get(self, key: object, make: Callable[[], tuple]) -> tuple:
-        if self.capacity <= 0:
-            self.misses += 1
-            return make()
         value = self.data.get(key)
         if value is not None:
             self.data.move_to_end(key)
@@ -113,18 +120,23 @@ class _LRU:
             return value
         self.misses += 1
         value = make()
-        self.data[key] = value
-        if len(self.data) > self.capacity:
-            self.data.popitem(last=False)
+        if self.capacity > 0:
+            self.data[key] = value
+            if len(self.data) > self.capacity:
+                self.data.popitem(last=False)
         return value
 
 
-def _key(idx: torch.Tensor | None) -> bytes | None:
-    return None if idx is None else idx.numpy().tobytes() if idx.device.type == "cpu" else bytes(idx.tolist())
+def _pattern_key(on: torch.Tensor) -> bytes:
+    """One byte per channel of a boolean vector (``on`` is on the CPU)."""
+    return on.numpy().tobytes() if on.device.type == "cpu" else bytes(on.tolist())
 
 
 class DynamicConv(nn.Module):
     """A dynamic layer at run time: ACM, then only the active filters (norm folded).
+
+    At batch size 1 the on/off pattern of the gates (as bytes) keys a per-layer cache of
+    ``(weight, bias, index, key)`` slices, so a recurring pattern costs the ACM and one lookup.
 
     Args:
         name: the layer's name (key of its active set).
@@ -155,48 +167,68 @@ class DynamicConv(nn.Module):
         self.fc1_bias = nn.Parameter(site.acm.fc1.bias.detach(), requires_grad=False)
         self.fc2_weight = nn.Parameter(site.acm.fc2.weight.detach(), requires_grad=False)
         self.fc2_bias = nn.Parameter(site.acm.fc2.bias.detach(), requires_grad=False)
+        self.register_buffer("fc1_t", self.fc1_weight.t().contiguous(), persistent=False)
+        self.register_buffer("fc2_t", self.fc2_weight.t().contiguous(), persistent=False)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.out_channels = conv.out_channels
         self.cache = _LRU(cache_size)
+        self.fc1_cache = _LRU(cache_size)
 
-    def _slice(self, a_in: torch.Tensor | None, a_out: torch.Tensor) -> tuple:
-        def make() -> tuple:
-            w = self.weight.index_select(0, a_out)
-            if a_in is not None:
-                w = w.index_select(1, a_in)
-            return w.contiguous(), self.bias.index_select(0, a_out)
-
-        return self.cache.get((_key(a_in), _key(a_out)), make)
-
-    def _fc1(self, a_in: torch.Tensor | None) -> torch.Tensor:
-        if a_in is None:
-            return self.fc1_weight
-        return self.cache.get(("fc1", _key(a_in)), lambda: (self.fc1_weight.index_select(1, a_in).contiguous(),))[0]
+    def _slice(self, in_index: torch.Tensor | None, on: torch.Tensor, key: bytes, multiple: int) -> tuple:
+        index = on.nonzero().flatten()
+        if index.numel() == 0:  # one zero filter keeps shapes valid
+            index = torch.zeros(1, dtype=torch.long, device=on.device)
+            weight = self.weight.new_zeros(1, *self.weight.shape[1:])
+            if in_index is not None:
+                weight = weight.index_select(1, in_index)
+            return weight, self.bias.new_zeros(1), index, key, False
+        active = index.numel()
+        padded = min(-(-active // multiple) * multiple, self.out_channels)
+        if padded > active:  # oneDNN prefers blocks of 8: extra filters with zero weights, outputs stay 0
+            index = torch.cat([index, (~on).nonzero().flatten()[: padded - active]])
+        weight = self.weight.index_select(0, index)
+        bias = self.bias.index_select(0, index)
+        weight[active:] = 0
+        bias[active:] = 0
+        if in_index is not None:
+            weight = weight.index_select(1, in_index)
+        return weight.contiguous(), bias, index, key, active == self.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_in = self.state.sets.get(self.source) if self.source is not None else None
-        pooled = x.mean(dim=(2, 3))
-        z = F.linear(F.relu(F.linear(pooled, self._fc1(a_in), self.fc1_bias)), self.fc2_weight, self.fc2_bias)
+        src = self.state.sets.get(self.source) if self.source is not None else None
         if x.shape[0] != 1:
-            weight = self.weight if a_in is None else self.weight.index_select(1, a_in)
-            out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            self.state.sets[self.name] = None
-            return out * (z > 0).to(out.dtype)[:, :, None, None]
-        on = z[0] > 0
-        active = on.nonzero().flatten()
-        empty = active.numel() == 0
-        if empty:  # keep one channel, zeroed, so that shapes stay valid
-            active = torch.zeros(1, dtype=torch.long, device=x.device)
-        weight, bias = self._slice(a_in, active)
+            return self._batched(x, None if src is None else src[1])
+        if src is None:
+            in_key, in_index, fc1_t = b"", None, self.fc1_t
+        else:
+            in_key, in_index = src
+            fc1_t = self.fc1_cache.get(in_key, lambda: (self.fc1_t.index_select(0, in_index),))[0]
+        spatial = x.numel() // x.shape[1]
+        pooled = x.reshape(1, x.shape[1], spatial).sum(2)
+        hidden = torch.addmm(self.fc1_bias, pooled, fc1_t, alpha=1.0 / spatial).relu_()
+        on = torch.addmm(self.fc2_bias, hidden, self.fc2_t)[0] > 0
+        out_key = _pattern_key(on)
+        multiple = 8 if x.numel() > _ONEDNN_MIN_NUMEL else 1
+        weight, bias, index, key, full = self.cache.get(
+            in_key + out_key, lambda: self._slice(in_index, on, out_key, multiple)
+        )
         out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        if empty:
-            out = out * 0
         if self.narrow:
-            self.state.sets[self.name] = active
+            self.state.sets[self.name] = (key, index)
             return out
         self.state.sets[self.name] = None
-        full = out.new_zeros(1, self.out_channels, *out.shape[2:])
-        return full.index_copy_(1, active, out)
+        if full:
+            return out
+        return out.new_zeros(1, self.out_channels, *out.shape[2:]).index_copy_(1, index, out)
+
+    def _batched(self, x: torch.Tensor, in_index: torch.Tensor | None) -> torch.Tensor:
+        """Batches of several inputs: full-width conv, gates as masks."""
+        fc1 = self.fc1_weight if in_index is None else self.fc1_weight.index_select(1, in_index)
+        z = F.linear(F.relu(F.linear(x.mean(dim=(2, 3)), fc1, self.fc1_bias)), self.fc2_weight, self.fc2_bias)
+        weight = self.weight if in_index is None else self.weight.index_select(1, in_index)
+        out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        self.state.sets[self.name] = None
+        return out * (z > 0).to(out.dtype)[:, :, None, None]
 
 
 class NarrowInputConv(nn.Module):
@@ -211,10 +243,12 @@ class NarrowInputConv(nn.Module):
         self.cache = _LRU(cache_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_in = self.state.sets.get(self.source)
-        weight = self.weight
-        if a_in is not None:
-            weight = self.cache.get(_key(a_in), lambda: (self.weight.index_select(1, a_in).contiguous(),))[0]
+        src = self.state.sets.get(self.source)
+        if src is None or x.shape[0] != 1:
+            weight = self.weight if src is None else self.weight.index_select(1, src[1])
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        index = src[1]
+        weight = self.cache.get(src[0], lambda: (self.weight.index_select(1, index).contiguous(),))[0]
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -229,15 +263,16 @@ class NarrowInputLinear(nn.Module):
         self.cache = _LRU(cache_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_in = self.state.sets.get(self.source)
+        src = self.state.sets.get(self.source)
         weight = self.weight
-        if a_in is not None:
+        if src is not None:
+            index = src[1]
 
             def make() -> tuple:
-                cols = (a_in[:, None] * self.repeat + torch.arange(self.repeat, device=a_in.device)).flatten()
+                cols = (index[:, None] * self.repeat + torch.arange(self.repeat, device=index.device)).flatten()
                 return (self.weight.index_select(1, cols).contiguous(),)
 
-            weight = self.cache.get(_key(a_in), make)[0]
+            weight = self.cache.get(src[0], make)[0]
         return F.linear(x, weight, self.bias)
 
 
@@ -270,7 +305,7 @@ class DynamicRuntime(nn.Module):
 
     def cache_stats(self) -> dict[str, int]:
         """Weight-slice cache hits and misses summed over layers."""
-        caches = [m.cache for m in self.model.modules() if hasattr(m, "cache") and isinstance(m.cache, _LRU)]
+        caches = [m.cache for m in self.model.modules() if isinstance(getattr(m, "cache", None), _LRU)]
         return {"hits": sum(c.hits for c in caches), "misses": sum(c.misses for c in caches)}
 
 
