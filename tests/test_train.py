@@ -176,3 +176,41 @@ def test_models_command_lists_and_filters() -> None:
     result = _cli("models", "resnet2*")
     assert result.exit_code == 0
     assert "cifar:resnet20" in result.output.split()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_step_updates_parameters_like_the_eager_step() -> None:
+    import copy
+
+    import torch.nn.functional as F
+
+    from nd_plugin import wrap
+    from nd_plugin.adapters import create_model
+    from nd_plugin.losses import LossTerms
+    from nd_plugin.train import _GraphedStep
+
+    torch.manual_seed(0)
+    dm = wrap(create_model("cifar:resnet20", num_classes=10), torch.zeros(1, 3, 32, 32)).cuda().train()
+    twins = [dm, copy.deepcopy(dm)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in twins]
+    batches = [(torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")) for _ in range(6)]
+
+    def compute(model):
+        def run(x, y):
+            with model.gates_open():  # deterministic: no gate noise, so both twins see the same numbers
+                ce = F.cross_entropy(model(x), y)
+            return LossTerms(ce, ce, ce * 0, ce * 0, ce * 0), None, None
+
+        return run
+
+    graphed = _GraphedStep(compute(twins[1]), opts[1], warmup=2)
+    for x, y in batches:
+        terms = compute(twins[0])(x, y)[0]
+        opts[0].zero_grad(set_to_none=True)
+        terms.total.backward()
+        opts[0].step()
+        graphed(x, y)
+        opts[1].step()
+    assert graphed.graph is not None  # the last batches were replayed
+    for a, b in zip(twins[0].parameters(), twins[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
