@@ -6,7 +6,7 @@ into its own subdirectory, giving one flat row (λs and R as resolved, top-1, ga
 state shares, FLOPs, wall seconds). :func:`write_json` writes the rows with the environment
 (git commit, device, torch version, data spec, command line).
 
-Used by ``table_c.py`` and ``lambda_sweep.py``; not a script itself.
+Used by ``table_c.py``, ``lambda_sweep.py`` and ``compare_pruners.py``; not a script itself.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Time: 6 runs of ``--epochs`` epochs each. ResNet-20 on CIFAR-10: about 5 min per
 on a 2-core CPU (1 h at the default 2 epochs, not practical there); measured on an H100 with
 ``--batch-size 128 --workers 6``: 74 s for all six runs at 2 epochs, data decoding included. CPU
 setting that fits in minutes: a subset (``benchmarks/cifar_subset.py``) and ``--epochs 1``;
-measured for ResNet-56 on 10,000 training images: TIME56.
+measured for ResNet-56 on 10,000 training images, 2 threads: 17.5 min for the six runs.
 """
 
 from __future__ import annotations
