@@ -100,12 +100,19 @@ class Run:
         return dm.to(device).eval()
 
     def data(self, spec: str | None = None, **kwargs: Any):
-        """The run's data set (or ``spec``), checked against the run's classes."""
+        """The run's data set (or ``spec``) at the run's input size, checked against its classes.
+
+        A run trained on resized images (``decouple(..., data=load_data("digits", image_size=224))``)
+        gets its images at that size again, not at the data set's own size.
+        """
         from nd_plugin.data import load_data
         from nd_plugin.errors import DataError
 
         cfg = self.config
         bundle = load_data(spec or cfg["data"], **kwargs)
+        trained = tuple(cfg.get("input_size") or ())
+        if "image_size" not in kwargs and trained and tuple(bundle.input_size) != trained:
+            bundle = load_data(spec or cfg["data"], image_size=trained[-1], **kwargs)
         if bundle.num_classes != cfg["num_classes"]:
             raise DataError(
                 f"data {spec or cfg['data']!r} has {bundle.num_classes} classes but the run was trained on "

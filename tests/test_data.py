@@ -229,3 +229,17 @@ def test_unknown_spec_lists_known(spec: str) -> None:
 def test_bad_image_size() -> None:
     with pytest.raises(DataError, match="image_size"):
         load_data("synthetic:100", image_size=0)
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_run_data_comes_back_at_the_trained_input_size(tmp_path, size: int) -> None:
+    import json
+
+    from nd_plugin.run import open_run
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model": "resnet18", "data": "digits", "num_classes": 10, "input_size": [3, size, size]})
+    )
+    bundle = open_run(tmp_path).data()
+    assert bundle.input_size == (3, size, size)
+    assert bundle.val[0][0].shape == (3, size, size)

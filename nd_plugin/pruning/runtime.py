@@ -90,6 +90,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor, *, inplace: b
 # PyTorch runs batch-1 3x3 convs on larger inputs through oneDNN, which is faster for multiples of 8
 # filters; smaller ones go through im2col, where the count does not matter.
 _ONEDNN_MIN_NUMEL = 20480
+_ONEDNN_BLOCK = 8
 
 
 class _ActiveSets:
@@ -208,7 +209,7 @@ class DynamicConv(nn.Module):
         hidden = torch.addmm(self.fc1_bias, pooled, fc1_t, alpha=1.0 / spatial).relu_()
         on = torch.addmm(self.fc2_bias, hidden, self.fc2_t)[0] > 0
         out_key = _pattern_key(on)
-        multiple = 8 if x.numel() > _ONEDNN_MIN_NUMEL else 1
+        multiple = _ONEDNN_BLOCK if x.numel() > _ONEDNN_MIN_NUMEL else 1
         weight, bias, index, key, full = self.cache.get(
             in_key + out_key, lambda: self._slice(in_index, on, out_key, multiple)
         )
