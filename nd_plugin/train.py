@@ -9,6 +9,7 @@ line in ``metrics.jsonl`` and an atomic checkpoint, so ``--resume`` continues wi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -419,10 +420,10 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         loader = self._loader("train", epoch, shuffle=True)
         context = self.dm.gates_open() if warmup else nullcontext()
-        step_fn: Any = lambda x, y: self._eager_step(x, y, warmup)  # noqa: E731
+        step_fn: Any = functools.partial(self._eager_step, warmup=warmup)
         if not warmup and self._uses_cuda_graphs():
             if self._graphed is None:
-                self._graphed = _GraphedStep(lambda x, y: self._forward_loss(x, y, False), self.optimizer)
+                self._graphed = _GraphedStep(functools.partial(self._forward_loss, warmup=False), self.optimizer)
             step_fn = self._graphed
         # a sync per step stalls the GPU queue: there, finiteness is checked every few steps
         check_every = 1 if self.device.type == "cpu" else 25
