@@ -100,9 +100,9 @@ class DecouplingLoss(nn.Module):
         # layer_of[j]: the layer of path column j; pad_index[j]: its slot in an (L, max C) layout.
         layers, width = len(self.channels), max(self.channels, default=0)
         layer_of = torch.repeat_interleave(torch.arange(layers), torch.tensor(self.channels, dtype=torch.long))
-        offsets = torch.tensor([0, *self.channels[:-1]], dtype=torch.long).cumsum(0) if layers else torch.zeros(0, dtype=torch.long)
-        within = torch.arange(len(layer_of)) - offsets[layer_of] if layers else torch.zeros(0, dtype=torch.long)
-        self.register_buffer("_one_hot", F.one_hot(layer_of, layers).float(), persistent=False)
+        within = torch.cat([torch.arange(c) for c in self.channels]) if layers else torch.zeros(0, dtype=torch.long)
+        one_hot = F.one_hot(layer_of, layers).float() if layers else torch.zeros(0, 0)
+        self.register_buffer("_one_hot", one_hot, persistent=False)
         self.register_buffer("_pad_index", layer_of * width + within, persistent=False)
         self.register_buffer("_target_on", torch.tensor(self.channels, dtype=torch.float) * ratio, persistent=False)
         self._width = width
