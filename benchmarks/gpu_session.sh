@@ -5,6 +5,8 @@
 # Needs, in ignored folders of the checkout (see docs/benchmarks.md, "GPU runs"):
 #   .whl/  wheels of torch-pruning, fvcore, iopath, yacs, termcolor, torchattacks (the image lacks them)
 #   .data/ cifar10-jpeg.tar.gz, resnet20-12fca82f.th, resnet56-4bfd9763.th (copies of ../shared)
+# STEPS="name name ..." runs only those steps (names as in steps.txt; graph_check always runs), e.g.
+#   STEPS="table_c_r56 lambda_sweep_r20" BUDGET=540 bash benchmarks/gpu_session.sh
 # Results land in $OUT: results.tar.gz (every JSON/PNG/log) and runs.tar.gz.part-* (run directories
 # without optimiser state, split into 15 MB parts; `cat runs.tar.gz.part-* | tar xz`).
 set -u
@@ -26,6 +28,7 @@ COMMON="--device cuda --batch-size 128 --workers 6"
 
 step() {  # step NAME NEEDED_SECONDS COMMAND...: run when it fits, with what is left as its timeout
   local name=$1 need=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [ "$name" != graph_check ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   local left=$(( BUDGET - ($(date +%s) - START) - 25 ))
   if (( left < need )); then echo "SKIPPED $name (needs ~${need}s, ${left}s left)" | tee -a $R/steps.txt; return; fi
   local t0=$(date +%s)
@@ -35,10 +38,8 @@ step() {  # step NAME NEEDED_SECONDS COMMAND...: run when it fits, with what is 
   tail -4 $R/$name.log
 }
 
-if [ -z "${SKIP_TRAIN_STEP:-}" ]; then
 step train_step_r18 20 python3 $ROOT/benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --out $R/train_step_r18.json
 step train_step_r20 20 python3 $ROOT/benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --out $R/train_step_r20.json
-fi
 # the trainer's CUDA-graph step on a real loader; when it fails, every run below trains eagerly
 GRAPHS=""
 step graph_check 20 $ND decouple resnet18 --epochs 1 --warmup-epochs 1 --device cuda --workers 2 --out /tmp/runs/graph_check --quiet
