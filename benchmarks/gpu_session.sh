@@ -62,9 +62,9 @@ cfg = TrainConfig(model="tv:resnet18", data="digits", ratio=0.6, device="cuda", 
 decouple(cfg, "/tmp/runs/r18_224_digits", data=data, progress=False)
 PY
 step table_c_r56 100 python3 $ROOT/benchmarks/table_c.py --model cifar:resnet56 --weights $W56 --data $D --ratio 0.5 --lambda-s 0.01 \
-  --epochs 1 --no-baseline $COMMON $GRAPHS --out-dir /tmp/runs/table_c_r56 --json $R/table_c_r56.json
-step lambda_sweep_r20 60 python3 $ROOT/benchmarks/lambda_sweep.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
-  --m-values 0,0.01,0.05 --k-values 0,1,3 --s-values 0.003,0.01,0.03 --epochs 1 $COMMON $GRAPHS --out-dir /tmp/runs/sweep --json $R/lambda_sweep_r20.json
+  --epochs 2 --no-baseline $COMMON $GRAPHS --out-dir /tmp/runs/table_c_r56 --json $R/table_c_r56.json
+step lambda_sweep_r20 90 python3 $ROOT/benchmarks/lambda_sweep.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
+  --m-values 0,0.005,0.01,0.03,0.1 --k-values 0,0.3,1,3 --s-values 0.001,0.003,0.01,0.03 --epochs 2 $COMMON $GRAPHS --out-dir /tmp/runs/sweep --json $R/lambda_sweep_r20.json
 
 # pack: every small result, and the run directories the CPU benchmarks need (optimiser state dropped)
 find /tmp/runs -name summary.json -o -name metrics.jsonl -o -name config.json | tar czf $R/run_summaries.tar.gz -T - 2>/dev/null
