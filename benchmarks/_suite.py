@@ -92,12 +92,18 @@ def resolve_weights(model: str, weights: str | None) -> str | None:
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Where the numbers come from: commit, device, versions, data spec and the command line."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+
+    def git(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    # a tree that differs from its commit (a device copy carries the session's first .git) says so
+    changes = git("status", "--porcelain", "--untracked-files=no")
     dev = resolve_device(args.device)
     if dev.type == "cuda":
         device = f"{dev} ({torch.cuda.get_device_name(dev)})"
@@ -105,6 +111,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "git_commit": commit,
+        "git_dirty": None if changes is None else bool(changes),
         "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
