@@ -29,6 +29,8 @@ from nd_plugin.train import TrainConfig, decouple, preset, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = ("lambda_m", "lambda_k", "lambda_s")
+# what makes two runs of a suite the same configuration
+SAME_RUN = (*LAMBDAS, "ratio", "epochs", "warmup_epochs")
 
 
 def log(message: str) -> None:
@@ -90,8 +92,12 @@ def resolve_weights(model: str, weights: str | None) -> str | None:
     return None
 
 
-def environment(args: argparse.Namespace) -> dict[str, Any]:
-    """Where the numbers come from: commit, device, versions, data spec and the command line."""
+def git_state() -> dict[str, Any]:
+    """The checkout's commit, and whether its tracked files differ from it (None without git).
+
+    A device machine's copy of the tree carries the ``.git`` of the session's start, so its commit
+    can be stale; ``dirty`` says so.
+    """
 
     def git(*cmd: str) -> str | None:
         try:
@@ -101,17 +107,21 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    commit = git("rev-parse", "HEAD")
-    # a tree that differs from its commit (a device copy carries the session's first .git) says so
     changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if changes is None else bool(changes)}
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the numbers come from: commit, device, versions, data spec and the command line."""
+    state = git_state()
     dev = resolve_device(args.device)
     if dev.type == "cuda":
         device = f"{dev} ({torch.cuda.get_device_name(dev)})"
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
-        "git_commit": commit,
-        "git_dirty": None if changes is None else bool(changes),
+        "git_commit": state["commit"],
+        "git_dirty": state["dirty"],
         "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -147,7 +157,7 @@ class Row:
 
     def key(self) -> tuple[float, ...]:
         """What makes two runs the same configuration."""
-        return (self.lambda_m, self.lambda_k, self.lambda_s, self.ratio, self.epochs, self.warmup_epochs)
+        return tuple(getattr(self, f) for f in SAME_RUN)
 
 
 class Suite:
@@ -209,7 +219,7 @@ class Suite:
 
     def find(self, cfg: TrainConfig) -> Row | None:
         """An earlier row of this suite with the same configuration, if any."""
-        key = (cfg.lambda_m, cfg.lambda_k, cfg.lambda_s, cfg.ratio, cfg.epochs, cfg.warmup_epochs)
+        key = tuple(getattr(cfg, f) for f in SAME_RUN)
         return next((r for r in self.rows if r.key() == key), None)
 
     def run(self, name: str, **overrides: Any) -> Row:

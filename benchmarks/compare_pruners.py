@@ -54,14 +54,11 @@ import argparse
 import copy
 import importlib.metadata
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -72,7 +69,7 @@ import nd_plugin
 from nd_plugin.adapters import create_model
 from nd_plugin.adapters.tracing import find_sites
 from nd_plugin.flops import count_flops
-from nd_plugin.train import Trainer
+from nd_plugin.train import Trainer, seed_everything
 
 PRUNERS: dict[str, tuple[str, Callable[[], tp.importance.Importance]]] = {
     "l1": ("tp L1", lambda: tp.importance.MagnitudeImportance(p=1)),
@@ -221,13 +218,6 @@ def match_flops(
     return best[1], best[2], best[3]
 
 
-def seed_all(seed: int) -> None:
-    """Seeds torch, numpy and random as ``decouple()`` does before it builds a model."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def finetune(model: nn.Module, suite: Suite, progress: bool) -> float:
     """Fine-tunes a plain (possibly pruned) model exactly like the suite's gates-open baseline.
 
@@ -241,7 +231,7 @@ def finetune(model: nn.Module, suite: Suite, progress: bool) -> float:
     """
     base = suite.config()
     cfg = suite.config(warmup_epochs=base.warmup_epochs + base.epochs, epochs=0)
-    seed_all(cfg.seed)
+    seed_everything(cfg.seed)
     dm = nd_plugin.wrap(model, torch.zeros(1, *suite.data.input_size))
     return float(Trainer(dm, suite.data, cfg, out=None, progress=progress).fit().accuracy)
 

@@ -22,19 +22,19 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import nd_plugin
 from nd_plugin.flops import count_flops, expected_flops
 from nd_plugin.pruning import dynamic_runtime, fold_batchnorm, prune
 from nd_plugin.pruning.plan import plain_copy
 from nd_plugin.pruning.synthetic import synthetic_gates
+
+from _suite import git_state
 
 SIZES = {"resnet18": 224, "tv:resnet18": 224}
 
@@ -148,18 +148,12 @@ def bench(run: str | None, model: str | None, threads: int, repeats: int, n: int
 
 def _meta(threads: int) -> dict:
     """Command, commit, CPU and thread settings of this measurement."""
-
-    def sh(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).parent).stdout.strip()
-        except OSError:
-            return ""
-
-    cpu = next((line.split(":", 1)[1].strip() for line in sh("cat", "/proc/cpuinfo").splitlines() if line.startswith("model name")), "")
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
     return {
         "command": " ".join(sys.argv),
-        "commit": sh("git", "rev-parse", "HEAD"),
-        "dirty": bool(sh("git", "status", "--porcelain", "--untracked-files=no")),
+        **git_state(),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "cpu": cpu or platform.processor(),

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import nd_plugin
 from nd_plugin.adapters import create_model
 from nd_plugin.losses import DecouplingLoss
-from nd_plugin.train import _GraphedStep
+from nd_plugin.train import _GraphedStep, eager_step
 
 
 def main() -> None:
@@ -74,25 +74,22 @@ def main() -> None:
             logits, gates, pre, z = dm(xb, return_path=True, return_pre_gate=True, return_gate_logits=True)
             return loss_fn(logits, yb, gates, pre, gate_logits=z), logits, None
 
-    def eager(compute, opt):
-        def step() -> None:
-            terms = compute(x, y)[0]
-            opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            opt.step()
+    def trainer_step(run):
+        """The trainer's step: ``run`` does forward, loss and backward, the optimiser steps after."""
 
-        return step
+        def make(compute, opt):
+            backward = run(compute, opt)
 
-    def graphed(compute, opt):
-        run = _GraphedStep(compute, opt)
+            def step() -> None:
+                backward(x, y)
+                opt.step()
 
-        def step() -> None:
-            run(x, y)
-            opt.step()
+            return step
 
-        return step
+        return make
 
-    modes = {"eager": eager} | ({"cuda_graphs": graphed} if dev.type == "cuda" else {})
+    eager = trainer_step(lambda compute, opt: functools.partial(eager_step, compute, opt))
+    modes = {"eager": eager} | ({"cuda_graphs": trainer_step(_GraphedStep)} if dev.type == "cuda" else {})
     result = {
         "model": args.model,
         "input": [args.batch, 3, args.size, args.size],

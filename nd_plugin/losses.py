@@ -113,10 +113,10 @@ class DecouplingLoss(nn.Module):
         padded = padded.index_copy(1, self._pad_index, x).view(x.shape[0], len(self.channels), self._width)
         return F.log_softmax(padded, dim=2).flatten(1).index_select(1, self._pad_index)
 
-    def _per_layer_logits(self, alpha: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``(N * L, K)`` logits of each layer's classifier: one block-diagonal matmul."""
-        block = (self._one_hot.unsqueeze(2) * weight.t().unsqueeze(1)).flatten(1)  # (sum C, L * K)
-        return (alpha @ block).view(alpha.shape[0] * len(self.channels), -1)
+    def _block_diagonal(self) -> torch.Tensor:
+        """The layers' classifiers as one ``(sum C, L * K)`` block-diagonal matrix."""
+        weight = torch.cat([q.weight for q in self.classifiers], 1)  # (K, sum C)
+        return (self._one_hot.unsqueeze(2) * weight.t().unsqueeze(1)).flatten(1)
 
     def forward(
         self,
@@ -158,13 +158,14 @@ class DecouplingLoss(nn.Module):
         alpha = torch.cat(gates, 1).float()
         n, layers = alpha.shape[0], len(self.channels)
         if self.lambda_m > 0:
-            weight = torch.cat([q.weight for q in self.classifiers], 1)
+            block = self._block_diagonal()
             per_row = targets.repeat_interleave(layers)
-            # the sum over layers of each layer's mean cross-entropy
-            mi = F.cross_entropy(self._per_layer_logits(alpha, weight), per_row) * layers
+            # the sum over layers of each layer's mean cross-entropy; row (i, l) holds layer l's
+            # logits for input i
+            mi = F.cross_entropy((alpha @ block).view(n * layers, -1), per_row) * layers
             # q is the variational distribution of the bound: it is fitted at full strength
             # (on detached gates), while lambda_m scales only what reaches the gates
-            fit_q = F.cross_entropy(self._per_layer_logits(alpha.detach(), weight), per_row) * layers
+            fit_q = F.cross_entropy((alpha.detach() @ block).view(n * layers, -1), per_row) * layers
             total = total + self.lambda_m * mi + (fit_q - fit_q.detach())
         if self.lambda_k > 0:
             if pre_gate is None or any(p is None for p in pre_gate):

@@ -109,10 +109,9 @@ class Run:
         from nd_plugin.errors import DataError
 
         cfg = self.config
+        if cfg.get("input_size") and "image_size" not in kwargs:
+            kwargs["image_size"] = cfg["input_size"][-1]  # a data set at its own size is left as it is
         bundle = load_data(spec or cfg["data"], **kwargs)
-        trained = tuple(cfg.get("input_size") or ())
-        if "image_size" not in kwargs and trained and tuple(bundle.input_size) != trained:
-            bundle = load_data(spec or cfg["data"], image_size=trained[-1], **kwargs)
         if bundle.num_classes != cfg["num_classes"]:
             raise DataError(
                 f"data {spec or cfg['data']!r} has {bundle.num_classes} classes but the run was trained on "

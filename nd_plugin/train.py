@@ -147,6 +147,13 @@ class TrainConfig:
             raise ConfigError("pass either --weights PATH or --pretrained, not both.")
 
 
+def seed_everything(seed: int) -> None:
+    """Seeds torch, NumPy and ``random``, as :func:`decouple` does before it builds a model."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; a CUDA request without a GPU is an error."""
     if device == "auto":
@@ -403,12 +410,6 @@ class Trainer:
             density = torch.cat([g.detach() for g in gates.values()], 1).gt(0.5).float().mean()
         return terms, logits, density
 
-    def _eager_step(self, x: torch.Tensor, y: torch.Tensor, warmup: bool) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
-        out = self._forward_loss(x, y, warmup)
-        self.optimizer.zero_grad(set_to_none=True)
-        out[0].total.backward()
-        return out
-
     def _uses_cuda_graphs(self) -> bool:
         return self.cfg.cuda_graphs and self.device.type == "cuda" and not self.dist.enabled
 
@@ -420,7 +421,7 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         loader = self._loader("train", epoch, shuffle=True)
         context = self.dm.gates_open() if warmup else nullcontext()
-        step_fn: Any = functools.partial(self._eager_step, warmup=warmup)
+        step_fn: Any = functools.partial(eager_step, functools.partial(self._forward_loss, warmup=warmup), self.optimizer)
         if not warmup and self._uses_cuda_graphs():
             if self._graphed is None:
                 self._graphed = _GraphedStep(functools.partial(self._forward_loss, warmup=False), self.optimizer)
@@ -589,6 +590,17 @@ class Trainer:
         )
 
 
+def eager_step(compute: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """Forward, loss and backward of one batch, op by op: ``compute(x, y)`` returns ``(terms, ...)``.
+
+    The caller runs ``optimizer.step()``.
+    """
+    out = compute(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    out[0].total.backward()
+    return out
+
+
 class _GraphedStep:
     """Forward, losses and backward of a decoupling step, captured once as a CUDA graph.
 
@@ -607,12 +619,6 @@ class _GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: Any = None
-
-    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> Any:
-        out = self.compute(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        out[0].total.backward()
-        return out
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.static = (x.clone(), y.clone())
@@ -638,7 +644,7 @@ class _GraphedStep:
             self.warmup -= 1
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                out = self._eager(x, y)
+                out = eager_step(self.compute, self.optimizer, x, y)
             torch.cuda.current_stream().wait_stream(self.side)
             return out
         if self.graph is None:
@@ -741,9 +747,7 @@ def decouple(
         main = int(os.environ.get("RANK", "0")) == 0
         if main and not resume:  # refuse a bad --out before any work
             _check_out(out, cfg, overwrite)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
+        seed_everything(cfg.seed)
         data = data if data is not None else load_data(cfg.data)
         model = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.weights)
         example = torch.zeros(1, *data.input_size)

@@ -32,7 +32,7 @@ from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.errors import ConfigError, StatsMismatchError
 from nd_plugin.gates import GatedSite
 from nd_plugin.paths import PathStats
-from nd_plugin.pruning.importance import DecouplingImportance, node_label
+from nd_plugin.pruning.importance import DecouplingImportance
 
 __all__ = ["CompactModel", "FixedSite", "PruneRecord", "apply_record", "check_tolerance", "prune"]
 
