@@ -85,6 +85,7 @@ def decouple_command(
     schedule: Annotated[str, typer.Option(help="step (the paper's) or cosine")] = "step",
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
     cuda_graphs: Annotated[bool, typer.Option(help="on one GPU, replay the decoupling step as a CUDA graph")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="compile forward and losses with torch.compile (fuses the gates' small ops; the first step of each phase compiles for a minute or two)")] = False,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/MODEL)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="start again in an --out that holds a run of the same model")] = False,
@@ -116,6 +117,7 @@ def decouple_command(
         schedule=schedule,
         workers=workers,
         cuda_graphs=cuda_graphs,
+        compile=compile,
     )
     out = out or Path("runs") / model.replace(":", "-")
     summary = decouple(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)

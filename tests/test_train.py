@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -214,3 +215,63 @@ def test_graphed_step_updates_parameters_like_the_eager_step() -> None:
     assert graphed.graph is not None  # the last batches were replayed
     for a, b in zip(twins[0].parameters(), twins[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_trainers(compile_modes: tuple[bool, ...]) -> list[Trainer]:
+    """Trainers on twins of a two-conv network whose gates start saturated open (``gate_bias=10``):
+    soft, hard and noisy gates are then all exactly 1, so random draws change no number."""
+    import copy
+
+    from torch import nn
+
+    from nd_plugin import wrap
+    from nd_plugin.data import load_data
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    dm = wrap(net, torch.zeros(1, 3, 32, 32), init_bias=10.0)
+    data = load_data("synthetic:64")
+    base = dict(TINY, epochs=1, warmup_epochs=0, device="cpu", lambda_m=0.1, lambda_k=1.0, lambda_s=0.1)
+    trainers = [
+        Trainer(copy.deepcopy(dm), data, TrainConfig(**base, compile=c).resolved(), None, progress=False)
+        for c in compile_modes
+    ]
+    for t in trainers[1:]:  # the same L_mi classifiers
+        t.loss_fn.load_state_dict(trainers[0].loss_fn.state_dict())
+    return trainers
+
+
+def test_compiled_step_computes_what_the_eager_step_does() -> None:
+    eager, compiled = _tiny_trainers((False, True))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    grads = []
+    for trainer in (eager, compiled):
+        trainer.dm.train()
+        terms, logits, density = trainer._compute(x, y, warmup=False)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        params = [*trainer.dm.parameters(), *trainer.loss_fn.parameters()]
+        grads.append([p.grad for p in params if p.grad is not None])
+        grads[-1].append(torch.stack([terms.total, terms.ce, terms.mi, terms.kl, terms.s]).detach())
+    assert float(grads[0][-1][4]) > 0  # L_s is non-zero: all gates on, target 0.6
+    assert len(grads[0]) == len(grads[1]) > 5
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    before = [p.detach().clone() for p in compiled.dm.parameters()]
+    result = compiled.train_epoch(0)
+    assert math.isfinite(result["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, compiled.dm.parameters()))
+
+
+def test_failed_compilation_says_to_rerun_without_compile() -> None:
+    from torch._inductor import config as inductor_config
+
+    (trainer,) = _tiny_trainers((True,))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    torch._dynamo.reset()  # nothing cached: this call must compile
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}), pytest.raises(TrainingError, match="without --compile"):
+        trainer._compute(x, y, warmup=False)
