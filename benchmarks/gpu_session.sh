@@ -6,6 +6,7 @@
 #   .whl/  wheels of torch-pruning, fvcore, iopath, yacs, termcolor, torchattacks (the image lacks them)
 #   .data/ cifar10-jpeg.tar.gz, resnet20-12fca82f.th, resnet56-4bfd9763.th (copies of ../shared)
 # STEPS="name name ..." runs only those steps (names as in steps.txt; graph_check always runs), e.g.
+#   STEPS="train_step_compile_r18 train_step_compile_r20 compile_check" BUDGET=540 bash benchmarks/gpu_session.sh
 #   STEPS="table_c_r56 lambda_sweep_r20" BUDGET=540 bash benchmarks/gpu_session.sh
 # Results land in $OUT: results.tar.gz (every JSON/PNG/log) and runs.tar.gz.part-* (run directories
 # without optimiser state, split into 15 MB parts; `cat runs.tar.gz.part-* | tar xz`).
@@ -40,6 +41,10 @@ step() {  # step NAME NEEDED_SECONDS COMMAND...: run when it fits, with what is 
 
 step train_step_r18 20 python3 $ROOT/benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --out $R/train_step_r18.json
 step train_step_r20 20 python3 $ROOT/benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --out $R/train_step_r20.json
+# torch.compile'd steps (compiled; compiled + CUDA graphs), and the trainer's --compile on a real loader
+step train_step_compile_r18 150 python3 $ROOT/benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --compile --out $R/train_step_compile_r18.json
+step train_step_compile_r20 150 python3 $ROOT/benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --compile --out $R/train_step_compile_r20.json
+step compile_check 120 $ND decouple resnet18 --epochs 1 --warmup-epochs 1 --device cuda --workers 2 --compile --out /tmp/runs/compile_check --quiet
 # the trainer's CUDA-graph step on a real loader; when it fails, every run below trains eagerly
 GRAPHS=""
 step graph_check 20 $ND decouple resnet18 --epochs 1 --warmup-epochs 1 --device cuda --workers 2 --out /tmp/runs/graph_check --quiet

@@ -25,6 +25,7 @@ import statistics
 import time
 
 import torch
+from _suite import git_state
 
 import nd_plugin
 from nd_plugin.adapters import create_model
@@ -106,6 +107,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({args.threads} threads)",
         "torch": torch.__version__,
         "gated_layers": len(dm.gate_sites),
+        **git_state(),
     }
     for mode, make in modes.items():
         steps = {"plain": make(plain_compute, opt_plain), "decoupled": make(dm_compute, opt_dm)}
