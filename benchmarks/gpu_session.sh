@@ -42,8 +42,8 @@ step() {  # step NAME NEEDED_SECONDS COMMAND...: run when it fits, with what is 
 step train_step_r18 20 python3 $ROOT/benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --out $R/train_step_r18.json
 step train_step_r20 20 python3 $ROOT/benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --out $R/train_step_r20.json
 # torch.compile'd steps (compiled; compiled + CUDA graphs), and the trainer's --compile on a real loader
-step train_step_compile_r18 150 python3 $ROOT/benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --compile --out $R/train_step_compile_r18.json
-step train_step_compile_r20 150 python3 $ROOT/benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --compile --out $R/train_step_compile_r20.json
+step train_step_compile_r18 150 python3 $ROOT/benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --compile --count-kernels --out $R/train_step_compile_r18.json
+step train_step_compile_r20 150 python3 $ROOT/benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --compile --count-kernels --out $R/train_step_compile_r20.json
 step compile_check 120 $ND decouple resnet18 --epochs 1 --warmup-epochs 1 --device cuda --workers 2 --compile --out /tmp/runs/compile_check --quiet
 # the trainer's CUDA-graph step on a real loader; when it fails, every run below trains eagerly
 GRAPHS=""
