@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -96,8 +97,10 @@ def git_state() -> dict[str, Any]:
     """The checkout's commit, and whether its tracked files differ from it (None without git).
 
     A device machine's copy of the tree carries the ``.git`` of the session's start, so its commit
-    can be stale; ``dirty`` says so.
+    can be stale (``dirty`` says so); there, pass the real commit as ``ND_GIT_COMMIT``.
     """
+    if os.environ.get("ND_GIT_COMMIT"):
+        return {"commit": os.environ["ND_GIT_COMMIT"], "dirty": False}
 
     def git(*cmd: str) -> str | None:
         try:

@@ -5,7 +5,8 @@
 # Needs, in ignored folders of the checkout (see docs/benchmarks.md, "GPU runs"):
 #   .whl/  wheels of torch-pruning, fvcore, iopath, yacs, termcolor, torchattacks (the image lacks them)
 #   .data/ cifar10-jpeg.tar.gz, resnet20-12fca82f.th, resnet56-4bfd9763.th (copies of ../shared)
-# STEPS="name name ..." runs only those steps (names as in steps.txt; graph_check always runs), e.g.
+# ND_GIT_COMMIT=<sha of the committed tree> names the commit in the JSONs (the device copy's .git is
+# the session's first). STEPS="name name ..." runs only those steps (names as in steps.txt; graph_check always runs), e.g.
 #   STEPS="train_step_compile_r18 train_step_compile_r20 compile_check" BUDGET=540 bash benchmarks/gpu_session.sh
 #   STEPS="table_c_r56 lambda_sweep_r20" BUDGET=540 bash benchmarks/gpu_session.sh
 # Results land in $OUT: results.tar.gz (every JSON/PNG/log) and runs.tar.gz.part-* (run directories
