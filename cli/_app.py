@@ -84,6 +84,7 @@ def decouple_command(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     schedule: Annotated[str, typer.Option(help="step (the paper's) or cosine")] = "step",
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on a GPU (--no-amp trains in float32)")] = True,
     cuda_graphs: Annotated[bool, typer.Option(help="on one GPU, replay the decoupling step as a CUDA graph")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="compile forward and losses with torch.compile (fuses the gates' small ops; the first step of each phase compiles for a minute or two)")] = False,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/MODEL)")] = None,
@@ -116,6 +117,7 @@ def decouple_command(
         seed=seed,
         schedule=schedule,
         workers=workers,
+        amp=amp,
         cuda_graphs=cuda_graphs,
         compile=compile,
     )

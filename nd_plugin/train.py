@@ -76,6 +76,7 @@ class TrainConfig:
         gate_bias: initial gate logit ``b2`` of every ACM.
         bn_recalibrate: batches of training data used after each decoupling epoch to re-estimate
             BatchNorm statistics with eval-time (hard, noise-free) gates; 0 turns it off.
+        amp: bf16 autocast on a GPU (no effect on the CPU).
         cuda_graphs: on one GPU, capture the decoupling step (forward, losses, backward) once as a
             CUDA graph and replay it per batch: the gates and losses add many small kernels, and
             launching them one by one made a step 2.85x a plain one on an H100.

@@ -173,6 +173,15 @@ def test_checkpoint_of_another_architecture_and_empty_imagefolder(tmp_path: Path
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
 
 
+def test_cli_training_switches_reach_the_run_config(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _cli("decouple", "cifar:resnet20", "--data", "synthetic:32", "--epochs", "0", "--warmup-epochs", "0",
+                  "--no-amp", "--no-cuda-graphs", "--compile", "--out", str(out), "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert (train["amp"], train["cuda_graphs"], train["compile"]) == (False, False, True)
+
+
 def test_models_command_lists_and_filters() -> None:
     result = _cli("models", "resnet2*")
     assert result.exit_code == 0
