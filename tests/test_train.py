@@ -189,7 +189,8 @@ def test_models_command_lists_and_filters() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphed_step_updates_parameters_like_the_eager_step() -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_graphed_step_updates_parameters_like_the_eager_step(compiled: bool) -> None:
     import copy
 
     import torch.nn.functional as F
@@ -213,7 +214,8 @@ def test_graphed_step_updates_parameters_like_the_eager_step() -> None:
 
         return run
 
-    graphed = _GraphedStep(compute(twins[1]), opts[1], warmup=2)
+    step = compute(twins[1])
+    graphed = _GraphedStep(torch.compile(step) if compiled else step, opts[1], warmup=2)
     for x, y in batches:
         terms = compute(twins[0])(x, y)[0]
         opts[0].zero_grad(set_to_none=True)
