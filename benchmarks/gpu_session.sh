@@ -7,7 +7,7 @@
 #   .data/ cifar10-jpeg.tar.gz, resnet20-12fca82f.th, resnet56-4bfd9763.th (copies of ../shared)
 # ND_GIT_COMMIT=<sha of the committed tree> names the commit in the JSONs (the device copy's .git is
 # the session's first). STEPS="name name ..." runs only those steps (names as in steps.txt; graph_check always runs), e.g.
-#   STEPS="train_step_compile_r18 train_step_compile_r20 compile_check" BUDGET=540 bash benchmarks/gpu_session.sh
+#   STEPS="train_step_compile_r18 train_step_compile_r20 compile_check cuda_tests" BUDGET=540 bash benchmarks/gpu_session.sh
 #   STEPS="table_c_r56 lambda_sweep_r20" BUDGET=540 bash benchmarks/gpu_session.sh
 # Results land in $OUT: results.tar.gz (every JSON/PNG/log) and runs.tar.gz.part-* (run directories
 # without optimiser state, split into 15 MB parts; `cat runs.tar.gz.part-* | tar xz`).
@@ -46,6 +46,7 @@ step train_step_r20 20 python3 $ROOT/benchmarks/train_step.py --device cuda --mo
 step train_step_compile_r18 150 python3 $ROOT/benchmarks/train_step.py --device cuda --model tv:resnet18 --size 32 --batch 64 --repeats 30 --compile --count-kernels --out $R/train_step_compile_r18.json
 step train_step_compile_r20 150 python3 $ROOT/benchmarks/train_step.py --device cuda --model cifar:resnet20 --size 32 --batch 128 --repeats 30 --compile --count-kernels --out $R/train_step_compile_r20.json
 step compile_check 120 $ND decouple resnet18 --epochs 1 --warmup-epochs 1 --device cuda --workers 2 --compile --out /tmp/runs/compile_check --quiet
+step cuda_tests 90 python3 -m pytest -q $ROOT/tests/test_train.py -k graphed  # graphed == eager, with and without compile
 # the trainer's CUDA-graph step on a real loader; when it fails, every run below trains eagerly
 GRAPHS=""
 step graph_check 20 $ND decouple resnet18 --epochs 1 --warmup-epochs 1 --device cuda --workers 2 --out /tmp/runs/graph_check --quiet
