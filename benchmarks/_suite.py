@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from nd_plugin.run import atomic_write_text
 from nd_plugin.train import TrainConfig, decouple, preset, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,6 +221,11 @@ class Suite:
         )
         return TrainConfig(**(asdict(base) | overrides)).resolved()
 
+    def finetune_overrides(self) -> dict[str, Any]:
+        """Overrides that make a run the fine-tuned baseline: as many epochs, all plain (gates open, λ = 0)."""
+        base = self.config()
+        return {"warmup_epochs": base.warmup_epochs + base.epochs, "epochs": 0, "lambda_m": 0.0, "lambda_k": 0.0, "lambda_s": 0.0}
+
     def find(self, cfg: TrainConfig) -> Row | None:
         """An earlier row of this suite with the same configuration, if any."""
         key = tuple(getattr(cfg, f) for f in SAME_RUN)
@@ -288,9 +294,7 @@ class Suite:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Writes ``payload`` as indented JSON (atomically: a killed script leaves the previous file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def fmt_flops(value: float | None) -> str:

@@ -229,8 +229,7 @@ def finetune(model: nn.Module, suite: Suite, progress: bool) -> float:
     Returns:
         Validation top-1.
     """
-    base = suite.config()
-    cfg = suite.config(warmup_epochs=base.warmup_epochs + base.epochs, epochs=0)
+    cfg = suite.config(**suite.finetune_overrides())
     seed_everything(cfg.seed)
     dm = nd_plugin.wrap(model, torch.zeros(1, *suite.data.input_size))
     return float(Trainer(dm, suite.data, cfg, out=None, progress=progress).fit().accuracy)

@@ -135,10 +135,7 @@ def main() -> None:
     by_name: dict[str, Row] = {}
     baseline = None
     if not args.no_baseline:
-        base = suite.config()
-        baseline = suite.run(
-            "baseline (no gates)", warmup_epochs=base.warmup_epochs + base.epochs, epochs=0, lambda_m=0.0, lambda_k=0.0, lambda_s=0.0
-        )
+        baseline = suite.run("baseline (no gates)", **suite.finetune_overrides())
         suite.write(lambdas=lambdas, seed_table_c=SEED_TABLE_C)
     for name, overrides in combinations(lambdas).items():
         by_name[name] = suite.run(name, **overrides)

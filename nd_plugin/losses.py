@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nd_plugin.errors import ConfigError
+from nd_plugin.gates import binarize
 
 __all__ = ["DecouplingLoss", "LossTerms"]
 
@@ -47,12 +48,6 @@ def _check(name: str, value: float, low: float, high: float | None, closed_high:
     if not ok:
         bound = "" if high is None else (f", {high}]" if closed_high else f", {high})")
         raise ConfigError(f"{name} must be in [{low}{bound or ', inf)'}, got {value}.")
-
-
-def _eval_gate(z: torch.Tensor) -> torch.Tensor:
-    """``1[z > 0]`` in value, with the gradient of ``σ(z)``."""
-    soft = torch.sigmoid(z)
-    return soft - soft.detach() + (z > 0).to(z.dtype)
 
 
 class DecouplingLoss(nn.Module):
@@ -174,7 +169,7 @@ class DecouplingLoss(nn.Module):
             kl = F.kl_div(self._segment_log_softmax(alpha), target_log, reduction="sum", log_target=True) / n
             total = total + self.lambda_k * kl
         if self.lambda_s > 0:
-            counted = alpha if gate_logits is None else _eval_gate(torch.cat(list(gate_logits), 1).float())
+            counted = alpha if gate_logits is None else binarize(torch.cat(list(gate_logits), 1).float(), training=False)
             s = (counted.mean(0) @ self._one_hot - self._target_on).abs().sum()
             total = total + self.lambda_s * s
         return LossTerms(total=total, ce=ce, mi=mi, kl=kl, s=s)

@@ -598,13 +598,16 @@ class Trainer:
         )
 
 
-def eager_step(compute: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
+def eager_step(
+    compute: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, set_to_none: bool = True
+) -> Any:
     """Forward, loss and backward of one batch, op by op: ``compute(x, y)`` returns ``(terms, ...)``.
 
-    The caller runs ``optimizer.step()``.
+    The caller runs ``optimizer.step()``. ``set_to_none=False`` zeroes the old gradients in place
+    (a CUDA graph's gradient buffers must survive an eager step).
     """
     out = compute(x, y)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
     out[0].total.backward()
     return out
 
@@ -658,14 +661,7 @@ class _GraphedStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Any:
         if self.static is not None and (x.shape, y.shape) != (self.static[0].shape, self.static[1].shape):
-            # an eager step, keeping (not freeing) the graph's gradient buffers
-            out = self.compute(x, y)
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.zero_()
-            out[0].total.backward()
-            return out
+            return eager_step(self.compute, self.optimizer, x, y, set_to_none=False)
         if self.graph is None and self.warmup > 0:
             self.warmup -= 1
             self.side.wait_stream(torch.cuda.current_stream())

@@ -101,16 +101,11 @@ def real_images(n: int = 32, size: int = 32) -> tuple[torch.Tensor, torch.Tensor
     return (x - 0.3) / 0.4, torch.tensor(digits.target[:n])
 
 
-def set_gates(dm: nd_plugin.DecoupledModel, x: torch.Tensor, seed: int = 0) -> None:
-    """A third silent, a third energetic, a third dynamic filters in every gated layer."""
-    synthetic_gates(dm, x, seed=seed)
-
-
 def decoupled(kind: str, seed: int = 0, sites: str = "internal"):
     model = make_model(kind)
     x, y = real_images()
     dm = nd_plugin.wrap(model, x[:1], sites=sites).eval()
-    set_gates(dm, x, seed)
+    synthetic_gates(dm, x, seed=seed)  # a third silent, a third energetic, a third dynamic
     loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, len(x), 16)]
     stats = dm.paths(loader, raw=True)
     return dm, stats, x

@@ -137,7 +137,7 @@ class DynamicConv(nn.Module):
     """A dynamic layer at run time: ACM, then only the active filters (norm folded).
 
     At batch size 1 the on/off pattern of the gates (as bytes) keys a per-layer cache of
-    ``(weight, bias, index, key)`` slices, so a recurring pattern costs the ACM and one lookup.
+    ``(weight, bias, index, full)`` slices, so a recurring pattern costs the ACM and one lookup.
 
     Args:
         name: the layer's name (key of its active set).
@@ -175,14 +175,14 @@ class DynamicConv(nn.Module):
         self.cache = _LRU(cache_size)
         self.fc1_cache = _LRU(cache_size)
 
-    def _slice(self, in_index: torch.Tensor | None, on: torch.Tensor, key: bytes, multiple: int) -> tuple:
+    def _slice(self, in_index: torch.Tensor | None, on: torch.Tensor, multiple: int) -> tuple:
         index = on.nonzero().flatten()
         if index.numel() == 0:  # one zero filter keeps shapes valid
             index = torch.zeros(1, dtype=torch.long, device=on.device)
             weight = self.weight.new_zeros(1, *self.weight.shape[1:])
             if in_index is not None:
                 weight = weight.index_select(1, in_index)
-            return weight, self.bias.new_zeros(1), index, key, False
+            return weight, self.bias.new_zeros(1), index, False
         active = index.numel()
         padded = min(-(-active // multiple) * multiple, self.out_channels)
         if padded > active:  # oneDNN prefers blocks of 8: extra filters with zero weights, outputs stay 0
@@ -193,7 +193,7 @@ class DynamicConv(nn.Module):
         bias[active:] = 0
         if in_index is not None:
             weight = weight.index_select(1, in_index)
-        return weight.contiguous(), bias, index, key, active == self.out_channels
+        return weight.contiguous(), bias, index, active == self.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         src = self.state.sets.get(self.source) if self.source is not None else None
@@ -210,12 +210,10 @@ class DynamicConv(nn.Module):
         on = torch.addmm(self.fc2_bias, hidden, self.fc2_t)[0] > 0
         out_key = _pattern_key(on)
         multiple = _ONEDNN_BLOCK if x.numel() > _ONEDNN_MIN_NUMEL else 1
-        weight, bias, index, key, full = self.cache.get(
-            in_key + out_key, lambda: self._slice(in_index, on, out_key, multiple)
-        )
+        weight, bias, index, full = self.cache.get(in_key + out_key, lambda: self._slice(in_index, on, multiple))
         out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.narrow:
-            self.state.sets[self.name] = (key, index)
+            self.state.sets[self.name] = (out_key, index)
             return out
         self.state.sets[self.name] = None
         if full:
