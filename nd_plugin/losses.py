@@ -6,7 +6,9 @@
   (a variational bound on the mutual information between path and class). The classifiers are
   fitted at full strength on detached gates; ``λ_m`` scales only the gradient into the gates, so
   a small ``λ_m`` does not also starve the bound's classifiers.
-- ``L_kl``: ``KL(softmax(GAP(O)) ‖ softmax(α))``, aligning each gate with what its layer outputs.
+- ``L_kl``: ``KL(softmax(GAP(O)) ‖ softmax(α))``, aligning each gate with what its layer outputs;
+  per layer the pointwise divergence summed and divided by ``N·C_l`` (the authors' release uses
+  ``F.kl_div``'s ``"mean"`` reduction), so a layer's weight does not grow with its width.
 - ``L_s``: ``| mean over the batch of ‖α‖₁ − R·C |``, pulling the number of open gates of a
   layer towards the target fraction ``R`` of its ``C`` filters. Given the ACM logits, it counts the
   eval-time gates ``1[z > 0]`` (the trainer does this).
@@ -100,6 +102,8 @@ class DecouplingLoss(nn.Module):
         self.register_buffer("_one_hot", one_hot, persistent=False)
         self.register_buffer("_pad_index", layer_of * width + within, persistent=False)
         self.register_buffer("_target_on", torch.tensor(self.channels, dtype=torch.float) * ratio, persistent=False)
+        widths = torch.tensor(self.channels, dtype=torch.float)[layer_of] if layers else torch.zeros(0)
+        self.register_buffer("_inv_width", 1.0 / widths, persistent=False)
         self._width = width
 
     def _segment_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +170,9 @@ class DecouplingLoss(nn.Module):
             if pre_gate is None or any(p is None for p in pre_gate):
                 raise ValueError("lambda_k > 0 needs the pre-gate outputs (return_pre_gate=True)")
             target_log = self._segment_log_softmax(torch.cat(list(pre_gate), 1).float())
-            kl = F.kl_div(self._segment_log_softmax(alpha), target_log, reduction="sum", log_target=True) / n
+            pointwise = F.kl_div(self._segment_log_softmax(alpha), target_log, reduction="none", log_target=True)
+            # the release's F.kl_div default ("mean"): each layer's sum divided by N * C_l, written out
+            kl = (pointwise.sum(0) * self._inv_width).sum() / n
             total = total + self.lambda_k * kl
         if self.lambda_s > 0:
             counted = alpha if gate_logits is None else binarize(torch.cat(list(gate_logits), 1).float(), training=False)

@@ -30,12 +30,25 @@ def test_each_term_by_hand() -> None:
     assert terms.ce.item() == pytest.approx(math.log(2))
     # L_mi: classifier logits [1, 0] for class 0
     assert terms.mi.item() == pytest.approx(math.log(1 + math.exp(-1)))
-    # L_kl = KL(softmax([0, 0]) || softmax([1, 0]))
+    # L_kl = KL(softmax([0, 0]) || softmax([1, 0])), divided by N * C = 2
     q = [math.e / (1 + math.e), 1 / (1 + math.e)]
-    assert terms.kl.item() == pytest.approx(0.5 * math.log(0.5 / q[0]) + 0.5 * math.log(0.5 / q[1]), rel=1e-6)
+    assert terms.kl.item() == pytest.approx((0.5 * math.log(0.5 / q[0]) + 0.5 * math.log(0.5 / q[1])) / 2, rel=1e-6)
     # L_s = |mean ||a||_1 - R*C| = |1 - 0|
     assert terms.s.item() == pytest.approx(1.0)
     assert terms.total.item() == pytest.approx(terms.ce.item() + terms.mi.item() + terms.kl.item() + 1.0, rel=1e-6)
+
+
+def test_kl_is_the_element_mean_per_layer_for_layers_of_different_widths() -> None:
+    loss = DecouplingLoss(0.0, 1.0, 0.0, 0.5, channels=[2, 4], num_classes=2)
+    n = 2  # two identical rows: the mean over the batch is the one row's value
+    gates = [torch.tensor([[1.0, 0.0]] * n), torch.zeros(n, 4)]
+    pre = [torch.zeros(n, 2), torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0]] * n)]
+    terms = loss(torch.zeros(n, 2), torch.tensor([0, 1]), gates, pre)
+    q = [math.e / (1 + math.e), 1 / (1 + math.e)]
+    layer_1 = 0.5 * math.log(0.5 / q[0]) + 0.5 * math.log(0.5 / q[1])  # KL per input, C = 2
+    # softmax([ln 3, 0, 0, 0]) = [1/2, 1/6, 1/6, 1/6] against uniform 1/4: KL = 1/2 ln 2 + 1/2 ln(2/3)
+    layer_2 = 0.5 * math.log(4.0 / 3.0)
+    assert terms.kl.item() == pytest.approx(layer_1 / 2 + layer_2 / 4, rel=1e-6)
 
 
 def test_sparsity_target_ratio_and_weights() -> None:
@@ -93,7 +106,8 @@ def _per_layer_reference(loss_fn: DecouplingLoss, logits, y, gates, pre, z) -> d
     mi = kl = s = torch.zeros(())
     for q, a, p, zl in zip(loss_fn.classifiers, gates, pre, z):
         mi = mi + F.cross_entropy(q(a), y)
-        kl = kl + F.kl_div(F.log_softmax(a, 1), F.softmax(p, 1), reduction="batchmean")
+        # the authors' release: F.kl_div(log_softmax(a), softmax(p)) with the "mean" reduction
+        kl = kl + F.kl_div(F.log_softmax(a, 1), F.softmax(p, 1), reduction="sum") / a.numel()
         counted = (zl > 0).float()
         s = s + (counted.sum(1).mean() - loss_fn.ratio * a.shape[1]).abs()
     return {"mi": mi, "kl": kl, "s": s}
