@@ -40,6 +40,7 @@ class SiteInfo:
         internal: whether the conv's dependency group avoids residual additions.
         group: names of the layers whose channels are coupled with these filters.
         spatial: the conv's output spatial size seen while tracing.
+        activation: ``"relu"`` when the site's output (after its norm) goes only into a ReLU.
     """
 
     name: str
@@ -48,6 +49,7 @@ class SiteInfo:
     internal: bool
     group: tuple[str, ...]
     spatial: tuple[int, ...]
+    activation: str | None = None
 
 
 def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tp.DependencyGraph:
@@ -132,6 +134,16 @@ def _fusable_norm(dg: tp.DependencyGraph, conv: nn.Conv2d) -> nn.Module | None:
     return None
 
 
+def _activation(dg: tp.DependencyGraph, last: nn.Module) -> str | None:
+    """``"relu"`` when the only consumer of ``last``'s output is a ReLU, else ``None``."""
+    node = dg.module2node[last]
+    if len(node.outputs) != 1:
+        return None
+    consumer = node.outputs[0].module
+    fn = str(getattr(consumer, "_grad_fn", "")) if isinstance(consumer, tp.ops._ElementWiseOp) else ""
+    return "relu" if fn.startswith("Relu") or isinstance(consumer, nn.ReLU) else None
+
+
 def find_sites(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -186,6 +198,7 @@ def find_sites(
                 internal=internal,
                 group=coupled,
                 spatial=spatial,
+                activation=_activation(dg, norm if norm is not None else conv),
             )
         )
     return sites

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from nd_plugin.adapters.tracing import SiteInfo, build_graph, find_sites
-from nd_plugin.errors import InputShapeError, NothingToGateError
-from nd_plugin.gates import GatedSite
+from nd_plugin.errors import ConfigError, InputShapeError, NothingToGateError
+from nd_plugin.gates import ACM_INITS, GatedSite
 from nd_plugin.paths import GateRecorder, PathStats
 
 __all__ = ["DecoupledModel", "wrap"]
@@ -107,6 +107,7 @@ class DecoupledModel(nn.Module):
         return_path: bool = False,
         return_pre_gate: bool = False,
         return_gate_logits: bool = False,
+        pre_gate_activation: bool = False,
     ) -> torch.Tensor | tuple:
         """Runs the model.
 
@@ -116,13 +117,15 @@ class DecoupledModel(nn.Module):
             return_pre_gate: also return ``{layer: GAP of the layer's output before its gate}``.
             return_gate_logits: also return ``{layer: ACM logits z (N, C)}``, where the eval-time
                 gate is ``1[z > 0]`` (what the sparsity loss counts).
+            pre_gate_activation: with ``return_pre_gate``, pool the output after the ReLU at the
+                sites that feed one (the release's ``L_kl`` target), not before it.
 
         Returns:
             ``logits``, or a tuple ``(logits, path[, pre_gate][, gate_logits])``.
         """
         if not (return_path or return_pre_gate or return_gate_logits):
             return self.model(x)
-        with GateRecorder(self.sites(), pre_gate=return_pre_gate) as rec:
+        with GateRecorder(self.sites(), pre_gate=return_pre_gate, after_activation=pre_gate_activation) as rec:
             logits = self.model(x)
         names = self.site_names
         out: tuple = (logits, dict(zip(names, rec.path(x.shape[0], x.device))))
@@ -249,6 +252,8 @@ def wrap(
     reduction: int = 4,
     noise_std: float = 1.0,
     init_bias: float = 1.0,
+    hard_share: float = 0.5,
+    acm_init: str = "open",
 ) -> DecoupledModel:
     """Puts a decoupling gate in front of each gate site of ``model``.
 
@@ -269,6 +274,10 @@ def wrap(
         reduction: ACM hidden-width reduction (4 in the paper).
         noise_std: gate noise in training (1 in the paper).
         init_bias: initial gate logit ``b2`` (see :class:`~nd_plugin.gates.ACM`).
+        hard_share: share of samples whose gates are hard in training (see
+            :func:`~nd_plugin.gates.binarize`).
+        acm_init: ``"open"`` (every gate starts open, input-independent) or ``"kaiming"`` (the
+            authors' release; see :class:`~nd_plugin.gates.ACM`).
 
     Returns:
         The :class:`DecoupledModel`, in the training mode ``model`` had.
@@ -285,6 +294,10 @@ def wrap(
         >>> len(path), logits.shape
         (8, torch.Size([2, 1000]))
     """
+    if not 0.0 <= hard_share <= 1.0:
+        raise ConfigError(f"hard_share (--hard-share) must be in [0, 1], got {hard_share}.")
+    if acm_init not in ACM_INITS:
+        raise ConfigError(f"unknown ACM init {acm_init!r} (--acm-init); choose one of {', '.join(ACM_INITS)}.")
     example_inputs = _example_inputs(model, example_inputs)
     was_training = model.training
     model.eval()
@@ -309,7 +322,16 @@ def wrap(
     for info in chosen:
         conv = model.get_submodule(info.name)
         norm = model.get_submodule(info.norm) if info.norm else None
-        site = GatedSite(conv, norm, reduction=reduction, noise_std=noise_std, init_bias=init_bias)
+        site = GatedSite(
+            conv,
+            norm,
+            reduction=reduction,
+            noise_std=noise_std,
+            init_bias=init_bias,
+            hard_share=hard_share,
+            acm_init=acm_init,
+            activation=info.activation,
+        )
         site.to(device=conv.weight.device)
         _set_submodule(model, info.name, site)
         if info.norm:

@@ -17,15 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACM", "GatedSite", "binarize"]
+from nd_plugin.errors import ConfigError
+
+__all__ = ["ACM", "ACM_INITS", "GatedSite", "binarize"]
+
+#: How an ACM starts: ``open`` (``W1 = 0``: every gate open and input-independent) or ``kaiming``
+#: (the authors' release: Kaiming-normal ``W1`` and ``W2``, gates input-dependent from step 0).
+ACM_INITS = ("open", "kaiming")
 
 
-def binarize(z: torch.Tensor, *, training: bool, noise_std: float = 1.0) -> torch.Tensor:
+def binarize(z: torch.Tensor, *, training: bool, noise_std: float = 1.0, hard_share: float = 0.5) -> torch.Tensor:
     """Turns gate logits into (near-)binary gates.
 
     In training this is improved semantic hashing (Kaiser & Bengio, 2018): ``z̃ = z + ε``,
     ``s = clamp(1.2·σ(z̃) − 0.1, 0, 1)``, ``h = 1[z̃ > 0]``. Each *sample* of the batch uses the
-    hard ``h`` with probability ½ and the soft ``s`` otherwise; the backward pass always takes the
+    hard ``h`` with probability ``hard_share`` (½ in the paper; the authors' release draws its
+    indices along the wrong axis, so only 5–20% of its entries are hard) and the soft ``s``
+    otherwise; the backward pass always takes the
     gradient of ``s`` (straight-through). In eval the gate is ``1[z > 0]``; while autograd is on
     the straight-through term is kept (it is zero in value) so that graph tracing sees the gate
     depend on the ACM.
@@ -34,12 +42,15 @@ def binarize(z: torch.Tensor, *, training: bool, noise_std: float = 1.0) -> torc
         z: gate logits of shape ``(N, C)``.
         training: whether to add noise and mix hard/soft gates.
         noise_std: standard deviation of the Gaussian noise added in training.
+        hard_share: probability that a sample's gates are hard in training, in ``[0, 1]``.
 
     Returns:
         Gates of shape ``(N, C)`` with values in ``[0, 1]`` (exactly 0 or 1 in eval).
 
     Example:
         >>> binarize(torch.tensor([[-1.0, 2.0]]), training=False)
+        tensor([[0., 1.]])
+        >>> binarize(torch.tensor([[-1.0, 2.0]]), training=True, noise_std=0.0, hard_share=1.0)
         tensor([[0., 1.]])
     """
     if training:
@@ -48,7 +59,7 @@ def binarize(z: torch.Tensor, *, training: bool, noise_std: float = 1.0) -> torc
         soft = torch.clamp(1.2 * torch.sigmoid(z) - 0.1, 0.0, 1.0)
         hard = (z > 0).to(z.dtype)
         straight_through = soft - soft.detach() + hard  # exactly ``hard`` in value
-        use_hard = torch.rand(z.shape[0], 1, device=z.device) < 0.5
+        use_hard = torch.rand(z.shape[0], 1, device=z.device) < hard_share
         return torch.where(use_hard, straight_through, soft)
     hard = (z > 0).to(z.dtype)
     if torch.is_grad_enabled() and z.requires_grad:
@@ -73,6 +84,9 @@ class ACM(nn.Module):
         in_channels: channels of the gated conv's input.
         out_channels: filters of the gated conv (one gate each).
         reduction: width reduction of the hidden layer (4 in the paper).
+        init_bias: initial ``b2``.
+        init: ``"open"`` (above) or ``"kaiming"`` (the authors' release: Kaiming-normal ``W1`` and
+            ``W2``, so the gates depend on the input from the first step).
 
     Example:
         >>> acm = ACM(16, 32)
@@ -80,19 +94,28 @@ class ACM(nn.Module):
         torch.Size([2, 32])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, reduction: int = 4, init_bias: float = 1.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, reduction: int = 4, init_bias: float = 1.0, init: str = "open"
+    ) -> None:
         super().__init__()
+        if init not in ACM_INITS:
+            raise ConfigError(f"unknown ACM init {init!r}; choose one of {', '.join(ACM_INITS)}.")
         self.init_bias = init_bias
+        self.init = init
         hidden = max(in_channels // reduction, 1)
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, out_channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Puts the ACM back into its all-gates-open initial state."""
-        nn.init.zeros_(self.fc1.weight)
+        """Puts the ACM back into its initial state (all gates open with ``init="open"``)."""
+        if self.init == "kaiming":
+            nn.init.kaiming_normal_(self.fc1.weight)
+            nn.init.kaiming_normal_(self.fc2.weight)
+        else:
+            nn.init.zeros_(self.fc1.weight)
+            self.fc2.reset_parameters()
         nn.init.ones_(self.fc1.bias)
-        self.fc2.reset_parameters()
         nn.init.constant_(self.fc2.bias, self.init_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,15 +127,16 @@ class ACM(nn.Module):
 class _Binarize(nn.Module):
     """The binarisation step as a module, so that recorders can hook the gate values."""
 
-    def __init__(self, noise_std: float) -> None:
+    def __init__(self, noise_std: float, hard_share: float = 0.5) -> None:
         super().__init__()
         self.noise_std = noise_std
+        self.hard_share = hard_share
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return binarize(z, training=self.training, noise_std=self.noise_std)
+        return binarize(z, training=self.training, noise_std=self.noise_std, hard_share=self.hard_share)
 
     def extra_repr(self) -> str:
-        return f"noise_std={self.noise_std}"
+        return f"noise_std={self.noise_std}, hard_share={self.hard_share}"
 
 
 class GatedSite(nn.Module):
@@ -125,6 +149,10 @@ class GatedSite(nn.Module):
         reduction: ACM hidden-layer reduction.
         noise_std: gate noise in training.
         init_bias: initial gate logit (see :class:`ACM`).
+        hard_share: share of samples with hard gates in training (see :func:`binarize`).
+        acm_init: ``"open"`` or ``"kaiming"`` (see :class:`ACM`).
+        activation: ``"relu"`` when the site's output goes straight into a ReLU (found by tracing),
+            else ``None``; ``L_kl`` can take its target after that activation, as the release does.
 
     Attributes:
         force_open: when true the gates are all 1 and the site computes exactly ``norm(conv(x))``.
@@ -138,12 +166,18 @@ class GatedSite(nn.Module):
         reduction: int = 4,
         noise_std: float = 1.0,
         init_bias: float = 1.0,
+        hard_share: float = 0.5,
+        acm_init: str = "open",
+        activation: str | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= hard_share <= 1.0:
+            raise ConfigError(f"hard_share (--hard-share) must be in [0, 1], got {hard_share}.")
         self.conv = conv
         self.norm = norm if norm is not None else nn.Identity()
-        self.acm = ACM(conv.in_channels, conv.out_channels, reduction, init_bias)
-        self.gate = _Binarize(noise_std)
+        self.acm = ACM(conv.in_channels, conv.out_channels, reduction, init_bias, acm_init)
+        self.gate = _Binarize(noise_std, hard_share)
+        self.activation = activation
         self.force_open = False
 
     @property

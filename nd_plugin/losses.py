@@ -3,9 +3,10 @@
 ``L = CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``, each of the three summed over the gated layers:
 
 - ``L_mi``: a bias-free linear classifier per layer reads the gates; cross-entropy with the label
-  (a variational bound on the mutual information between path and class). The classifiers are
-  fitted at full strength on detached gates; ``λ_m`` scales only the gradient into the gates, so
-  a small ``λ_m`` does not also starve the bound's classifiers.
+  (a variational bound on the mutual information between path and class). As in the authors'
+  release, ``λ_m`` scales the whole term, the classifiers' gradient included (``mi_scope="all"``);
+  ``mi_scope="gates"`` fits the classifiers at full strength on detached gates and lets ``λ_m``
+  scale only what reaches the gates.
 - ``L_kl``: ``KL(softmax(GAP(O)) ‖ softmax(α))``, aligning each gate with what its layer outputs;
   per layer the pointwise divergence summed and divided by ``N·C_l`` (the authors' release uses
   ``F.kl_div``'s ``"mean"`` reduction), so a layer's weight does not grow with its width.
@@ -26,7 +27,14 @@ from torch import nn
 from nd_plugin.errors import ConfigError
 from nd_plugin.gates import binarize
 
-__all__ = ["DecouplingLoss", "LossTerms"]
+__all__ = ["MI_INITS", "MI_SCOPES", "DecouplingLoss", "LossTerms"]
+
+#: Initialisation of the ``L_mi`` classifiers: ``kaiming`` (Kaiming-normal, the authors' release) or
+#: ``torch`` (``nn.Linear``'s default, about 2.45x smaller weights).
+MI_INITS = ("kaiming", "torch")
+#: What ``λ_m`` scales: ``all`` (the classifiers' gradient too, as in the release) or ``gates``
+#: (only what reaches the gates; the classifiers are fitted at full strength).
+MI_SCOPES = ("all", "gates")
 
 
 @dataclass
@@ -65,6 +73,8 @@ class DecouplingLoss(nn.Module):
             (0 means plain L1 pressure towards closing gates), in ``[0, 1)``.
         channels: filters per gated layer, in path order.
         num_classes: number of classes (for the ``L_mi`` classifiers).
+        mi_init: initialisation of the ``L_mi`` classifiers, one of :data:`MI_INITS`.
+        mi_scope: what ``lambda_m`` scales, one of :data:`MI_SCOPES`.
 
     Example:
         >>> loss_fn = DecouplingLoss(0.01, 1.0, 0.01, 0.6, channels=[4, 8], num_classes=3)
@@ -84,14 +94,24 @@ class DecouplingLoss(nn.Module):
         *,
         channels: Sequence[int],
         num_classes: int,
+        mi_init: str = "kaiming",
+        mi_scope: str = "all",
     ) -> None:
         super().__init__()
         _check("ratio (--ratio)", ratio, 0.0, 1.0, closed_high=False)
+        if mi_init not in MI_INITS:
+            raise ConfigError(f"unknown L_mi classifier init {mi_init!r} (--mi-init); choose one of {', '.join(MI_INITS)}.")
+        if mi_scope not in MI_SCOPES:
+            raise ConfigError(f"unknown L_mi scope {mi_scope!r} (--mi-scope); choose one of {', '.join(MI_SCOPES)}.")
+        self.mi_init, self.mi_scope = mi_init, mi_scope
         for name, value in (("lambda_m", lambda_m), ("lambda_k", lambda_k), ("lambda_s", lambda_s)):
             _check(name, value, 0.0, None)
         self.lambda_m, self.lambda_k, self.lambda_s, self.ratio = lambda_m, lambda_k, lambda_s, ratio
         self.channels = list(channels)
         self.classifiers = nn.ModuleList(nn.Linear(c, num_classes, bias=False) for c in self.channels)
+        if mi_init == "kaiming":
+            for q in self.classifiers:
+                nn.init.kaiming_normal_(q.weight)
         # The layers are concatenated into one (N, sum C) path so that every term is a few kernels
         # whatever the depth (per-layer loops cost ~20 small kernels per layer on a GPU).
         # layer_of[j]: the layer of path column j; pad_index[j]: its slot in an (L, max C) layout.
@@ -162,10 +182,12 @@ class DecouplingLoss(nn.Module):
             # the sum over layers of each layer's mean cross-entropy; row (i, l) holds layer l's
             # logits for input i
             mi = F.cross_entropy((alpha @ block).view(n * layers, -1), per_row) * layers
-            # q is the variational distribution of the bound: it is fitted at full strength
-            # (on detached gates), while lambda_m scales only what reaches the gates
-            fit_q = F.cross_entropy((alpha.detach() @ block).view(n * layers, -1), per_row) * layers
-            total = total + self.lambda_m * mi + (fit_q - fit_q.detach())
+            total = total + self.lambda_m * mi
+            if self.mi_scope == "gates":
+                # q, the bound's variational distribution, is fitted at full strength on detached
+                # gates; lambda_m then scales only what reaches the gates
+                fit_q = F.cross_entropy((alpha.detach() @ block).view(n * layers, -1), per_row) * layers
+                total = total + (1.0 - self.lambda_m) * (fit_q - fit_q.detach())
         if self.lambda_k > 0:
             if pre_gate is None or any(p is None for p in pre_gate):
                 raise ValueError("lambda_k > 0 needs the pre-gate outputs (return_pre_gate=True)")

@@ -32,6 +32,9 @@ class GateRecorder(HookOwner):
         sites: the gated sites, in path order.
         pre_gate: also record the global average pool of each site's output *before* the gate
             (what the KL loss aligns the gate with).
+        after_activation: at sites whose output goes straight into a ReLU, pool the output after
+            that ReLU (``relu(α ⊙ o) = α ⊙ relu(o)``: the activation the gate scales), as the authors'
+            release does for its ``L_kl`` target.
 
     Attributes:
         gates: per site, the gate values ``α`` of the last forward pass.
@@ -45,10 +48,11 @@ class GateRecorder(HookOwner):
         torch.Size([8, 64])
     """
 
-    def __init__(self, sites: Sequence[GatedSite], *, pre_gate: bool = False) -> None:
+    def __init__(self, sites: Sequence[GatedSite], *, pre_gate: bool = False, after_activation: bool = False) -> None:
         super().__init__()
         self.sites = list(sites)
         self.pre_gate_enabled = pre_gate
+        self.after_activation = after_activation
         self.gates: list[torch.Tensor | None] = [None] * len(self.sites)
         self.logits: list[torch.Tensor | None] = [None] * len(self.sites)
         self.pre_gate: list[torch.Tensor | None] = [None] * len(self.sites)
@@ -57,7 +61,8 @@ class GateRecorder(HookOwner):
         for i, site in enumerate(self.sites):
             self.keep(site.gate.register_forward_hook(self._store_gate(i)))
             if self.pre_gate_enabled:
-                self.keep(site.norm.register_forward_hook(self._store(self.pre_gate, i, pool=True)))
+                relu = self.after_activation and getattr(site, "activation", None) == "relu"
+                self.keep(site.norm.register_forward_hook(self._store(self.pre_gate, i, pool=True, relu=relu)))
 
     def _store_gate(self, index: int):
         def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -67,8 +72,10 @@ class GateRecorder(HookOwner):
         return hook
 
     @staticmethod
-    def _store(target: list, index: int, pool: bool = False):
+    def _store(target: list, index: int, pool: bool = False, relu: bool = False):
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            if relu:
+                output = torch.relu(output)
             target[index] = output.mean(dim=tuple(range(2, output.ndim))) if pool else output
 
         return hook
