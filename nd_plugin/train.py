@@ -16,19 +16,18 @@ import os
 import platform
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from nd_plugin.decoupled import DecoupledModel, wrap
+from nd_plugin.distributed import PhaseDDP, distributed_cleanup, init_distributed, reduce_path_stats
 from nd_plugin.errors import ConfigError, RunDirError, TrainingError
 from nd_plugin.losses import DecouplingLoss, LossTerms
 from nd_plugin.paths import PathStats
@@ -218,35 +217,6 @@ def _versions() -> dict[str, str]:
 
 
 @dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(tensor)
-        return tensor
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-@dataclass
 class EpochResult:
     """What one epoch leaves in ``metrics.jsonl``."""
 
@@ -307,7 +277,7 @@ class Trainer:
         self.data = data
         self.out = Path(out) if out is not None else None
         self.device = resolve_device(config.device)
-        self.dist = _init_distributed(self.device)
+        self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -342,10 +312,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, [lambda e: _lr_factor(e, config)] * 2
         )
-        self.net: nn.Module = self.dm
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.dm, device_ids=ids)
+        self._ddp = PhaseDDP(self.dm, self.loss_fn, self.dist, self.device, config.lambda_m)
+        self.net: nn.Module = self.dm  # the phase's DDP wrapper under torchrun (set per epoch)
         self.start_epoch = 0
         self.history: list[EpochResult] = []
         self._graphed: _GraphedStep | None = None
@@ -423,6 +391,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training data; returns mean loss terms, accuracy and gate density."""
         warmup = epoch < self.cfg.warmup_epochs
+        self.net = self._ddp.module(warmup)
         self.net.train()
         sums = torch.zeros(8, device=self.device)  # loss, ce, mi, kl, s, correct, n, density*n
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
@@ -520,32 +489,23 @@ class Trainer:
             for m, (momentum, training) in zip(norms, saved):
                 m.momentum = momentum
                 m.train(training)
-        if self.dist.enabled:
-            for m in norms:
-                for buf in (m.running_mean, m.running_var):
-                    self.dist.all_reduce(buf)
-                    buf /= self.dist.world
+        self.dist.average([buf for m in norms for buf in (m.running_mean, m.running_var)])
 
     def evaluate(self, epoch: int = 0) -> PathStats:
         """Validation pass collecting path statistics (all-reduced across ranks).
 
-        On one process the raw paths are kept too (bit-packed in ``paths.npz``), so that the
-        analyses that need them (decision tree, path distribution) run without another pass.
+        The raw paths are kept too (bit-packed in ``paths.npz``; under ``torchrun`` gathered from
+        every rank), so that the analyses that need them (decision tree, path distribution) run
+        without another pass.
         """
         stats = self.dm.paths(
             self._loader("val", epoch, shuffle=False),
             device=self.device,
-            raw=not self.dist.enabled,
+            raw=True,
             classes=list(self.data.classes),
             num_classes=self.data.num_classes,
         )
-        if self.dist.enabled:
-            for name in ("counts", "class_counts", "class_n"):
-                t = torch.as_tensor(getattr(stats, name), device=self.device)
-                setattr(stats, name, self.dist.all_reduce(t).cpu().numpy())
-            t = torch.tensor([stats.n, stats.correct], device=self.device)
-            stats.n, stats.correct = (int(v) for v in self.dist.all_reduce(t).tolist())
-        return stats
+        return reduce_path_stats(stats, self.dist, self.device)
 
     @property
     def total_epochs(self) -> int:
@@ -685,15 +645,6 @@ class _GraphedStep:
 
 
 # ------------------------------------------------------------------------------------ decouple
-@contextmanager
-def _distributed_cleanup() -> Iterator[None]:
-    try:
-        yield
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _check_out(out: Path, cfg: TrainConfig, overwrite: bool) -> None:
     """Raises :class:`RunDirError` when ``out`` cannot take a new run of ``cfg.model``."""
     config_file = out / CONFIG
@@ -765,7 +716,7 @@ def decouple(
         config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names} | {"device": config.device})
     cfg = config.resolved()
     device = resolve_device(cfg.device)
-    with _distributed_cleanup():
+    with distributed_cleanup():
         main = int(os.environ.get("RANK", "0")) == 0
         if main and not resume:  # refuse a bad --out before any work
             _check_out(out, cfg, overwrite)

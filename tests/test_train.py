@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -135,29 +136,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DDP_RUN = dict(TINY, data="synthetic:64", epochs=1, warmup_epochs=1, ratio=0.5, device="cpu")  # nd decouple's shape
+
+
 def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from nd_plugin import wrap
-    from nd_plugin.adapters import create_model
-    from nd_plugin.data import load_data
+    fit = Trainer.fit
 
-    torch.manual_seed(0)
-    cfg = TrainConfig(**TINY, epochs=1, warmup_epochs=0, device="cpu").resolved()
-    data = load_data("synthetic:64")
-    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
-    trainer = Trainer(dm, data, cfg, None, progress=False)
+    def fit_and_dump(self: Trainer):  # every rank's parameters after the last epoch, the L_mi classifiers too
+        stats = fit(self)
+        flat = torch.cat([p.detach().flatten() for p in [*self.dm.parameters(), *self.loss_fn.parameters()]])
+        torch.save(flat, Path(tmp) / f"rank{rank}.pt")
+        return stats
+
+    Trainer.fit = fit_and_dump  # type: ignore[method-assign]
     torch.manual_seed(rank)  # different gate noise per rank: gradients must still be averaged
-    trainer.train_epoch(0)
-    flat = torch.cat([p.detach().flatten() for p in dm.parameters()])
-    torch.save(flat, Path(tmp) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    decouple(TrainConfig(**DDP_RUN), Path(tmp) / "ddp", progress=False)  # warm-up (gates open) + decoupling
 
 
-def test_ddp_two_cpu_processes_keep_parameters_in_sync(tmp_path: Path) -> None:
+def _shape(run: Path) -> dict:
+    """What two runs of the same options must share: files, keys, tensor shapes, epochs, val order."""
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    with np.load(run / "paths.npz") as z:
+        arrays = {k: z[k].shape for k in z.files}
+        labels = z["labels"].tolist()
+    return {
+        "files": sorted(p.name for p in run.iterdir()),
+        "config": sorted(json.loads((run / "config.json").read_text())),
+        "summary": sorted(json.loads((run / "summary.json").read_text())),
+        "metrics": [(m["epoch"], m["phase"], sorted(m)) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())],
+        "checkpoint": sorted(ckpt),
+        "weights": {k: tuple(v.shape) for k, v in ckpt["model"].items()},
+        "paths": arrays,
+        "labels": labels,
+    }
+
+
+def test_ddp_two_cpu_processes_warmup_and_decoupling(tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(a, b, atol=1e-6)  # network, gates and L_mi classifiers agree across ranks
+    decouple(TrainConfig(**DDP_RUN), tmp_path / "one", progress=False)
+    assert _shape(tmp_path / "ddp") == _shape(tmp_path / "one")
+    phases = [json.loads(x)["phase"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert phases == ["warmup", "decouple"]
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
 
 
 def test_checkpoint_of_another_architecture_and_empty_imagefolder(tmp_path: Path) -> None:
