@@ -82,7 +82,14 @@ def decouple_command(
     pretrained: Annotated[bool, typer.Option(help="start from the library's pretrained weights (needs network)")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    schedule: Annotated[str, typer.Option(help="step (the paper's) or cosine")] = "step",
+    schedule: Annotated[str | None, typer.Option(help="step (the paper's x0.1 at 1/2 and 3/4 of a phase) or cosine, per step")] = None,
+    hard_share: Annotated[float | None, typer.Option(help="share of samples with hard gates in training, in [0, 1]")] = None,
+    acm_init: Annotated[str | None, typer.Option(help="open (gates start open, input-independent) or kaiming (the authors' release)")] = None,
+    mi_init: Annotated[str | None, typer.Option(help="L_mi classifier init: kaiming (the release) or torch")] = None,
+    mi_scope: Annotated[str | None, typer.Option(help="what lambda_m scales: all (the release) or gates")] = None,
+    gate_weight_decay: Annotated[float | None, typer.Option(help="weight decay of the gates and L_mi classifiers")] = None,
+    kl_target: Annotated[str | None, typer.Option(help="L_kl target: output (before the gate) or activation (after the ReLU, the release)")] = None,
+    sparsity_gates: Annotated[str | None, typer.Option(help="gates L_s counts: eval (1[z > 0]) or train (noisy training gates, the release)")] = None,
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
     amp: Annotated[bool, typer.Option(help="bf16 autocast on a GPU (--no-amp trains in float32)")] = True,
     cuda_graphs: Annotated[bool, typer.Option(help="on one GPU, replay the decoupling step as a CUDA graph")] = True,
@@ -97,7 +104,18 @@ def decouple_command(
 
     if sites not in ("internal", "all"):
         raise typer.BadParameter("--sites must be 'internal' or 'all'")
+    chosen = {
+        "schedule": schedule,
+        "hard_share": hard_share,
+        "acm_init": acm_init,
+        "mi_init": mi_init,
+        "mi_scope": mi_scope,
+        "gate_weight_decay": gate_weight_decay,
+        "kl_target": kl_target,
+        "sparsity_gates": sparsity_gates,
+    }
     cfg = TrainConfig(
+        **{k: v for k, v in chosen.items() if v is not None},
         model=model,
         data=data,
         ratio=ratio,
@@ -115,7 +133,6 @@ def decouple_command(
         pretrained=pretrained,
         device=device,
         seed=seed,
-        schedule=schedule,
         workers=workers,
         amp=amp,
         cuda_graphs=cuda_graphs,

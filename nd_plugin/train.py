@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import platform
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,158 +25,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from nd_plugin.config import TrainConfig, lr_factor, preset, resolve_device
 from nd_plugin.decoupled import DecoupledModel, wrap
 from nd_plugin.distributed import PhaseDDP, distributed_cleanup, init_distributed, reduce_path_stats
-from nd_plugin.errors import ConfigError, RunDirError, TrainingError
+from nd_plugin.errors import TrainingError
 from nd_plugin.losses import DecouplingLoss, LossTerms
 from nd_plugin.paths import PathStats
-from nd_plugin.run import CHECKPOINT, CONFIG, METRICS, PATHS, SUMMARY, Run, atomic_save, atomic_write_text
+from nd_plugin.run import (
+    CONFIG, FORMAT, PATHS, SUMMARY, Run, atomic_write_text, check_new_out, hold_run, prepare_out, save_checkpoint, write_metrics,
+)
 
 __all__ = ["TrainConfig", "Trainer", "decouple", "preset", "resolve_device"]
-
-# Seed Table A (λ_m, λ_k, λ_s, R) for the networks it names; CIFAR entries keep the paper's λs.
-_TABLE_A: dict[str, dict[str, float]] = {
-    "cifar:resnet": {"lambda_m": 0.01, "lambda_k": 1.0, "lambda_s": 1.5e-4},
-    "cifar:vgg": {"lambda_m": 0.04, "lambda_k": 1.0, "lambda_s": 2e-4},
-    "resnet18": {"lambda_m": 0.005, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.6},
-    "vgg16": {"lambda_m": 0.01, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.5},
-}
-_GENERIC = {"lambda_m": 0.005, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.6}
-
-
-def preset(model: str) -> dict[str, float]:
-    """Default λs (and R) for a model name: seed Table A where it names the network.
-
-    Example:
-        >>> preset("cifar:resnet56")["lambda_s"]
-        0.00015
-    """
-    name = model.split(":")[-1].lower()
-    if model.startswith("cifar:") or name.startswith(("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")):
-        return dict(_TABLE_A["cifar:vgg" if name.startswith("vgg") else "cifar:resnet"])
-    for key in ("resnet18", "vgg16"):
-        if name.startswith(key):
-            return dict(_TABLE_A[key])
-    return dict(_GENERIC)
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a decoupling run (``None`` means: choose the default for the model/data).
-
-    Attributes:
-        ratio: ``R``, the target fraction of a layer's filters that are ON for an average input.
-        epochs: decoupling epochs (gates and losses on).
-        warmup_epochs: plain-model epochs first; default 0 with ``weights``/``pretrained``, else 3.
-        acm_lr: learning rate of the gates and L_mi classifiers (own group, no weight decay);
-            default 0.1: at the network's rate the gates barely move in a short run, at 0.5 they
-            overshoot into static on/off (measured on digits, docs/benchmarks.md).
-        gate_bias: initial gate logit ``b2`` of every ACM.
-        bn_recalibrate: batches of training data used after each decoupling epoch to re-estimate
-            BatchNorm statistics with eval-time (hard, noise-free) gates; 0 turns it off.
-        amp: bf16 autocast on a GPU (no effect on the CPU).
-        cuda_graphs: on one GPU, capture the decoupling step (forward, losses, backward) once as a
-            CUDA graph and replay it per batch: the gates and losses add many small kernels, and
-            launching them one by one made a step 2.85x a plain one on an H100.
-        compile: compile forward and losses with ``torch.compile`` (Inductor fuses each gate's small
-            element-wise ops into a few kernels; backward is compiled with them). The first step of
-            each phase compiles, a minute or two; needs a C++ compiler on the CPU, Triton on a GPU.
-            Combines with ``cuda_graphs``: the compiled step is then captured and replayed.
-    """
-
-    model: str = "resnet18"
-    data: str = "digits"
-    ratio: float | None = None
-    epochs: int | None = None
-    warmup_epochs: int | None = None
-    batch_size: int = 64
-    lr: float | None = None
-    acm_lr: float | None = None
-    lambda_m: float | None = None
-    lambda_k: float | None = None
-    lambda_s: float | None = None
-    sites: str = "internal"
-    weights: str | None = None
-    pretrained: bool = False
-    device: str = "auto"
-    seed: int = 0
-    schedule: str = "step"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    noise_std: float = 1.0
-    gate_bias: float = 1.0
-    reduction: int = 4
-    workers: int = 0
-    bn_recalibrate: int = 50
-    amp: bool = True
-    cuda_graphs: bool = True
-    compile: bool = False
-
-    def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` replaced by its default, validated."""
-        cfg = TrainConfig(**asdict(self))
-        p = preset(cfg.model)
-        for key in ("lambda_m", "lambda_k", "lambda_s", "ratio"):
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, p.get(key, 0.6))
-        trained_start = bool(cfg.weights or cfg.pretrained)
-        if cfg.warmup_epochs is None:
-            cfg.warmup_epochs = 0 if trained_start else 3
-        if cfg.epochs is None:
-            cfg.epochs = 4 if cfg.data == "digits" else 2
-        if cfg.lr is None:
-            cfg.lr = 0.01 if trained_start else 0.05
-        if cfg.acm_lr is None:
-            cfg.acm_lr = 0.1
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        """Raises :class:`ConfigError` for any option out of range."""
-        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(f"--ratio must be in [0, 1) (the target fraction of filters that are on), got {self.ratio}.")
-        for key in ("lambda_m", "lambda_k", "lambda_s"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {value}.")
-        if self.epochs is not None and self.epochs < 0 or self.warmup_epochs is not None and self.warmup_epochs < 0:
-            raise ConfigError("--epochs and --warmup-epochs must be >= 0.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
-        if self.schedule not in ("step", "cosine"):
-            raise ConfigError(f"--schedule must be 'step' or 'cosine', got {self.schedule!r}.")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
-        if self.weights and self.pretrained:
-            raise ConfigError("pass either --weights PATH or --pretrained, not both.")
-
 
 def seed_everything(seed: int) -> None:
     """Seeds torch, NumPy and ``random``, as :func:`decouple` does before it builds a model."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a CUDA request without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto.")
-    return torch.device(device)
-
-
-def _lr_factor(epoch: int, cfg: TrainConfig) -> float:
-    """LR multiplier at a global epoch: each phase restarts and decays on its own."""
-    if epoch < cfg.warmup_epochs:
-        start, length = 0, cfg.warmup_epochs
-    else:
-        start, length = cfg.warmup_epochs, max(cfg.epochs, 1)
-    t = (epoch - start) / length
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t))
-    return 0.1 ** sum(t >= m for m in (0.5, 0.75))  # the paper's steps (100/150 of 200 epochs)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -292,6 +156,8 @@ class Trainer:
             config.ratio,
             channels=[s.channels for s in dm.gate_sites],
             num_classes=data.num_classes,
+            mi_init=config.mi_init,
+            mi_scope=config.mi_scope,
         ).to(self.device)
         gate_params = [p for n, p in self.dm.named_parameters() if ".acm." in f".{n}"]
         gate_ids = {id(p) for p in gate_params}
@@ -302,15 +168,12 @@ class Trainer:
                 {
                     "params": gate_params + list(self.loss_fn.parameters()),
                     "lr": config.acm_lr,
-                    "weight_decay": 0.0,
+                    "weight_decay": config.gate_weight_decay,
                     "base_lr": config.acm_lr,
                 },
             ],
             lr=config.lr,
             momentum=config.momentum,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, [lambda e: _lr_factor(e, config)] * 2
         )
         self._ddp = PhaseDDP(self.dm, self.loss_fn, self.dist, self.device, config.lambda_m)
         self.net: nn.Module = self.dm  # the phase's DDP wrapper under torchrun (set per epoch)
@@ -326,7 +189,7 @@ class Trainer:
             "model": self.dm.state_dict(),
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": {"unit": "step"},  # the schedule is a function of the epoch (set_lr)
             "epoch": epoch,
             "rng": _rng_state(),
             "history": [r.to_dict() for r in self.history],
@@ -337,7 +200,6 @@ class Trainer:
         self.dm.load_state_dict(state["model"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"]) + 1
         self.history = [EpochResult.from_dict(d) for d in state.get("history", [])]
@@ -371,6 +233,13 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
+    def set_lr(self, epoch: float) -> float:
+        """Sets every group's learning rate for a (fractional) global epoch; returns the network's."""
+        factor = lr_factor(epoch, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
+
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, warmup: bool) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
         """Forward pass and loss of one batch: ``(terms, logits, gate density)``."""
         with self._autocast():
@@ -378,10 +247,16 @@ class Trainer:
                 logits = self.net(x)
                 return self.loss_fn(logits, y, [], None), logits, torch.ones((), device=x.device)
             want_pre = self.cfg.lambda_k > 0
-            outputs = self.net(x, return_path=True, return_pre_gate=want_pre, return_gate_logits=True)
+            outputs = self.net(
+                x,
+                return_path=True,
+                return_pre_gate=want_pre,
+                return_gate_logits=True,
+                pre_gate_activation=self.cfg.kl_target == "activation",
+            )
             logits, gates, z = outputs[0], outputs[1], outputs[-1]
             pre = outputs[2] if want_pre else None
-            terms = self.loss_fn(logits, y, gates, pre, gate_logits=z)
+            terms = self.loss_fn(logits, y, gates, pre, gate_logits=z if self.cfg.sparsity_gates == "eval" else None)
             density = torch.cat([g.detach() for g in gates.values()], 1).gt(0.5).float().mean()
         return terms, logits, density
 
@@ -419,6 +294,7 @@ class Trainer:
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms.total.detach()), step, first_bad)
                 if step % check_every == 0 or step == len(loader) - 1:
                     self._raise_if_nonfinite(first_bad, epoch)
+                self.set_lr(epoch + step / len(loader))
                 self.optimizer.step()
                 n = y.shape[0]
                 with torch.no_grad():
@@ -521,13 +397,12 @@ class Trainer:
         for epoch in range(self.start_epoch, self.total_epochs):
             t0 = time.perf_counter()
             phase = "warmup" if epoch < self.cfg.warmup_epochs else "decouple"
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = self.set_lr(epoch)
             train = self.train_epoch(epoch)
             if phase == "decouple":
                 self.recalibrate_bn(epoch)
             with self.dm.gates_open() if phase == "warmup" else nullcontext():  # warm-up trains the plain model
                 stats = self.evaluate(epoch)
-            self.scheduler.step()
             result = EpochResult(epoch + 1, phase, lr, train, stats.accuracy, stats.density, time.perf_counter() - t0)
             self.history.append(result)
             if self.dist.main:
@@ -535,15 +410,14 @@ class Trainer:
                 if self.out is not None:
                     # the checkpoint carries the history; metrics.jsonl is rewritten from it, so a
                     # kill between the two writes leaves nothing that --resume cannot repair
-                    atomic_save(self.state_dict(epoch), self.out / CHECKPOINT)
+                    save_checkpoint(self.out, self.state_dict(epoch), self.cfg.model)  # the last two kept
                     self._write_metrics()
         if stats is None:  # nothing left to train (a finished run resumed): evaluate once
             stats = self.evaluate(self.total_epochs)
         return stats
 
     def _write_metrics(self) -> None:
-        lines = "".join(json.dumps(r.to_dict()) + "\n" for r in self.history)
-        atomic_write_text(self.out / METRICS, lines)
+        write_metrics(self.out, [r.to_dict() for r in self.history], self.cfg.model)
 
     def _log(self, r: EpochResult) -> None:
         if not self.progress:
@@ -645,38 +519,6 @@ class _GraphedStep:
 
 
 # ------------------------------------------------------------------------------------ decouple
-def _check_out(out: Path, cfg: TrainConfig, overwrite: bool) -> None:
-    """Raises :class:`RunDirError` when ``out`` cannot take a new run of ``cfg.model``."""
-    config_file = out / CONFIG
-    if config_file.is_file():
-        previous = json.loads(config_file.read_text(encoding="utf-8"))
-        if previous.get("model") != cfg.model:
-            raise RunDirError(
-                f"--out {out} holds a run of another model ({previous.get('model')!r}); choose another --out."
-            )
-        if not overwrite:
-            raise RunDirError(
-                f"--out {out} already holds a run of {cfg.model!r}; pass --resume to continue it or --overwrite to start again."
-            )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunDirError(f"--out {out} exists and is not a run directory; choose an empty or new directory.")
-
-
-def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
-    """Checks ``out`` for a new run (or a resumable one) and, for a new run, clears old artefacts."""
-    if resume:
-        if not (out / CHECKPOINT).is_file():
-            raise RunDirError(f"--resume: {out} has no {CHECKPOINT} to resume from; drop --resume to start a new run there.")
-        previous = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-        if previous.get("model") != cfg.model:
-            raise RunDirError(f"--resume: {out} holds a run of {previous.get('model')!r}, not {cfg.model!r}.")
-        return
-    _check_out(out, cfg, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (CHECKPOINT, METRICS, PATHS, SUMMARY):
-        (out / name).unlink(missing_ok=True)
-
-
 def decouple(
     config: TrainConfig,
     out: str | os.PathLike,
@@ -710,31 +552,48 @@ def decouple(
     config.validate()
     config = TrainConfig(**{**asdict(config), "model": resolve_name(config.model)})
     if resume:
-        _prepare_out(out, config, resume=True, overwrite=False)
-        saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+        saved = prepare_out(out, config.model, resume=True)
         names = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names} | {"device": config.device})
     cfg = config.resolved()
     device = resolve_device(cfg.device)
-    with distributed_cleanup():
+    with distributed_cleanup(), ExitStack() as held:
         main = int(os.environ.get("RANK", "0")) == 0
         if main and not resume:  # refuse a bad --out before any work
-            _check_out(out, cfg, overwrite)
+            check_new_out(out, cfg.model, overwrite)
         seed_everything(cfg.seed)
         data = data if data is not None else load_data(cfg.data)
         model = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.weights)
         example = torch.zeros(1, *data.input_size)
-        dm = wrap(model, example, sites=cfg.sites, reduction=cfg.reduction, noise_std=cfg.noise_std, init_bias=cfg.gate_bias)
-        if main and not resume:  # everything the run needs exists: only now touch the directory
-            _prepare_out(out, cfg, resume, overwrite)
+        dm = wrap(
+            model,
+            example,
+            sites=cfg.sites,
+            reduction=cfg.reduction,
+            noise_std=cfg.noise_std,
+            init_bias=cfg.gate_bias,
+            hard_share=cfg.hard_share,
+            acm_init=cfg.acm_init,
+        )
+        if main:  # everything the run needs exists: only now hold and touch the directory
+            held.enter_context(hold_run(out))
+            if not resume:
+                prepare_out(out, cfg.model, overwrite=overwrite)
         trainer = Trainer(dm, data, cfg, out, progress=progress)
-        if resume:
-            trainer.load_state_dict(Run(out).load_checkpoint(trainer.device))
+        if resume:  # the newest good checkpoint (a damaged latest one falls back to the one before)
+            state, note = Run(out).resume_state(trainer.dm.state_dict(), trainer.device)
+            trainer.load_state_dict(state)
+            if main:
+                write_metrics(out, state.get("history", []), cfg.model)
+                from rich.console import Console
+
+                Console(stderr=True).print(note, highlight=False, soft_wrap=True)
         elif main:
             atomic_write_text(
                 out / CONFIG,
                 json.dumps(
                     {
+                        "format": FORMAT,
                         "model": cfg.model,
                         "data": cfg.data,
                         "num_classes": data.num_classes,
@@ -772,6 +631,6 @@ def decouple(
             stats.save(out / PATHS)
             from nd_plugin.summary import summarize
 
-            summary = summarize(dm.cpu().eval(), stats, data)
+            summary = {"model": cfg.model, **summarize(dm.cpu().eval(), stats, data)}
             atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
         return summary

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from nd_plugin.cli._app import app
-from nd_plugin.errors import TrainingError
+from nd_plugin.errors import ConfigError, TrainingError
 from nd_plugin.run import open_run
 from nd_plugin.train import TrainConfig, Trainer, decouple
 
@@ -56,6 +56,15 @@ def _cli(*args: str):
         (["--lambda-s", "-1"], "--lambda-s must be >= 0"),
         (["--device", "cuda"], "no CUDA GPU is available"),
         (["--resume"], "has no checkpoint.pt to resume from"),
+        (["--hard-share", "1.5"], "--hard-share must be in [0, 1]"),
+        (["--hard-share", "-0.1"], "--hard-share must be in [0, 1]"),
+        (["--acm-init", "xavier"], "--acm-init must be one of open, kaiming"),
+        (["--mi-init", "zeros"], "--mi-init must be one of kaiming, torch"),
+        (["--mi-scope", "none"], "--mi-scope must be one of all, gates"),
+        (["--kl-target", "input"], "--kl-target must be one of output, activation"),
+        (["--sparsity-gates", "soft"], "--sparsity-gates must be one of eval, train"),
+        (["--schedule", "linear"], "--schedule must be one of step, cosine"),
+        (["--gate-weight-decay", "-1"], "--gate-weight-decay must be >= 0"),
     ],
 )
 def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], match: str) -> None:
@@ -311,3 +320,26 @@ def test_failed_compilation_says_to_rerun_without_compile() -> None:
     torch._dynamo.reset()  # nothing cached (in memory, nor on disk below): this call must compile
     with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), pytest.raises(TrainingError, match="without --compile"):
         trainer._compute(x, y, warmup=False)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"hard_share": 2.0}, "hard-share"), ({"acm_init": "ones"}, "acm-init"), ({"mi_scope": "q"}, "mi-scope")],
+)
+def test_bad_training_settings_are_config_errors(kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(model="cifar:resnet20", data="synthetic", **kw).resolved()
+
+
+@pytest.mark.parametrize(
+    "schedule, epochs, expected",
+    [("step", 2, [1.0, 1.0, 0.1, 0.01]), ("step", 4, [1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]), ("cosine", 1, [1.0, 0.5])],
+)
+def test_learning_rate_changes_per_step(schedule: str, epochs: int, expected: list[float]) -> None:
+    from nd_plugin.config import lr_factor
+
+    cfg = TrainConfig(warmup_epochs=1, epochs=epochs, schedule=schedule)
+    # half-epoch points of the decoupling phase (the warm-up phase, epoch 0, has its own schedule)
+    got = [lr_factor(1 + i / 2, cfg) for i in range(2 * epochs)]
+    assert got == pytest.approx(expected)
+    assert lr_factor(0.5, cfg) == pytest.approx(0.1 if schedule == "step" else 0.5)  # mid-warm-up

@@ -12,7 +12,7 @@ from torch import nn
 
 import nd_plugin
 from nd_plugin.adapters import create_model
-from nd_plugin.errors import InputShapeError, NothingToGateError, UntraceableModelError
+from nd_plugin.errors import ConfigError, InputShapeError, NothingToGateError, UntraceableModelError
 from nd_plugin.gates import ACM, GatedSite, binarize
 from nd_plugin.losses import DecouplingLoss
 from nd_plugin.paths import GateRecorder, PathStats
@@ -51,6 +51,39 @@ def test_binarize_training_mixes_hard_and_soft_per_sample() -> None:
     assert 0.4 < rows_binary.float().mean().item() < 0.6
     a.sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through gradient reaches z
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 1.0])
+def test_binarize_hard_share_sets_the_share_of_hard_samples(share: float) -> None:
+    torch.manual_seed(0)
+    a = binarize(torch.zeros(4000, 3), training=True, hard_share=share)
+    hard = ((a == 0) | (a == 1)).all(1).float().mean().item()
+    assert hard == pytest.approx(share, abs=0.02)
+
+
+def test_kaiming_acm_init_depends_on_the_input_from_the_start() -> None:
+    torch.manual_seed(0)
+    acm = ACM(8, 5, init="kaiming")
+    z = acm(torch.randn(4, 8, 3, 3))
+    assert (z.std(0) > 1e-3).all()
+    with pytest.raises(ConfigError, match="unknown ACM init"):
+        ACM(8, 5, init="xavier")
+
+
+def test_pre_gate_after_activation_pools_the_relu_output() -> None:
+    torch.manual_seed(0)
+    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8), sites="all")
+    assert [s.activation for s in dm.gate_sites] == ["relu", None]  # conv1 -> relu; conv2 -> add
+    dm.eval()
+    x = torch.randn(2, 3, 8, 8)
+    _, _, before = dm(x, return_pre_gate=True)
+    _, _, after = dm(x, return_pre_gate=True, pre_gate_activation=True)
+    site = dm.sites()[0]
+    stem = torch.relu(dm.model.stem(x))
+    expected = torch.relu(site.norm(site.conv(stem))).mean((2, 3))
+    torch.testing.assert_close(after["conv1"], expected)
+    assert not torch.allclose(before["conv1"], after["conv1"])
+    torch.testing.assert_close(before["conv2"], after["conv2"])  # no ReLU right after conv2
 
 
 def test_binarize_eval_keeps_autograd_link_for_tracing() -> None:

@@ -1,0 +1,200 @@
+"""Every option of a decoupling run, its defaults (seed Table A) and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nd_plugin.errors import ConfigError
+from nd_plugin.gates import ACM_INITS
+from nd_plugin.losses import MI_INITS, MI_SCOPES
+
+__all__ = ["KL_TARGETS", "SCHEDULES", "SPARSITY_GATES", "TrainConfig", "lr_factor", "preset", "resolve_device"]
+
+#: Learning-rate schedules: the paper's steps (x0.1 at 1/2 and 3/4 of a phase) or a cosine decay,
+#: both evaluated per training step.
+SCHEDULES = ("step", "cosine")
+#: ``L_kl``'s target: the site's output before the gate (``output``), or after the ReLU at sites
+#: that feed one (``activation``, the authors' release).
+KL_TARGETS = ("output", "activation")
+#: Which gates ``L_s`` counts: eval-time ``1[z > 0]`` (``eval``) or the noisy training gates (``train``,
+#: the release).
+SPARSITY_GATES = ("eval", "train")
+
+# Seed Table A (λ_m, λ_k, λ_s, R) for the networks it names; CIFAR entries keep the paper's λs.
+_TABLE_A: dict[str, dict[str, float]] = {
+    "cifar:resnet": {"lambda_m": 0.01, "lambda_k": 1.0, "lambda_s": 1.5e-4},
+    "cifar:vgg": {"lambda_m": 0.04, "lambda_k": 1.0, "lambda_s": 2e-4},
+    "resnet18": {"lambda_m": 0.005, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.6},
+    "vgg16": {"lambda_m": 0.01, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.5},
+}
+_GENERIC = {"lambda_m": 0.005, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.6}
+
+
+def preset(model: str) -> dict[str, float]:
+    """Default λs (and R) for a model name: seed Table A where it names the network.
+
+    Example:
+        >>> preset("cifar:resnet56")["lambda_s"]
+        0.00015
+    """
+    name = model.split(":")[-1].lower()
+    if model.startswith("cifar:") or name.startswith(("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")):
+        return dict(_TABLE_A["cifar:vgg" if name.startswith("vgg") else "cifar:resnet"])
+    for key in ("resnet18", "vgg16"):
+        if name.startswith(key):
+            return dict(_TABLE_A[key])
+    return dict(_GENERIC)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a decoupling run (``None`` means: choose the default for the model/data).
+
+    Attributes:
+        ratio: ``R``, the target fraction of a layer's filters that are ON for an average input.
+        epochs: decoupling epochs (gates and losses on).
+        warmup_epochs: plain-model epochs first; default 0 with ``weights``/``pretrained``, else 3.
+        acm_lr: learning rate of the gates and L_mi classifiers (own group, no weight decay);
+            default 0.1: at the network's rate the gates barely move in a short run, at 0.5 they
+            overshoot into static on/off (measured on digits, docs/benchmarks.md).
+        gate_bias: initial gate logit ``b2`` of every ACM.
+        bn_recalibrate: batches of training data used after each decoupling epoch to re-estimate
+            BatchNorm statistics with eval-time (hard, noise-free) gates; 0 turns it off.
+        amp: bf16 autocast on a GPU (no effect on the CPU).
+        cuda_graphs: on one GPU, capture the decoupling step (forward, losses, backward) once as a
+            CUDA graph and replay it per batch: the gates and losses add many small kernels, and
+            launching them one by one made a step 2.85x a plain one on an H100.
+        compile: compile forward and losses with ``torch.compile`` (Inductor fuses each gate's small
+            element-wise ops into a few kernels; backward is compiled with them). The first step of
+            each phase compiles, a minute or two; needs a C++ compiler on the CPU, Triton on a GPU.
+            Combines with ``cuda_graphs``: the compiled step is then captured and replayed.
+        hard_share: share of samples whose gates are hard (``1[z̃ > 0]``) in training, in ``[0, 1]``;
+            the rest use the soft gate (``nd_plugin.gates.binarize``).
+        acm_init: ``open`` (every gate open, input-independent at the start) or ``kaiming`` (the
+            authors' release).
+        mi_init: ``L_mi`` classifier init, ``kaiming`` (the release) or ``torch``.
+        mi_scope: what ``λ_m`` scales: ``all`` (the release) or ``gates``.
+        gate_weight_decay: weight decay of the gates and ``L_mi`` classifiers (the release: 1e-4,
+            the network's).
+        kl_target: :data:`KL_TARGETS`.
+        sparsity_gates: :data:`SPARSITY_GATES`.
+    """
+
+    model: str = "resnet18"
+    data: str = "digits"
+    ratio: float | None = None
+    epochs: int | None = None
+    warmup_epochs: int | None = None
+    batch_size: int = 64
+    lr: float | None = None
+    acm_lr: float | None = None
+    lambda_m: float | None = None
+    lambda_k: float | None = None
+    lambda_s: float | None = None
+    sites: str = "internal"
+    weights: str | None = None
+    pretrained: bool = False
+    device: str = "auto"
+    seed: int = 0
+    schedule: str = "step"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    noise_std: float = 1.0
+    gate_bias: float = 1.0
+    reduction: int = 4
+    workers: int = 0
+    bn_recalibrate: int = 50
+    amp: bool = True
+    cuda_graphs: bool = True
+    compile: bool = False
+    hard_share: float = 0.5
+    acm_init: str = "open"
+    mi_init: str = "kaiming"
+    mi_scope: str = "all"
+    gate_weight_decay: float = 0.0
+    kl_target: str = "output"
+    sparsity_gates: str = "eval"
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``None`` replaced by its default, validated."""
+        cfg = TrainConfig(**asdict(self))
+        p = preset(cfg.model)
+        for key in ("lambda_m", "lambda_k", "lambda_s", "ratio"):
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, p.get(key, 0.6))
+        trained_start = bool(cfg.weights or cfg.pretrained)
+        if cfg.warmup_epochs is None:
+            cfg.warmup_epochs = 0 if trained_start else 3
+        if cfg.epochs is None:
+            cfg.epochs = 4 if cfg.data == "digits" else 2
+        if cfg.lr is None:
+            cfg.lr = 0.01 if trained_start else 0.05
+        if cfg.acm_lr is None:
+            cfg.acm_lr = 0.1
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` for any option out of range."""
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"--ratio must be in [0, 1) (the target fraction of filters that are on), got {self.ratio}.")
+        for key in ("lambda_m", "lambda_k", "lambda_s"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {value}.")
+        if self.epochs is not None and self.epochs < 0 or self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ConfigError("--epochs and --warmup-epochs must be >= 0.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        choices = {
+            "schedule": SCHEDULES,
+            "acm_init": ACM_INITS,
+            "mi_init": MI_INITS,
+            "mi_scope": MI_SCOPES,
+            "kl_target": KL_TARGETS,
+            "sparsity_gates": SPARSITY_GATES,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}.")
+        if not 0.0 <= self.hard_share <= 1.0:
+            raise ConfigError(f"--hard-share must be in [0, 1] (the share of hard training gates), got {self.hard_share}.")
+        if self.gate_weight_decay < 0:
+            raise ConfigError(f"--gate-weight-decay must be >= 0, got {self.gate_weight_decay}.")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.weights and self.pretrained:
+            raise ConfigError("pass either --weights PATH or --pretrained, not both.")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a CUDA request without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto.")
+    return torch.device(device)
+
+
+def lr_factor(epoch: float, cfg: TrainConfig) -> float:
+    """LR multiplier at a (fractional) global epoch: each phase restarts and decays on its own.
+
+    Example:
+        >>> cfg = TrainConfig(warmup_epochs=0, epochs=2, schedule="cosine")
+        >>> [round(lr_factor(e, cfg), 3) for e in (0.0, 0.5, 1.0, 1.5)]
+        [1.0, 0.854, 0.5, 0.146]
+    """
+    if epoch < cfg.warmup_epochs:
+        start, length = 0, cfg.warmup_epochs
+    else:
+        start, length = cfg.warmup_epochs, max(cfg.epochs, 1)
+    t = (epoch - start) / length
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return 0.1 ** sum(t >= m for m in (0.5, 0.75))  # the paper's steps (100/150 of 200 epochs)
+
+
