@@ -10,21 +10,32 @@ import torch
 from torch import nn
 
 import nd_plugin
+from nd_plugin._hooks import ForwardHooks
 from nd_plugin.detect import (
     ATTACKS,
+    DETECTORS,
+    LeeMahalanobis,
     MahalanobisDetector,
     PathDetector,
     PixelSpaceModel,
     Probe,
+    UnknownDetectorError,
     attack,
+    check_detectors,
     collect_probe,
     detection_metrics,
+    evaluate_supervised,
+    evaluate_unsupervised,
     find_feature_layer,
+    find_stage_layers,
+    lee_splits,
+    lid_scores,
     msp_score,
     run_detection,
     to_normalised,
     to_pixels,
 )
+from nd_plugin.detect.features import run_pooled
 from nd_plugin.errors import ConfigError, DetectionError, NDError, RunDirError, UnknownAttackError
 
 pytest.importorskip("torchattacks")
@@ -33,19 +44,20 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+def _stage(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
 class Tiny(nn.Module):
+    """Stem and two stages named like a ResNet's (Lee's feature sites: input:layer1, layer1, layer2)."""
+
     def __init__(self, k: int = 3) -> None:
         super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c3, self.b3 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.stem, self.layer1, self.layer2 = _stage(3, 8), _stage(8, 16), _stage(16, 16)
         self.fc = nn.Linear(16, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.b1(self.c1(x)))
-        x = torch.relu(self.b2(self.c2(x)))
-        x = torch.relu(self.b3(self.c3(x)))
-        return self.fc(x.mean((2, 3)))
+        return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
 
 
 def _toy_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +98,7 @@ def dm():
 
 @pytest.fixture(scope="module")
 def clean(dm):
-    x, _ = _toy_data(160, seed=1)
+    x, _ = _toy_data(480, seed=1)
     with torch.no_grad():
         y = dm(x).argmax(1)  # labels the model agrees with: a "clean" set it classifies correctly
     assert len(set(y.tolist())) == 3
@@ -192,7 +204,7 @@ def test_feature_layer_skips_acm_linears(dm, clean):
 def test_probe_hooks_removed_and_gates_vary(dm, clean):
     x, y = clean
     probe = collect_probe(dm, [(x[:100], y[:100]), (x[100:], y[100:])], feature_layer="fc")
-    assert len(probe) == 160 and probe.features.shape == (160, 16)
+    assert len(probe) == len(x) and probe.features.shape == (len(x), 16)
     for g, z in zip(probe.gates, probe.z):
         assert np.array_equal(g, z > 0)  # the path is the binarised gate logits
         assert 0.05 < g.mean() < 0.95  # non-trivial gates
@@ -210,7 +222,7 @@ def test_path_detector_scores_and_separates_noise(dm, clean, tmp_path):
     g = torch.Generator().manual_seed(2)
     odd = to_normalised((torch.rand(40, 3, 8, 8, generator=g) > 0.5).float(), MEAN, STD)
     c_probe, o_probe = collect_probe(dm, x), collect_probe(dm, odd)
-    for method in PathDetector.METHODS:
+    for method in (m for m in PathDetector.METHODS if m != "mi"):  # mi: the L_mi test below
         for combine in PathDetector.COMBINES:
             cs = det.score_probe(c_probe, method=method, combine=combine).overall
             os_ = det.score_probe(o_probe, method=method, combine=combine).overall
@@ -260,19 +272,132 @@ def test_probe_select_and_concat(dm, clean):
 # ------------------------------------------------------------------ run_detection / nd detect
 
 
+# ------------------------------------------------------------------ features, baselines, protocol
+
+
+def test_stage_sites_and_truncated_pass(dm):
+    assert find_stage_layers(dm.model) == ["input:layer1", "layer1", "layer2"]
+    called = []
+    with ForwardHooks([dm.model.fc], lambda *_: called.append(1)):
+        feats = run_pooled(dm.model, torch.zeros(2, 3, 8, 8), find_stage_layers(dm.model), stop_at=1)
+    assert [f.shape[1] for f in feats] == [8, 16] and not called  # stopped before the classifier
+    with pytest.raises(DetectionError, match="layers="):
+        find_stage_layers(nn.Sequential(nn.Conv2d(3, 2, 1)))
+
+
+@pytest.mark.parametrize("n, seeds", [(200, 1), (1000, 3)])
+def test_lee_splits_partition(n, seeds):
+    splits = lee_splits(n, seeds)
+    assert len(splits) == seeds
+    for fit, val, test in splits:
+        assert (len(fit), len(val), len(test)) == (n // 20, n // 20, n - n // 10)
+        assert np.array_equal(np.sort(np.concatenate([fit, val, test])), np.arange(n))
+    if seeds > 1:
+        assert not np.array_equal(splits[0][0], splits[1][0])
+
+
+def test_evaluate_unsupervised_hand_made():
+    clean, adv = np.zeros(400), np.ones(300)  # 300 of 400 attacks succeeded, perfectly separated
+    r = evaluate_unsupervised(clean, adv, np.arange(300), lee_splits(400, 3))
+    assert (r["auroc"], r["auroc_std"], r["tpr_at_5fpr"], r["seeds"]) == (1.0, 0.0, 1.0, 3)
+    r = evaluate_unsupervised(clean, -adv, np.arange(300), lee_splits(400, 2))
+    assert r["auroc"] == 0.0
+
+
+def test_evaluate_supervised_chooses_informative_feature_and_transfers():
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(400, 3))
+    shift = np.array([2.5, 0.0, 0.0])
+    cands = {"noise": (c, rng.normal(size=(400, 3))), "signal": (c, rng.normal(size=(400, 3)) + shift)}
+    r = evaluate_supervised(cands, np.arange(400), lee_splits(400, 2))
+    assert r["chosen"] == ["signal"] * 2 and r["auroc"] > 0.9
+    # fitted on "signal", tested where the attacks carry no signal: chance
+    flat = {k: (c, rng.normal(size=(400, 3))) for k in cands}
+    t = evaluate_supervised(cands, np.arange(400), lee_splits(400, 2), test_candidates=flat, test_adv_index=np.arange(400))
+    assert abs(t["auroc"] - 0.5) < 0.1
+
+
+def test_evaluate_supervised_too_few_attacks():
+    c = np.random.default_rng(0).normal(size=(100, 2))
+    with pytest.raises(DetectionError, match=r"holds 5 attacked .* at least 10 of each: .*200 successful attacks"):
+        evaluate_supervised({0: (c, c + 1)}, np.arange(100), lee_splits(100, 1))
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_lid_estimates_intrinsic_dimension(dim):
+    rng = np.random.default_rng(dim)
+    basis = np.linalg.qr(rng.normal(size=(6, 6)))[0][:, :dim]
+    clean = [rng.uniform(size=(400, dim)) @ basis.T]  # a dim-dimensional patch in 6-D
+    adv = [clean[0][:100] + 0.05 * rng.normal(size=(100, 6))]  # pushed off it
+    out = lid_scores(clean, adv, np.arange(100), ks=(20,), batch_size=200)[20]
+    assert abs(np.median(out[0]) - dim) < 0.5 * dim + 0.3
+    assert np.median(out[1]) > np.median(out[0]) + 0.5
+
+
+def test_lee_mahalanobis_fit_preprocessing_and_round_trip(dm, clean, tmp_path):
+    x, y = clean
+    lee = LeeMahalanobis().fit(dm, [(x, y)])
+    assert lee.layers == ["input:layer1", "layer1", "layer2"] and [m.shape for m in lee.means] == [(3, 8), (3, 16), (3, 16)]
+    s = lee.scores(dm, x[:64], (0.0, 0.01), std=STD)
+    assert s[0.0].shape == (64, 3) and (s[0.0] >= 0).all()
+    # the preprocessing step moves inputs towards their closest class: most distances shrink
+    assert (s[0.01] < s[0.0]).mean() > 0.8 and (s[0.01].mean(0) < s[0.0].mean(0)).all()
+    far = lee.scores(dm, x[:64] * 4, (0.0,), std=STD)[0.0]
+    assert (far.mean(0) > s[0.0].mean(0)).all()
+    lee.save(tmp_path / "lee.npz")
+    back = LeeMahalanobis.load(tmp_path / "lee.npz")
+    assert np.allclose(back.scores(dm, x[:8], (0.01,), std=STD)[0.01], s[0.01][:8])
+
+
+def test_path_scores_all_class_mi_and_features(dm, clean):
+    x, y = clean
+    probe = collect_probe(dm, [(x, y)])
+    k = 3
+    mi = [np.random.default_rng(l).normal(size=(k, g.shape[1])) for l, g in enumerate(probe.gates)]
+    det = PathDetector(knn_per_class=32, k=3).fit_probe(probe, dm.site_names, mi_weights=mi)
+    raw = lambda m: det._overall(probe, m, probe.preds)  # noqa: E731
+    assert (raw("joint_min") <= raw("joint") + 1e-9).all() and (raw("joint_margin") >= -1e-9).all()
+    feats = det.path_features(probe)
+    L = len(dm.site_names)
+    assert feats.shape == (len(probe), L * 2 * k)
+    gauss = det._raw(probe, "gauss", probe.preds)
+    for l in range(L):  # the distance to the predicted class is the gauss score; posteriors are log-probabilities
+        block = feats[:, l * 2 * k : (l + 1) * 2 * k]
+        assert np.allclose(block[np.arange(len(probe)), probe.preds], gauss[:, l], atol=1e-6)
+        assert np.allclose(np.exp(block[:, k:]).sum(1), 1.0)
+    # the L_mi posteriors are the given classifiers' softmax over the binary path
+    logit = probe.gates[0].astype(float) @ mi[0].T
+    expect = -(logit[np.arange(len(probe)), probe.preds] - np.log(np.exp(logit).sum(1)))
+    assert np.allclose(det._raw(probe, "mi", probe.preds)[:, 0], expect)
+    with pytest.raises(DetectionError, match="without the L_mi classifiers"):
+        PathDetector().fit_probe(probe, dm.site_names).score_probe(probe, method="mi")
+
+
+# ------------------------------------------------------------------ run_detection / nd detect
+
+
 def test_run_detection_validates_before_loading(tmp_path):
     with pytest.raises(UnknownAttackError, match="known attacks"):
         run_detection(tmp_path, attack="nope")
     with pytest.raises(ConfigError, match="eps must be"):
         run_detection(tmp_path, eps=2.0)
+    with pytest.raises(UnknownDetectorError, match="known detectors: path, path_supervised"):
+        run_detection(tmp_path, detectors=["path", "odin"])
+    with pytest.raises(UnknownAttackError):
+        run_detection(tmp_path, transfer_from=("jsma", 0.1))
     with pytest.raises(RunDirError, match="no config.json"):
         run_detection(tmp_path)
+    assert check_detectors(None) == list(DETECTORS)
 
 
-def _fake_run(tmp_path, dm):
-    """A run directory whose model and data are replaced by the tiny ones (monkeypatched)."""
-    (tmp_path / "config.json").write_text(json.dumps({"model": "tiny", "num_classes": 3, "data": "tiny",
-                                                     "mean": list(MEAN), "std": list(STD)}))
+def _fake_run(tmp_path, dm, checkpoint: bool = True):
+    """A run directory with a real config and checkpoint; its model and data are the tiny ones (monkeypatched)."""
+    cfg = {"model": "tiny", "num_classes": 3, "data": "tiny", "input_size": [3, 8, 8], "sites": dm.site_names,
+           "mean": list(MEAN), "std": list(STD)}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    if checkpoint:
+        loss = {f"classifiers.{l}.weight": torch.randn(3, s.acm.fc2.out_features) for l, s in enumerate(dm.sites())}
+        torch.save({"model": dm.state_dict(), "loss": loss, "epoch": 1}, tmp_path / "checkpoint.pt")
     return tmp_path
 
 
@@ -285,47 +410,71 @@ class _Bundle:
         self.mean, self.std = MEAN, STD
 
 
-def test_run_detection_end_to_end(dm, clean, tmp_path, monkeypatch):
+@pytest.fixture()
+def tiny_run(dm, clean, tmp_path, monkeypatch):
     from nd_plugin.run import Run
 
     x, y = clean
     monkeypatch.setattr(Run, "build_model", lambda self, device="cpu", **kw: dm)
     monkeypatch.setattr(Run, "data", lambda self, spec=None, **kw: _Bundle(x, y))
-    run = _fake_run(tmp_path, dm)
-    res = run_detection(run, attack="pgd", eps=0.3, n=60, steps=3, fit_n=160, batch_size=30)
-    assert res.correct == 60 and 0 < res.successful <= 80
-    assert res.success_rate == pytest.approx(res.successful / res.correct, abs=1e-4)
-    assert set(res.detectors) == {"path", "mahalanobis", "max_softmax"}
-    out = json.loads((tmp_path / "detect" / "pgd-eps0.3" / "detect.json").read_text())
-    assert 0 <= out["detectors"]["path"]["auroc"] <= 1 and "tpr_at_5fpr" in out["detectors"]["path"]
+    return _fake_run(tmp_path, dm)
+
+
+def test_run_detection_end_to_end(tiny_run):
+    kw = {"steps": 3, "batch_size": 120, "seeds": 2, "magnitudes": (0.0, 0.005)}
+    res = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, transfer_from=("fgsm", 0.3), **kw)
+    assert res.correct == 480 and res.successful >= 200
+    assert set(res.detectors) == set(DETECTORS)
+    for name, m in res.detectors.items():
+        assert m["seeds"] == 2 and m["auroc_std"] >= 0 and 0 <= m["tpr_at_5fpr"] <= 1, name
+    # PGD at 0.3 moves inputs far from the clean data: the feature-ensemble detectors see it
+    assert res.detectors["mahalanobis_lee"]["auroc"] > 0.9 and res.detectors["path_supervised"]["auroc"] > 0.8
+    assert res.detectors["mahalanobis_lee"]["chosen"][0] in (0.0, 0.005)
+    assert res.transfer["fitted_on"] == "fgsm-eps0.3" and set(res.transfer["detectors"]) == {"path_supervised", "path_supervised_raw", "mahalanobis_lee", "lid"}
+    out = json.loads((tiny_run / "detect" / "pgd-eps0.3" / "detect.json").read_text())
+    assert out["detectors"]["lid"] == res.detectors["lid"] and out["detector"]["fit_n"] == "480"
     for f in res.figures:
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "detector.npz").is_file()  # fitted from the training split and saved
-    # a second run reuses the saved detector
-    again = run_detection(run, attack="pgd", eps=0.3, n=60, steps=3, batch_size=30, figures=False, out=tmp_path / "o")
-    assert again.detectors["path"] == res.detectors["path"]
+    assert all((tiny_run / f).is_file() for f in ("detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"))
+    # a second run reuses the saved detectors (same data, same fit_n): same numbers
+    again = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, figures=False, out=tiny_run / "o",
+                          detectors=["path", "mahalanobis_lee"], **kw)
+    assert again.detector["fit_seconds"] == res.detector["fit_seconds"]
+    assert again.detectors["path"] == res.detectors["path"] and again.detectors["mahalanobis_lee"] == res.detectors["mahalanobis_lee"]
 
 
-def test_run_detection_zero_success(dm, clean, tmp_path, monkeypatch):
-    from nd_plugin.run import Run
+def test_run_detection_too_few_attacks_for_the_regression(tiny_run):
+    with pytest.raises(DetectionError, match="needs at least 10 of each.*200 successful attacks"):
+        run_detection(tiny_run, attack="pgd", eps=0.3, n=100, steps=2, figures=False, detectors=["lid"], seeds=1)
+    res = run_detection(tiny_run, attack="pgd", eps=0.3, n=100, steps=2, figures=False, detectors=["path", "max_softmax"], seeds=1)
+    assert set(res.detectors) == {"path", "max_softmax"}  # unsupervised detectors need no fit split
 
-    x, y = clean
-    monkeypatch.setattr(Run, "build_model", lambda self, device="cpu", **kw: dm)
-    monkeypatch.setattr(Run, "data", lambda self, spec=None, **kw: _Bundle(x, y))
+
+def test_run_detection_zero_success(tiny_run):
     with pytest.raises(DetectionError, match=r"succeeded on none .*\(success rate 0\)"):
-        run_detection(_fake_run(tmp_path, dm), attack="fgsm", eps=1e-6, n=30, fit_n=160, figures=False)
+        run_detection(tiny_run, attack="fgsm", eps=1e-6, n=30, figures=False, detectors=["path"])
 
 
-def test_cli_one_line_errors(tmp_path):
+def test_run_detection_without_checkpoint(dm, tmp_path):
+    with pytest.raises(RunDirError, match="has no checkpoint.pt"):
+        run_detection(_fake_run(tmp_path, dm, checkpoint=False))
+
+
+def test_cli_one_line_errors(dm, tmp_path):
     from typer.testing import CliRunner
 
     from nd_plugin.cli._app import app
 
     runner = CliRunner()
+    bare = _fake_run(tmp_path / "bare", dm, checkpoint=False) if (tmp_path / "bare").mkdir() is None else None
     for args, msg in (
         (["detect", str(tmp_path), "--attack", "nope"], "known attacks"),
         (["detect", str(tmp_path), "--eps", "0"], "eps must be in (0, 1]"),
+        (["detect", str(tmp_path), "--eps", "1.5"], "eps must be in (0, 1]"),
+        (["detect", str(tmp_path), "--detectors", "path,odin"], "unknown detector 'odin'"),
+        (["detect", str(tmp_path), "--transfer-from", "fgsm:x"], "ATTACK:EPS"),
         (["detect", str(tmp_path / "missing")], "does not exist"),
+        (["detect", str(bare)], "has no checkpoint.pt"),
     ):
         r = runner.invoke(app, args)
         assert r.exit_code != 0

@@ -2,47 +2,86 @@
 
 An attacked input is pushed into a class whose clean inputs take other paths than it does: the
 attack changes the low-level statistics first, so the gates of the bottom layers already disagree
-with the clean paths of the class the input ends up in. This module provides
+with the clean paths of the class the input ends up in. The package:
 
-- :func:`attack`: adversarial inputs from `torchattacks <https://github.com/Harry24k/adversarial-attacks-pytorch>`_
-  (FGSM, PGD, BIM, MI-FGSM, CW, DeepFool) for a model that takes *normalised* inputs;
-- :class:`PathDetector`: per-class statistics of clean paths and a score of how unlike them an
-  input's path is (per layer and overall), at the cost of the forward pass that makes the
-  prediction;
-- baselines on the same model and inputs: :func:`msp_score` (maximum softmax probability) and
-  :class:`MahalanobisDetector` (class means and a shared covariance on penultimate features);
-- :func:`run_detection`: what ``nd detect`` does — attack, score, measure, write ``detect.json``
-  and figures.
+- :mod:`~nd_plugin.detect.attacks`: :func:`attack`, adversarial inputs from torchattacks (FGSM,
+  PGD, BIM, MI-FGSM, CW, DeepFool) for a model that takes *normalised* inputs, budget in pixels;
+- :mod:`~nd_plugin.detect.features`: :func:`collect_probe`, one forward pass giving prediction,
+  path, gate logits, penultimate and pooled stage features (:class:`Probe`);
+- :mod:`~nd_plugin.detect.detectors`: :class:`PathDetector`, how unlike the clean paths of its
+  predicted class an input's path is (unsupervised, one forward pass), and the path features of
+  the supervised path detectors;
+- :mod:`~nd_plugin.detect.baselines`: :func:`msp_score`, :class:`MahalanobisDetector`
+  (penultimate, unsupervised), :class:`LeeMahalanobis` (Lee et al. 2018) and :func:`lid_scores`
+  (Ma et al. 2018);
+- :mod:`~nd_plugin.detect.metrics`: AUROC / TPR at 5% FPR and Lee's 5 / 5 / 90 protocol;
+- :mod:`~nd_plugin.detect.protocol`: fit, attack, featurise and evaluate every detector
+  (:data:`DETECTORS`) on objects;
+- :mod:`~nd_plugin.detect.workflow`: :func:`run_detection`, what ``nd detect`` does on a run
+  directory. Figures are drawn by :mod:`nd_plugin.detect_figures`.
 
 Scores follow one convention: higher means "more likely adversarial".
 
 Example:
-    >>> det = PathDetector().fit(dm, clean_loader)  # doctest: +SKIP
-    >>> s = det.score(x)  # doctest: +SKIP
-    >>> s.overall.shape, s.per_layer.shape  # doctest: +SKIP
-    ((64,), (64, 18))
+    >>> import torch, nd_plugin
+    >>> from nd_plugin.adapters.cifar import CifarResNet
+    >>> dm = nd_plugin.wrap(CifarResNet(8, num_classes=3).eval(), torch.randn(1, 3, 16, 16)).eval()
+    >>> det = PathDetector().fit(dm, [(torch.randn(60, 3, 16, 16), torch.arange(60) % 3)])
+    >>> s = det.score(torch.randn(4, 3, 16, 16))
+    >>> s.overall.shape, s.per_layer.shape
+    ((4,), (4, 3))
 """
 
 from nd_plugin.detect.attacks import ATTACKS, PixelSpaceModel, attack, to_normalised, to_pixels
-from nd_plugin.detect.baselines import MahalanobisDetector, msp_score
+from nd_plugin.detect.baselines import LEE_MAGNITUDES, LID_KS, LeeMahalanobis, MahalanobisDetector, lid_scores, msp_score
 from nd_plugin.detect.detectors import PathDetector, PathScore, _whitener
-from nd_plugin.detect.features import Probe, collect_probe, find_feature_layer
-from nd_plugin.detect.metrics import detection_metrics
-from nd_plugin.detect.workflow import DetectionResult, _subset_loader, attack_and_probe, run_detection
+from nd_plugin.detect.features import PooledHooks, Probe, collect_probe, find_feature_layer, find_stage_layers
+from nd_plugin.detect.metrics import detection_metrics, evaluate_supervised, evaluate_unsupervised, lee_splits
+from nd_plugin.detect.protocol import (
+    DETECTORS,
+    AttackedSet,
+    FittedDetectors,
+    UnknownDetectorError,
+    attack_set,
+    check_detectors,
+    detector_features,
+    evaluate,
+    fit_detectors,
+)
+from nd_plugin.detect.workflow import DetectionResult, _subset_loader, attack_and_probe, mi_weights_of, run_detection
 
 __all__ = [
     "ATTACKS",
+    "DETECTORS",
+    "LEE_MAGNITUDES",
+    "LID_KS",
+    "AttackedSet",
     "DetectionResult",
+    "FittedDetectors",
+    "LeeMahalanobis",
     "MahalanobisDetector",
     "PathDetector",
     "PathScore",
     "PixelSpaceModel",
+    "PooledHooks",
     "Probe",
+    "UnknownDetectorError",
     "attack",
     "attack_and_probe",
+    "attack_set",
+    "check_detectors",
     "collect_probe",
     "detection_metrics",
+    "detector_features",
+    "evaluate",
+    "evaluate_supervised",
+    "evaluate_unsupervised",
     "find_feature_layer",
+    "find_stage_layers",
+    "fit_detectors",
+    "lee_splits",
+    "lid_scores",
+    "mi_weights_of",
     "msp_score",
     "run_detection",
     "to_normalised",

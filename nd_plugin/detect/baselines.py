@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from nd_plugin.detect.detectors import _whitener
-from nd_plugin.detect.features import _first_batch, collect_probe, find_feature_layer, Probe
+from nd_plugin.detect.features import Probe, _first_batch, collect_probe, find_feature_layer, find_stage_layers, run_pooled
 from nd_plugin.errors import DetectionError, RunDirError
 
-__all__ = ["MahalanobisDetector", "msp_score"]
+__all__ = ["LEE_MAGNITUDES", "LID_KS", "LeeMahalanobis", "MahalanobisDetector", "lid_scores", "msp_score"]
 
 
 def msp_score(logits: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -40,8 +40,12 @@ class MahalanobisDetector:
         ridge: ridge added to the correlation matrix.
 
     Example:
-        >>> maha = MahalanobisDetector().fit(dm, train_loader)  # doctest: +SKIP
-        >>> maha.score(x)  # doctest: +SKIP
+        >>> import nd_plugin
+        >>> from nd_plugin.adapters.cifar import CifarResNet
+        >>> dm = nd_plugin.wrap(CifarResNet(8, num_classes=3).eval(), torch.randn(1, 3, 16, 16)).eval()
+        >>> maha = MahalanobisDetector().fit(dm, [(torch.randn(90, 3, 16, 16), torch.arange(90) % 3)])
+        >>> maha.feature_layer, maha.score(torch.randn(4, 3, 16, 16)).shape
+        ('linear', (4,))
     """
 
     def __init__(self, ridge: float = 1e-6) -> None:
@@ -114,3 +118,211 @@ class MahalanobisDetector:
             raise RunDirError(f"{path} is not a saved MahalanobisDetector ({exc}); delete it to refit.") from exc
         det.model = dm
         return det
+
+
+#: Lee et al.'s input-preprocessing magnitudes (pixel units; ``ADV_Generate_LID_Mahalanobis.py``).
+LEE_MAGNITUDES = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+
+
+class LeeMahalanobis:
+    """Lee et al. (NeurIPS 2018): a tied class-conditional Gaussian on each layer of a feature ensemble.
+
+    The features are globally average-pooled activations of the stem and of every stage
+    (:func:`~nd_plugin.detect.features.find_stage_layers`); each layer gets class means and one
+    covariance shared by the classes (scikit-learn's ``EmpiricalCovariance`` of the class-centred
+    features, as in the authors' ``sample_estimator``), fitted on clean training inputs. The layer
+    score is the Mahalanobis distance to the closest class mean (higher = more likely adversarial:
+    the negative of the paper's confidence score). With a preprocessing ``magnitude`` ε the input
+    first moves by ``−ε·sign(∇ₓ distance)`` in pixel units (per layer, as in the paper); the
+    per-layer scores then feed a logistic regression (:func:`~nd_plugin.detect.metrics.evaluate_supervised`).
+
+    Args:
+        layers: feature sites (default: found on the model when fitting).
+
+    Example:
+        >>> import nd_plugin
+        >>> from nd_plugin.adapters.cifar import CifarResNet
+        >>> dm = nd_plugin.wrap(CifarResNet(8, num_classes=3).eval(), torch.randn(1, 3, 16, 16)).eval()
+        >>> x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 3
+        >>> lee = LeeMahalanobis().fit(dm, [(x, y)])
+        >>> lee.layers, lee.scores(dm, x[:4], (0.0, 0.01), std=(1.0,) * 3)[0.01].shape
+        (['input:layer1', 'layer1', 'layer2', 'layer3'], (4, 4))
+    """
+
+    def __init__(self, layers: Sequence[str] | None = None) -> None:
+        self.layers: list[str] = list(layers) if layers else []
+        self.means: list[np.ndarray] = []
+        self.precisions: list[np.ndarray] = []
+
+    def fit(self, dm: nn.Module, loader: Iterable, *, device: torch.device | str | None = None) -> LeeMahalanobis:
+        """Fits on clean ``(inputs, labels)`` (one forward pass each)."""
+        self.layers = self.layers or find_stage_layers(dm.model)
+        return self.fit_probe(collect_probe(dm, loader, stages=self.layers, device=device))
+
+    def fit_probe(self, probe: Probe, layers: Sequence[str] | None = None) -> LeeMahalanobis:
+        """Fits from a :class:`Probe` holding ``stages`` and the true labels."""
+        from sklearn.covariance import EmpiricalCovariance
+
+        if probe.stages is None:
+            raise DetectionError("the probe holds no stage features; collect it with stages=find_stage_layers(...).")
+        self.layers = list(layers) if layers else self.layers
+        y, k = probe.labels, probe.logits.shape[1]
+        self.means, self.precisions = [], []
+        for f in probe.stages:
+            f = f.astype(np.float64)
+            mu = _class_means(f, y, k)
+            self.means.append(mu)
+            self.precisions.append(EmpiricalCovariance(assume_centered=True).fit(f - mu[y]).precision_)
+        return self
+
+    def _distances(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer ``(N, K)`` Mahalanobis distances (torch, differentiable)."""
+        out = []
+        for f, mu, prec in zip(feats, self.means, self.precisions):
+            mu_t, p_t = torch.as_tensor(mu, dtype=f.dtype, device=f.device), torch.as_tensor(prec, dtype=f.dtype, device=f.device)
+            d = f[:, None, :] - mu_t[None]
+            out.append(torch.einsum("nkc,cd,nkd->nk", d, p_t, d))
+        return out
+
+    def scores(
+        self,
+        dm: nn.Module,
+        x: torch.Tensor,
+        magnitudes: Sequence[float] = LEE_MAGNITUDES,
+        *,
+        std: Sequence[float],
+        batch_size: int = 200,
+    ) -> dict[float, np.ndarray]:
+        """``{magnitude: (N, L) per-layer scores}`` of normalised inputs ``x``.
+
+        Magnitude 0 is one forward pass for all layers; every other magnitude costs, per layer, one
+        truncated forward and backward pass (shared by the magnitudes) and one truncated forward pass.
+
+        Args:
+            dm: the model (its ``model`` holds the feature sites).
+            x: normalised inputs.
+            magnitudes: preprocessing magnitudes in pixel units.
+            std: the data normalisation's per-channel std (a pixel step ε is ``ε / std`` here).
+            batch_size: inputs per pass.
+        """
+        if not self.means:
+            raise DetectionError("this LeeMahalanobis is not fitted: call fit(dm, clean_loader).")
+        net, device = dm.model, next(dm.parameters()).device
+        was_training = dm.training
+        dm.eval()
+        scale = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        out = {float(m): np.empty((x.shape[0], len(self.layers))) for m in magnitudes}
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i : i + batch_size].to(device)
+                with torch.no_grad():
+                    base = self._distances(run_pooled(net, xb, self.layers))
+                for l in range(len(self.layers)):
+                    for m in out:
+                        if m == 0.0:
+                            out[m][i : i + xb.shape[0], l] = base[l].min(1).values.cpu().numpy()
+                    moved = [m for m in out if m != 0.0]
+                    if not moved:
+                        continue
+                    xg = xb.clone().requires_grad_(True)
+                    d = self._distances(run_pooled(net, xg, self.layers, keep_grad=True, stop_at=l))[l]
+                    (grad,) = torch.autograd.grad(d.min(1).values.sum(), xg)
+                    step = grad.sign() * scale
+                    with torch.no_grad():
+                        for m in moved:
+                            dm_ = self._distances(run_pooled(net, xb - m * step, self.layers, stop_at=l))[l]
+                            out[m][i : i + xb.shape[0], l] = dm_.min(1).values.cpu().numpy()
+        finally:
+            dm.train(was_training)
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the fitted Gaussians to ``.npz`` (no pickle), atomically."""
+        if not self.means:
+            raise DetectionError("this LeeMahalanobis is not fitted.")
+        arrays = {f"mean_{l}": m for l, m in enumerate(self.means)} | {f"precision_{l}": p for l, p in enumerate(self.precisions)}
+        _save_npz(path, layers=np.array(self.layers), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LeeMahalanobis:
+        """Reads Gaussians written by :meth:`save`."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                det = cls([str(s) for s in z["layers"]])
+                det.means = [z[f"mean_{l}"] for l in range(len(det.layers))]
+                det.precisions = [z[f"precision_{l}"] for l in range(len(det.layers))]
+        except (OSError, ValueError, KeyError) as exc:
+            raise RunDirError(f"{path} is not a saved LeeMahalanobis ({exc}); delete it to refit.") from exc
+        return det
+
+
+#: Neighbour counts of Lee et al.'s LID evaluation (``ADV_Generate_LID_Mahalanobis.py``).
+LID_KS = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+
+
+def lid_scores(
+    clean: Sequence[np.ndarray],
+    adversarial: Sequence[np.ndarray],
+    adv_index: np.ndarray,
+    ks: Sequence[int] = LID_KS,
+    *,
+    batch_size: int = 100,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Local intrinsic dimensionality (Ma et al., ICLR 2018) of each layer's features.
+
+    The maximum-likelihood estimate ``−k / Σᵢ log(dᵢ / d_k)`` over the k nearest neighbours in a
+    minibatch of ``batch_size`` clean inputs, as in the authors' code: clean inputs are chunked in
+    order, an attacked input is compared with the chunk of the clean input it was made from, and
+    the nearest neighbour is skipped in both cases (for a clean input, itself).
+
+    Args:
+        clean: per layer ``(N, C)`` features of clean inputs.
+        adversarial: per layer ``(M, C)`` features of attacked inputs.
+        adv_index: ``(M,)`` the clean input each attacked one was made from.
+        ks: neighbour counts (capped at the chunk size minus one).
+        batch_size: clean inputs per reference minibatch.
+
+    Returns:
+        ``{k: (clean (N, L), adversarial (M, L))}`` LID per layer (higher = more likely adversarial).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> c = [rng.normal(size=(200, 2)) @ np.diag([1.0, 0.0])]  # clean: a line (dimension 1)
+        >>> a = [c[0][:50] + rng.normal(size=(50, 2))]  # attacked: off the line
+        >>> out = lid_scores(c, a, np.arange(50), ks=(10,))[10]
+        >>> bool(np.median(out[1]) > np.median(out[0]))
+        True
+    """
+    from scipy.spatial.distance import cdist
+
+    n = clean[0].shape[0]
+    chunk_of_adv = np.asarray(adv_index) // batch_size
+    out = {k: (np.empty((n, len(clean))), np.empty((len(adv_index), len(clean)))) for k in ks}
+    for start in range(0, n, batch_size):
+        rows = np.flatnonzero(chunk_of_adv == start // batch_size)
+        for l, (fc, fa) in enumerate(zip(clean, adversarial)):
+            ref = fc[start : start + batch_size].astype(np.float64)
+            for tag, q, where in (("c", ref, slice(start, start + ref.shape[0])), ("a", fa[rows].astype(np.float64), rows)):
+                d = np.sort(cdist(q, ref), axis=1)[:, 1:]
+                d = np.maximum(d, 1e-12)
+                for k in ks:
+                    kk = min(k, d.shape[1])
+                    lid = -kk / np.log(d[:, :kk] / d[:, kk - 1 : kk]).sum(1).clip(max=-1e-12)
+                    out[k][0 if tag == "c" else 1][where, l] = lid
+    return out
+
+
+def _class_means(f: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    mu = np.zeros((k, f.shape[1]))
+    cnt = np.bincount(y, minlength=k)
+    np.add.at(mu, y, f)
+    mu /= np.maximum(cnt, 1)[:, None]
+    mu[cnt == 0] = f.mean(0)
+    return mu
+
+
+def _save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)

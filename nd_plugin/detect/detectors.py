@@ -69,7 +69,18 @@ class PathDetector:
     - ``"knn"``: squared distance, in the same whitened space, to the ``k``-th nearest clean soft
       path of class ``c``;
     - ``"pathclf"``: ``−log q_l(c | z)`` of a per-layer logistic regression trained on clean soft
-      paths to predict the class (a path that does not look like its predicted class).
+      paths to predict the class (a path that does not look like its predicted class);
+    - ``"mi"``: ``−log q_l(c | α)`` of the decoupling's own ``L_mi`` classifiers (passed to
+      :meth:`fit_probe` as ``mi_weights``), the posterior the training made the path carry.
+
+    Overall-only scores (their per-layer scores are those of ``"gauss"``; ``combine`` does not apply):
+
+    - ``"joint_min"``: the joint distance to the *closest* class mean, not the predicted class's;
+    - ``"joint_margin"``: joint distance to the predicted class minus that to the closest class
+      (how much closer the path is to another class than to its prediction);
+    - ``"disagree"``: symmetric KL divergence between the class posteriors of the bottom half and
+      of the top half of the gated layers (``pathclf`` posteriors, summed in log space), the seed's
+      observation that attacked paths start in one class and end in another.
 
     Every variant is fitted on clean inputs only (unsupervised with respect to attacks). Layer
     scores are standardised with clean held-out means/stds and combined (``combine``) as their
@@ -88,12 +99,18 @@ class PathDetector:
         seed: seed of the held-out split and the kNN subsample.
 
     Example:
-        >>> det = PathDetector(method="gauss").fit(dm, train_loader)  # doctest: +SKIP
-        >>> det.score(x).overall  # doctest: +SKIP
-        >>> det.save("runs/r20/detector.npz")  # doctest: +SKIP
+        >>> import nd_plugin
+        >>> from nd_plugin.adapters.cifar import CifarResNet
+        >>> dm = nd_plugin.wrap(CifarResNet(8, num_classes=3).eval(), torch.randn(1, 3, 16, 16)).eval()
+        >>> x, y = torch.randn(90, 3, 16, 16), torch.arange(90) % 3
+        >>> det = PathDetector(knn_per_class=8, k=2).fit(dm, [(x, y)])
+        >>> s = det.score(x[:4])
+        >>> s.overall.shape, s.per_layer.shape, det.path_features(collect_probe(dm, x[:4])).shape
+        ((4,), (4, 3), (4, 18))
     """
 
-    METHODS = ("joint", "gauss", "bernoulli", "hamming", "knn", "pathclf")
+    METHODS = ("joint", "gauss", "bernoulli", "hamming", "knn", "pathclf", "mi", "joint_min", "joint_margin", "disagree")
+    OVERALL_ONLY = ("joint", "joint_min", "joint_margin", "disagree")
     COMBINES = ("mean", "max", "weighted")
 
     def __init__(
@@ -157,8 +174,18 @@ class PathDetector:
         self.model = dm
         return self
 
-    def fit_probe(self, probe: Probe, site_names: Sequence[str]) -> PathDetector:
-        """Fits from a :class:`Probe` of clean inputs with known labels (see :meth:`fit`)."""
+    def fit_probe(
+        self, probe: Probe, site_names: Sequence[str], *, mi_weights: Sequence[np.ndarray] | None = None
+    ) -> PathDetector:
+        """Fits from a :class:`Probe` of clean inputs with known labels (see :meth:`fit`).
+
+        Args:
+            probe: clean inputs with their true labels.
+            site_names: the gated layers, in the probe's order.
+            mi_weights: per gated layer, the ``(K, C_l)`` weight of the decoupling's ``L_mi``
+                classifier (``DecouplingLoss.classifiers``, saved in the run's checkpoint); enables
+                ``"mi"`` and the ``L_mi`` posteriors in :meth:`path_features`.
+        """
         labels = probe.labels
         if (labels < 0).any():
             raise DetectionError("fitting a path detector needs the true labels of the clean inputs.")
@@ -171,6 +198,10 @@ class PathDetector:
         hold, train = order[:n_hold], order[n_hold:]
         self.site_names = list(site_names)
         a: dict[str, np.ndarray] = {"num_classes": np.array(k)}
+        if mi_weights is not None:
+            if len(mi_weights) != len(self.site_names):
+                raise DetectionError(f"{len(mi_weights)} L_mi classifiers for {len(self.site_names)} gated layers.")
+            a.update({f"mi_w_{l}": np.asarray(w, dtype=np.float64) for l, w in enumerate(mi_weights)})
         y = labels[train]
         counts_n = np.bincount(y, minlength=k).astype(np.float64)
         for l in range(len(self.site_names)):
@@ -202,10 +233,11 @@ class PathDetector:
         # standardise each method's layer scores on clean held-out inputs (scored under their predictions)
         hp = probe.select(hold)
         wrong = (hp.labels + rng.integers(1, k, size=len(hp))) % k if k > 1 else hp.labels
-        joint = self._joint(hp, hp.preds)
-        a["cal_joint"] = np.array([joint.mean(), max(joint.std(), 1e-12)])
+        for m in self.OVERALL_ONLY:
+            raw = self._overall(hp, m, hp.preds)
+            a[f"cal_{m}"] = np.array([raw.mean(), max(raw.std(), 1e-12)])
         for m in self.METHODS:
-            if m == "joint":
+            if m in self.OVERALL_ONLY or (m == "mi" and "mi_w_0" not in a):
                 continue
             raw = self._raw(hp, m, hp.preds)
             mean, std = raw.mean(0), raw.std(0)
@@ -240,12 +272,53 @@ class PathDetector:
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def _joint(self, probe: Probe, cls: np.ndarray) -> np.ndarray:
-        """``(N,)`` Mahalanobis distance of the whole soft path to the mean of classes ``cls``."""
+    def _joint_all(self, probe: Probe) -> np.ndarray:
+        """``(N, K)`` Mahalanobis distance of the whole soft path to every class mean."""
         a = self.arrays
         z = np.concatenate(probe.z, axis=1).astype(np.float64)
-        d = ((z - a["joint_mu"][cls]) / a["joint_scale"]) @ a["joint_white"]
-        return (d**2).sum(1) / z.shape[1]
+        wz, wm = (z / a["joint_scale"]) @ a["joint_white"], (a["joint_mu"] / a["joint_scale"]) @ a["joint_white"]
+        return ((wz**2).sum(1)[:, None] - 2 * wz @ wm.T + (wm**2).sum(1)[None]) / z.shape[1]
+
+    def _overall(self, probe: Probe, method: str, cls: np.ndarray) -> np.ndarray:
+        """``(N,)`` raw score of an overall-only method under classes ``cls``."""
+        if method == "disagree":
+            half = max(self.num_layers // 2, 1)
+            logp = [self._log_posterior(probe, l, "pathclf") for l in range(self.num_layers)]
+            bottom, top = (_log_softmax(np.sum(logp[i], axis=0)) for i in (slice(0, half), slice(half, None)))
+            if self.num_layers < 2:
+                top = bottom
+            return ((np.exp(bottom) - np.exp(top)) * (bottom - top)).sum(1)
+        d = self._joint_all(probe)
+        at = d[np.arange(len(cls)), cls]
+        return {"joint": at, "joint_min": d.min(1), "joint_margin": at - d.min(1)}[method]
+
+    def _log_posterior(self, probe: Probe, l: int, source: str) -> np.ndarray:
+        """``(N, K)`` log class posteriors of layer ``l``'s path: ``"pathclf"`` (fitted) or ``"mi"`` (L_mi)."""
+        a = self.arrays
+        if source == "mi":
+            if f"mi_w_{l}" not in a:
+                raise DetectionError("this PathDetector was fitted without the L_mi classifiers (mi_weights=...).")
+            return _log_softmax(probe.gates[l].astype(np.float64) @ a[f"mi_w_{l}"].T)
+        white = (probe.z[l].astype(np.float64) / a[f"scale_{l}"]) @ a[f"white_{l}"]
+        return _log_softmax(white @ a[f"clf_w_{l}"].T + a[f"clf_b_{l}"])
+
+    def _layer_distances(self, probe: Probe, l: int) -> np.ndarray:
+        """``(N, K)`` per-width Mahalanobis distance of layer ``l``'s soft path to every class mean."""
+        a = self.arrays
+        z = probe.z[l].astype(np.float64)
+        wz, wm = (z / a[f"scale_{l}"]) @ a[f"white_{l}"], (a[f"mu_{l}"] / a[f"scale_{l}"]) @ a[f"white_{l}"]
+        return ((wz**2).sum(1)[:, None] - 2 * wz @ wm.T + (wm**2).sum(1)[None]) / z.shape[1]
+
+    def path_features(self, probe: Probe, *, posterior: str | None = None) -> np.ndarray:
+        """``(N, L·2K)`` features of a supervised path detector: per gated layer, the distance of its
+        soft path to every class mean and its log class posteriors (the ``L_mi`` classifiers' when
+        the detector holds them, else the fitted ``pathclf`` ones; ``posterior`` chooses)."""
+        self._check_fitted()
+        source = posterior or ("mi" if "mi_w_0" in self.arrays else "pathclf")
+        parts = []
+        for l in range(self.num_layers):
+            parts += [self._layer_distances(probe, l), self._log_posterior(probe, l, source)]
+        return np.concatenate(parts, axis=1)
 
     def _raw(self, probe: Probe, method: str, cls: np.ndarray) -> np.ndarray:
         """``(N, L)`` raw per-layer scores of ``method`` under classes ``cls``."""
@@ -265,7 +338,9 @@ class PathDetector:
             if method == "gauss":
                 d = ((z - a[f"mu_{l}"][cls]) / scale) @ w
                 out[:, l] = (d**2).sum(1) / z.shape[1]
-            elif method == "knn":
+            elif method in ("pathclf", "mi"):
+                out[:, l] = -self._log_posterior(probe, l, method)[np.arange(len(cls)), cls]
+            else:  # knn
                 white = (z / scale) @ w
                 ref, ref_y = a[f"knn_x_{l}"].astype(np.float64), a[f"knn_y_{l}"]
                 for c in np.unique(cls):
@@ -276,11 +351,6 @@ class PathDetector:
                     d2 = ((white[rows, None, :] - pool[None]) ** 2).sum(-1)
                     kk = min(self.k, pool.shape[0]) - 1
                     out[rows, l] = np.partition(d2, kk, axis=1)[:, kk] / z.shape[1]
-            else:  # pathclf
-                white = (z / scale) @ w
-                logit = white @ a[f"clf_w_{l}"].T + a[f"clf_b_{l}"]
-                logit -= logit.max(1, keepdims=True)
-                out[:, l] = -(logit[np.arange(len(cls)), cls] - np.log(np.exp(logit).sum(1)))
         return out
 
     def score_probe(self, probe: Probe, *, method: str | None = None, combine: str | None = None) -> PathScore:
@@ -297,10 +367,12 @@ class PathDetector:
             raise ConfigError(f"method must be one of {self.METHODS} and combine one of {self.COMBINES}.")
         preds = probe.preds
         a = self.arrays
-        layer_method = "gauss" if method == "joint" else method
+        layer_method = "gauss" if method in self.OVERALL_ONLY else method
+        if f"cal_mean_{layer_method}" not in a:
+            raise DetectionError("this PathDetector was fitted without the L_mi classifiers (mi_weights=...).")
         per_layer = (self._raw(probe, layer_method, preds) - a[f"cal_mean_{layer_method}"]) / a[f"cal_std_{layer_method}"]
-        if method == "joint":
-            overall = (self._joint(probe, preds) - a["cal_joint"][0]) / a["cal_joint"][1]
+        if method in self.OVERALL_ONLY:
+            overall = (self._overall(probe, method, preds) - a[f"cal_{method}"][0]) / a[f"cal_{method}"][1]
         elif combine == "mean":
             overall = per_layer.mean(1)
         elif combine == "max":
@@ -380,3 +452,8 @@ class PathDetector:
         if dm is not None:
             det.attach(dm)
         return det
+
+
+def _log_softmax(logit: np.ndarray) -> np.ndarray:
+    logit = logit - logit.max(1, keepdims=True)
+    return logit - np.log(np.exp(logit).sum(1, keepdims=True))

@@ -1,0 +1,326 @@
+"""The literature's detection protocol (Lee et al., NeurIPS 2018) on objects: fit, attack, featurise, evaluate.
+
+- :func:`fit_detectors`: one forward pass over clean training inputs fits the path detector, the
+  penultimate Mahalanobis baseline and Lee et al.'s feature-ensemble Gaussians
+  (:class:`FittedDetectors`, with ``save`` / ``load``);
+- :func:`attack_set`: clean test inputs, the correctly classified ones attacked, the successful
+  attacks kept (:class:`AttackedSet`);
+- :func:`detector_features`: what each detector reads of some inputs (one forward pass for the
+  unsupervised ones; Lee's preprocessing adds its own passes);
+- :func:`evaluate`: every detector on Lee's 5 / 5 / 90 split over several seeds, optionally fitted
+  on one attack and tested on another (transfer).
+
+Detector names (:data:`DETECTORS`): ``path`` (unsupervised, one forward pass), ``path_supervised``
+(logistic regression over per-layer path features: distances to every class mean and class
+posteriors), ``path_supervised_raw`` (the same regression over the raw soft path),
+``mahalanobis_lee`` (Lee et al.: feature ensemble, tied covariance, preprocessing, regression),
+``lid`` (Ma et al., ICLR 2018, k chosen on held-out attacked data), ``mahalanobis_penultimate``
+(the penultimate-only, unsupervised ablation of Lee et al.), ``max_softmax``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nd_plugin.detect.attacks import _check_attack, attack
+from nd_plugin.detect.baselines import LEE_MAGNITUDES, LID_KS, LeeMahalanobis, MahalanobisDetector, lid_scores, msp_score
+from nd_plugin.detect.detectors import PathDetector
+from nd_plugin.detect.features import Probe, collect_probe, find_feature_layer, find_stage_layers
+from nd_plugin.detect.metrics import evaluate_supervised, evaluate_unsupervised, lee_splits
+from nd_plugin.errors import ConfigError, DetectionError, RunDirError
+
+__all__ = [
+    "DETECTORS",
+    "AttackedSet",
+    "FittedDetectors",
+    "UnknownDetectorError",
+    "attack_set",
+    "check_detectors",
+    "detector_features",
+    "evaluate",
+    "fit_detectors",
+]
+
+#: Every detector :func:`evaluate` measures, in the order of the tables.
+DETECTORS = (
+    "path", "path_supervised", "path_supervised_raw", "mahalanobis_lee", "lid", "mahalanobis_penultimate", "max_softmax",
+)
+#: Detectors with a logistic regression fitted on attacked inputs (Lee's protocol).
+SUPERVISED = ("path_supervised", "path_supervised_raw", "mahalanobis_lee", "lid")
+
+PATH_FILE, PENULTIMATE_FILE, LEE_FILE = "detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"
+
+
+class UnknownDetectorError(ConfigError):
+    """A detector name that :data:`DETECTORS` does not hold."""
+
+
+def check_detectors(names: Iterable[str] | None) -> list[str]:
+    """The detector names, checked (``None``: all of :data:`DETECTORS`).
+
+    Example:
+        >>> check_detectors(["path", "lid"])
+        ['path', 'lid']
+        >>> check_detectors(["odin"])
+        Traceback (most recent call last):
+        ...
+        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
+    """
+    out = list(DETECTORS) if names is None else [str(n).strip() for n in names]
+    for n in out:
+        if n not in DETECTORS:
+            raise UnknownDetectorError(f"unknown detector {n!r}; known detectors: {', '.join(DETECTORS)}.")
+    if not out:
+        raise UnknownDetectorError(f"no detector named; known detectors: {', '.join(DETECTORS)}.")
+    return out
+
+
+@dataclass
+class FittedDetectors:
+    """The detectors fitted on clean training inputs (what ``RUN/detector*.npz`` hold).
+
+    Attributes:
+        path: the path detector (also the source of the supervised path features).
+        penultimate: Mahalanobis on penultimate features (unsupervised ablation).
+        lee: Lee et al.'s Gaussians on the stem and every stage.
+        meta: strings stored with the path detector (data spec, number of fit inputs, seconds).
+    """
+
+    path: PathDetector
+    penultimate: MahalanobisDetector
+    lee: LeeMahalanobis
+    meta: dict[str, str]
+
+    def save(self, folder: str | Path) -> None:
+        """Writes the three detectors to ``folder`` (``detector.npz``, ``detector_mahalanobis.npz``, ``detector_lee.npz``)."""
+        folder = Path(folder)
+        self.path.save(folder / PATH_FILE, **self.meta)
+        self.penultimate.save(folder / PENULTIMATE_FILE)
+        self.lee.save(folder / LEE_FILE)
+
+    @classmethod
+    def load(cls, folder: str | Path, dm: nn.Module) -> FittedDetectors:
+        """Reads what :meth:`save` wrote; the path detector is attached to ``dm`` (its layers checked).
+
+        Raises:
+            RunDirError: a file is missing or unreadable.
+            DetectionError: the saved detector's gated layers are not the model's.
+        """
+        folder = Path(folder)
+        for name in (PATH_FILE, PENULTIMATE_FILE, LEE_FILE):
+            if not (folder / name).is_file():
+                raise RunDirError(f"{folder / name} does not exist.")
+        path = PathDetector.load(folder / PATH_FILE, dm)
+        pen = MahalanobisDetector.load(folder / PENULTIMATE_FILE, dm)
+        return cls(path, pen, LeeMahalanobis.load(folder / LEE_FILE), dict(path.meta))
+
+
+def fit_detectors(
+    dm: nn.Module,
+    loader: Iterable,
+    *,
+    mi_weights: Sequence[np.ndarray] | None = None,
+    device: torch.device | str | None = None,
+    meta: dict[str, str] | None = None,
+) -> FittedDetectors:
+    """Fits every detector's clean statistics with one forward pass over clean ``(inputs, labels)``.
+
+    Args:
+        dm: the decoupled model.
+        loader: clean training inputs with true labels (no augmentation).
+        mi_weights: the ``L_mi`` classifiers' weights, one ``(K, C_l)`` per gated layer (optional).
+        device: where to run.
+        meta: strings stored with the detectors (e.g. the data spec); ``fit_n`` and
+            ``fit_seconds`` are added.
+
+    Returns:
+        The :class:`FittedDetectors`.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device) if device is not None else next(dm.parameters()).device
+    first = next(iter(loader))
+    example = (first[0] if isinstance(first, (tuple, list)) else first)[:2].to(device)
+    layer, stages = find_feature_layer(dm.model, example), find_stage_layers(dm.model)
+    probe = collect_probe(dm, loader, feature_layer=layer, stages=stages, device=device)
+    path = PathDetector().fit_probe(probe, dm.site_names, mi_weights=mi_weights).attach(dm)
+    pen = MahalanobisDetector().fit_probe(probe, layer)
+    pen.model = dm
+    lee = LeeMahalanobis(stages).fit_probe(probe)
+    info = dict(meta or {}) | {"fit_n": str(len(probe)), "fit_seconds": f"{time.perf_counter() - t0:.1f}"}
+    return FittedDetectors(path, pen, lee, info)
+
+
+@dataclass
+class AttackedSet:
+    """Clean test inputs the model classifies correctly, and the successful attacks on them.
+
+    Attributes:
+        attack, eps, steps: the attack.
+        drawn: test inputs drawn; correct: of those, correctly classified (the negatives).
+        clean: probe of the correctly classified inputs; adv: probe of the successful attacks.
+        adv_index: ``(M,)`` for each successful attack, the index in ``clean`` of its input.
+        x_clean, x_adv: the normalised inputs (CPU), for detectors that run extra passes.
+    """
+
+    attack: str
+    eps: float
+    steps: int
+    drawn: int
+    correct: int
+    clean: Probe
+    adv: Probe
+    adv_index: np.ndarray
+    x_clean: torch.Tensor
+    x_adv: torch.Tensor
+
+    @property
+    def successful(self) -> int:
+        return len(self.adv)
+
+    @property
+    def tag(self) -> str:
+        """``ATTACK-epsEPS`` (e.g. ``fgsm-eps0.0314``), the name of its output folder."""
+        return f"{self.attack}-eps{f'{self.eps:.4f}'.rstrip('0').rstrip('.')}"
+
+
+def attack_set(
+    dm: nn.Module,
+    loader: Iterable,
+    attack_name: str,
+    eps: float,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    steps: int = 10,
+    feature_layer: str | None = None,
+    stages: Sequence[str] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    gate_inputs: bool = False,
+) -> AttackedSet:
+    """Attacks the correctly classified inputs of ``loader``; keeps the successful attacks.
+
+    Raises:
+        UnknownAttackError, ConfigError: bad attack name or eps.
+        DetectionError: no input classified correctly, or no attack succeeded.
+    """
+    key = _check_attack(attack_name, eps)
+    clean_parts, adv_parts, xs_clean, xs_adv, index = [], [], [], [], []
+    drawn = correct = 0
+    kw = {"feature_layer": feature_layer, "stages": stages, "device": device, "gate_inputs": gate_inputs}
+    for b, (xb, yb) in enumerate(loader):
+        xb, yb = xb.to(device), yb.to(device)
+        cp = collect_probe(dm, [(xb, yb)], **kw)
+        ok = cp.preds == cp.labels
+        drawn += len(cp)
+        if ok.any():
+            idx = torch.as_tensor(np.flatnonzero(ok), device=xb.device)
+            adv = attack(dm, xb[idx], yb[idx], key, eps, mean=mean, std=std, steps=steps, seed=seed + b)
+            ap = collect_probe(dm, [(adv, yb[idx])], **kw)
+            fooled = ap.preds != ap.labels
+            clean_parts.append(cp.select(ok))
+            xs_clean.append(xb[idx].cpu())
+            if fooled.any():
+                adv_parts.append(ap.select(fooled))
+                xs_adv.append(adv[torch.as_tensor(fooled, device=adv.device)].cpu())
+                index.append(correct + np.flatnonzero(fooled))
+            correct += int(ok.sum())
+    if correct == 0:
+        raise DetectionError(f"the model classifies none of the {drawn} test inputs correctly: nothing to attack.")
+    if not adv_parts:
+        raise DetectionError(
+            f"attack {key} at eps={eps:.4g} succeeded on none of the {correct} correctly classified inputs "
+            "(success rate 0): nothing to detect; raise --eps or use a stronger attack (e.g. pgd)."
+        )
+    return AttackedSet(
+        key, float(eps), int(steps), drawn, correct, Probe.concat(clean_parts), Probe.concat(adv_parts),
+        np.concatenate(index), torch.cat(xs_clean), torch.cat(xs_adv),
+    )
+
+
+def detector_features(
+    fitted: FittedDetectors,
+    dm: nn.Module,
+    x: torch.Tensor,
+    probe: Probe,
+    *,
+    std: Sequence[float],
+    detectors: Sequence[str] = DETECTORS,
+    magnitudes: Sequence[float] = LEE_MAGNITUDES,
+    batch_size: int = 200,
+) -> dict[str, Any]:
+    """What each detector reads of inputs ``x`` whose forward pass is ``probe``.
+
+    Returns:
+        ``{name: array}`` for the one-pass detectors (``path``, ``max_softmax``,
+        ``mahalanobis_penultimate``: ``(N,)`` scores; ``path_supervised``, ``path_supervised_raw``:
+        ``(N, F)`` features; ``lid``: the per-layer pooled stage features) and, for
+        ``mahalanobis_lee``, ``{magnitude: (N, L)}``.
+    """
+    out: dict[str, Any] = {}
+    for name in detectors:
+        if name == "path":
+            out[name] = fitted.path.score_probe(probe).overall
+        elif name == "max_softmax":
+            out[name] = msp_score(probe.logits)
+        elif name == "mahalanobis_penultimate":
+            out[name] = fitted.penultimate.score_probe(probe)
+        elif name == "path_supervised":
+            out[name] = fitted.path.path_features(probe)
+        elif name == "path_supervised_raw":
+            out[name] = np.concatenate(probe.z, axis=1)
+        elif name == "lid":
+            out[name] = probe.stages
+        elif name == "mahalanobis_lee":
+            out[name] = fitted.lee.scores(dm, x, magnitudes, std=std, batch_size=batch_size)
+    return out
+
+
+def _candidates(name: str, clean: dict[str, Any], adv: dict[str, Any], aset: AttackedSet) -> dict[Any, tuple]:
+    if name == "mahalanobis_lee":
+        return {m: (clean[name][m], adv[name][m]) for m in clean[name]}
+    if name == "lid":
+        return dict(lid_scores(clean[name], adv[name], aset.adv_index, LID_KS))
+    return {None: (clean[name], adv[name])}
+
+
+def evaluate(
+    clean: dict[str, Any],
+    adv: dict[str, Any],
+    aset: AttackedSet,
+    *,
+    seeds: int = 5,
+    transfer: tuple[dict[str, Any], AttackedSet] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every detector in ``adv`` on Lee's protocol: 5% fit, 5% choice of hyperparameter, 90% test.
+
+    Unsupervised detectors are measured on the same 90% test parts. With ``transfer = (adv2,
+    aset2)`` (another attack on the same clean inputs) the supervised detectors are fitted and
+    chosen on ``aset`` and tested on ``aset2``.
+
+    Returns:
+        ``{name: {"auroc", "auroc_std", "tpr_at_5fpr", "tpr_at_5fpr_std", "seeds"[, "chosen"]}}``.
+    """
+    if transfer is not None and transfer[1].correct != aset.correct:
+        raise DetectionError("a transfer needs both attacks on the same clean inputs (same --n, --seed and data).")
+    splits = lee_splits(aset.correct, seeds)
+    out: dict[str, dict[str, Any]] = {}
+    for name in (n for n in DETECTORS if n in adv):
+        if name not in SUPERVISED:
+            if transfer is None:
+                out[name] = evaluate_unsupervised(clean[name], adv[name], aset.adv_index, splits)
+            continue
+        cands = _candidates(name, clean, adv, aset)
+        kw = {}
+        if transfer is not None:
+            kw = {"test_candidates": _candidates(name, clean, transfer[0], transfer[1]), "test_adv_index": transfer[1].adv_index}
+        out[name] = evaluate_supervised(cands, aset.adv_index, splits, **kw)
+    return out
