@@ -45,7 +45,7 @@ def make_run(path: Path, weights: str, sites: str, acm: str, classes: list[str])
         "sites": dm.site_names, "reduction": 4, "noise_std": 1.0,
     }
     (path / "config.json").write_text(json.dumps(config))
-    torch.save({"model": dm.state_dict()}, path / "checkpoint.pt")
+    torch.save({"model": dm.state_dict(), "epoch": 0}, path / "checkpoint.pt")
 
 
 def main() -> None:

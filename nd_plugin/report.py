@@ -28,6 +28,7 @@ import numpy as np
 from nd_plugin.errors import DataError, InputShapeError
 from nd_plugin.interpret import (
     ClassPaths,
+    concept_consistency,
     DecisionTree,
     FilterStates,
     OcclusionConcepts,
@@ -41,6 +42,7 @@ from nd_plugin.interpret import (
 from nd_plugin.interpret._common import jsonable
 from nd_plugin.interpret.states import DYNAMIC, ENERGETIC, SILENT
 from nd_plugin.paths import PathStats
+from nd_plugin.report_figures import _figure, _layer_ticks, _short, plot_decision_tree, plot_occlusion
 
 __all__ = [
     "Analysis",
@@ -58,31 +60,6 @@ __all__ = [
 ]
 
 STATE_COLOURS = {"silent": "#9e9e9e", "dynamic": "#1f77b4", "energetic": "#ff7f0e"}
-
-
-def _figure(width: float, height: float, dpi: int = 110, layout: str | None = "constrained"):
-    """A pyplot-free figure on the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=dpi, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _short(name: str, keep: int = 22) -> str:
-    return name if len(name) <= keep else "…" + name[-(keep - 1) :]
-
-
-def _layer_ticks(ax, names: Sequence[str], axis: str = "y", max_ticks: int = 40) -> None:
-    step = max(1, int(np.ceil(len(names) / max_ticks)))
-    idx = list(range(0, len(names), step))
-    labels = [_short(names[i]) for i in idx]
-    fs = 7 if len(names) > 20 else 8
-    if axis == "y":
-        ax.set_yticks(idx, labels, fontsize=fs)
-    else:
-        ax.set_xticks(idx, labels, fontsize=fs, rotation=90)
 
 
 # --------------------------------------------------------------------------------------- figures
@@ -280,129 +257,6 @@ def plot_class_stats(cp: ClassPaths):
     return fig
 
 
-def _tree_layout(tree: DecisionTree) -> dict[int, float]:
-    xs: dict[int, float] = {}
-    counter = [0]
-
-    def visit(node_id: int) -> float:
-        node = tree.nodes[node_id]
-        if not node.children:
-            xs[node_id] = float(counter[0])
-            counter[0] += 1
-        else:
-            xs[node_id] = float(np.mean([visit(c) for c in node.children]))
-        return xs[node_id]
-
-    visit(0)
-    return xs
-
-
-def plot_decision_tree(tree: DecisionTree):
-    """The decision process as a tree over layers (seed Fig. C).
-
-    Depth runs downwards through the gated layers. A group of inputs splits (k-means, k = 2)
-    at the layer where its gate vectors show cluster tendency (Hopkins ``H``, annotated); each
-    leaf lists the classes that end there by majority, its size and its purity.
-
-    Args:
-        tree: result of :func:`~nd_plugin.interpret.decision_tree`.
-
-    Returns:
-        The Figure.
-    """
-    xs = _tree_layout(tree)
-    n_leaves = len(tree.leaves)
-    n_layers = len(tree.layers)
-    fig = _figure(min(max(7.0, 1.1 * n_leaves + 3), 22.0), max(5.0, 0.2 * n_layers + 3.2))
-    ax = fig.add_subplot()
-    bottom = n_layers
-    cmap = __import__("matplotlib").colormaps["tab10" if len(tree.classes) <= 10 else "tab20"]
-    for node in tree.nodes:
-        x = xs[node.id]
-        top = -0.5 if node.parent is None else tree.nodes[node.parent].split_layer
-        end = node.split_layer if node.children else bottom
-        ax.plot([x, x], [top, end], color="#555", lw=1.2 + 2.5 * node.size / tree.nodes[0].size)
-        if node.children:
-            cx = [xs[c] for c in node.children]
-            ax.plot([min(cx), max(cx)], [end, end], color="#555", lw=1.2)
-            h = node.hopkins.get(node.split_layer, float("nan"))
-            ax.annotate(f"H={h:.2f}", (x, end), xytext=(3, -9), textcoords="offset points", fontsize=7, color="#b22")
-            ax.plot([x], [end], "o", color="#b22", ms=4)
-        else:
-            comp = node.composition
-            dom = int(np.argmax(comp))
-            purity = comp[dom] / max(comp.sum(), 1)
-            names = [tree.classes[c] for c in node.classes] or ["(no class)"]
-            text = "\n".join(names[:6] + (["…"] if len(names) > 6 else [])) + f"\nn={node.size}\n{purity:.0%} {tree.classes[dom]}"
-            ax.text(x, bottom + 0.4, text, ha="center", va="top", fontsize=7 if n_leaves <= 16 else 5.5, color=cmap(dom % cmap.N) if node.classes else "#777")
-    ax.set_ylim(bottom + 0.3 + 0.35 * 9, -1)
-    ax.set_xlim(-0.8, max(n_leaves - 0.2, 0.8))
-    _layer_ticks(ax, tree.layers, axis="y", max_ticks=60)
-    ax.set_xticks([])
-    for spine in ("top", "right", "bottom"):
-        ax.spines[spine].set_visible(False)
-    first = tree.first_parting()
-    sub = "no split: no layer shows cluster tendency above the threshold" if first is None else (
-        f"first parting at {first[0]}: " + " | ".join(", ".join(g) for g in first[1]))
-    ax.set_title(f"Decision process (Hopkins ≥ {tree.threshold:g} → k-means split)\n{sub}", fontsize=9)
-    return fig
-
-
-def plot_occlusion(oc: OcclusionConcepts, images: Sequence[np.ndarray], *, filters_per_image: int = 5, classes: Sequence[str] | None = None):
-    """Per image, the regions whose occlusion silences a filter (seed Fig. B), as overlays.
-
-    Args:
-        oc: result of :func:`~nd_plugin.interpret.occlusion_concepts`.
-        images: the images as ``(H, W, 3)`` arrays in ``[0, 1]`` (or uint8), for display.
-        filters_per_image: filters shown per image (:meth:`OcclusionConcepts.concept_filters`).
-        classes: class names for the predictions.
-
-    Returns:
-        The Figure.
-    """
-    b = len(images)
-    cols = filters_per_image + 2
-    fig = _figure(1.9 * cols, 2.1 * b + 0.3, dpi=110)
-    axes = fig.subplots(b, cols, squeeze=False)
-    for i in range(b):
-        img = np.asarray(images[i], dtype=np.float64)
-        img = img / 255.0 if img.max() > 1.0 else img
-        pred = int(oc.base_pred[i])
-        name = classes[pred] if classes is not None and pred < len(classes) else str(pred)
-        axes[i, 0].imshow(img, interpolation="nearest")
-        axes[i, 0].set_title(f"image {i}: pred {name}\n{int(oc.base[i].sum())} filters on", fontsize=7)
-        counts = oc.silenced[i].sum(1)
-        heat = np.zeros(oc.image_size)
-        cover = np.zeros(oc.image_size)
-        for (t, l, bb, r), c in zip(oc.boxes, counts):
-            heat[t:bb, l:r] += c
-            cover[t:bb, l:r] += 1
-        mean_heat = heat / np.maximum(cover, 1)
-        axes[i, 1].imshow(mean_heat, cmap="inferno", interpolation="nearest", vmin=0, vmax=max(mean_heat.max(), 1e-9))
-        axes[i, 1].set_title(f"filters silenced per pixel\noccluded (max {mean_heat.max():.1f})", fontsize=7)
-        chosen = oc.concept_filters(i, top=filters_per_image)
-        for j in range(filters_per_image):
-            ax = axes[i, 2 + j]
-            if j == 0 and not chosen:
-                ax.text(0.02, 0.5, "no filter turns off under\nany single patch (or all\npatches silence it)",
-                        fontsize=8, va="center", transform=ax.transAxes)
-                ax.set_frame_on(False)
-            elif j < len(chosen):
-                f = chosen[j]
-                region = oc.region(i, f)
-                ax.imshow(img * (0.25 + 0.75 * region[..., None]), interpolation="nearest")
-                ax.contour(region > 0, levels=[0.5], colors="red", linewidths=0.8)
-                layer, ch = oc.filter_name(f)
-                ax.set_title(f"{_short(layer, 16)}[{ch}]\noff under {int(oc.silenced[i, :, f].sum())} patches", fontsize=7)
-            else:
-                ax.set_visible(False)
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle("Semantic concepts by occlusion: bright = region whose blacking-out turns the filter off", fontsize=9)
-    return fig
-
-
 def plot_path_distribution(pd: PathDistribution):
     """Distribution of whole paths (seed Fig. D): PCA of paths by class, Hamming distances, entropy.
 
@@ -462,6 +316,7 @@ class Analysis:
         distribution: path distribution (``None`` without raw paths).
         occlusion: occlusion concepts (``None`` without images).
         images: display copies of the occluded images, ``(H, W, 3)`` floats in ``[0, 1]``.
+        image_groups: ``{class name: indices of its occluded images}`` (concept consistency is per group).
         timings: seconds per step.
     """
 
@@ -473,6 +328,7 @@ class Analysis:
     occlusion: OcclusionConcepts | None = None
     images: list[np.ndarray] = field(default_factory=list)
     image_names: list[str] = field(default_factory=list)
+    image_groups: dict[str, list[int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -495,7 +351,14 @@ class Analysis:
             "class_paths": self.classes.to_dict(),
             "decision_tree": None if self.tree is None else self.tree.to_dict(),
             "path_distribution": None if self.distribution is None else self.distribution.to_dict(),
-            "occlusion": None if self.occlusion is None else {**self.occlusion.to_dict(), "image_names": self.image_names},
+            "occlusion": None if self.occlusion is None else {
+                **self.occlusion.to_dict(), "image_names": self.image_names,
+                "concept_consistency": {
+                    g: concept_consistency(self.occlusion, idx).to_dict(
+                        lambda f: "{}[{}]".format(*self.occlusion.filter_name(f)))
+                    for g, idx in (self.image_groups or {"all images": list(range(len(self.images)))}).items()
+                },
+            },
             "timings_s": self.timings,
         }
         return jsonable(out)
@@ -508,6 +371,8 @@ def analyze_paths(
     threshold: float = 0.75,
     max_tree_samples: int | None = 5000,
     n_permutations: int = 99,
+    tree_test: str = "copula",
+    alpha: float = 0.01,
     seed: int = 0,
 ) -> Analysis:
     """Runs every path analysis on one :class:`PathStats` (tree and distribution need raw paths).
@@ -515,9 +380,11 @@ def analyze_paths(
     Args:
         stats: path statistics.
         tolerance: filter-state tolerance (fraction of inputs).
-        threshold: Hopkins threshold of the decision tree.
+        threshold: Hopkins threshold of the decision tree (``tree_test="hopkins"`` only).
         max_tree_samples: inputs used by the decision tree (stratified subset).
         n_permutations: permutations of the class-dependence test.
+        tree_test: the decision tree's cluster test (:data:`~nd_plugin.interpret.tree.TESTS`).
+        alpha: its level.
         seed: seed of every random step.
 
     Returns:
@@ -537,7 +404,7 @@ def analyze_paths(
     tree = dist = None
     if stats.paths is not None and stats.labels is not None:
         t0 = time.perf_counter()
-        tree = decision_tree(stats, threshold=threshold, max_samples=max_tree_samples, seed=seed)
+        tree = decision_tree(stats, test=tree_test, alpha=alpha, threshold=threshold, max_samples=max_tree_samples, seed=seed)
         t["decision_tree"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         dist = path_distribution(stats, seed=seed)
@@ -604,13 +471,15 @@ _FIGURES = [
      "Path width per class; η², the share of path variance explained by the class, per layer (with a label-permutation "
      "p-value); the similarity of class mean paths."),
     ("decision_tree.png", "Decision process",
-     "Layer by layer, a group of inputs is split in two by k-means when its gate vectors show cluster tendency "
-     "(Hopkins statistic; 1 clustered, 0.5 random); classes follow the majority of their inputs (seed Fig. C)."),
+     "Layer by layer, a group of inputs is split in two by k-means when a cluster test on its gate vectors rejects "
+     "'one population' (the test and its rule are in the table above and in analysis.json, with every node's statistic "
+     "and p-value); classes follow the majority of their inputs (seed Fig. C)."),
     ("path_distribution.png", "Distribution of whole paths",
      "Paths projected on their first two principal components, coloured by class; Hamming distances between paths of "
      "the same and of different classes; per-class path diversity (seed Fig. D)."),
     ("occlusion.png", "Semantic concepts by occlusion",
-     "Black patches slide over each image; for filters that some patches turn off, the bright region is where "
+     "Black patches slide over several images of a class; for the filters whose concept is most consistent (turned off "
+     "by some, at most half, of the patches on the most images of the class), the bright region on each image is where "
      "blacking-out silences the filter (seed Fig. B)."),
 ]
 
@@ -634,7 +503,9 @@ def _key_numbers(a: Analysis) -> list[tuple[str, str]]:
     rows.append(("widest / thinnest class path", f"{cp.classes[widest]} ({cp.total_width[widest]:.1f}) / {cp.classes[thinnest]} ({cp.total_width[thinnest]:.1f}) filters on"))
     if a.tree is not None:
         first = a.tree.first_parting()
-        rows.append(("decision tree", f"{len(a.tree.splits)} splits, {len(a.tree.leaves)} leaves"))
+        rows.append(("decision-tree test", f"{a.tree.description} (split when {a.tree.rule})"))
+        rows.append(("decision tree", f"{len(a.tree.splits)} splits, {len(a.tree.leaves)} leaves, {len(a.tree.tested())} groups tested"
+                     + (f"; no split: {a.tree.no_split_reason}" if a.tree.no_split_reason else "")))
         rows.append(("first layer where classes part", "none" if first is None else f"{first[0]}: " + " | ".join(", ".join(g) for g in first[1])))
     if a.distribution is not None:
         d = a.distribution
@@ -677,7 +548,8 @@ def write_report(
     if analysis.distribution is not None:
         plots["path_distribution.png"] = lambda: plot_path_distribution(analysis.distribution)
     if analysis.occlusion is not None:
-        plots["occlusion.png"] = lambda: plot_occlusion(analysis.occlusion, analysis.images, classes=analysis.stats.classes)
+        plots["occlusion.png"] = lambda: plot_occlusion(analysis.occlusion, analysis.images, groups=analysis.image_groups,
+                                                        classes=analysis.stats.classes)
     if not figures:
         plots = {}
     t0 = time.perf_counter()
@@ -765,6 +637,28 @@ def _analysis_data(run: Any, spec: str | None) -> Any:
     return run.data(spec)
 
 
+def _pick_occlusion_images(bundle: Any, wanted: Sequence[str] | int, total: int):
+    """The first validation images of each wanted class: ``(tensors, names, {class: indices})``."""
+    classes = list(bundle.classes)
+    if isinstance(wanted, int):
+        wanted = classes[: max(1, wanted)]
+    unknown = [c for c in wanted if c not in classes]
+    if unknown:
+        raise DataError(f"occlusion class {unknown[0]!r} is not a class of the data ({', '.join(classes[:10])}...).")
+    per_class = max(1, total // len(wanted))
+    targets = getattr(bundle.val, "targets", None)
+    targets = np.asarray(targets) if targets is not None else np.array([int(bundle.val[i][1]) for i in range(len(bundle.val))])
+    picked, names, groups = [], [], {}
+    for c in wanted:
+        for i in np.flatnonzero(targets == classes.index(c))[:per_class]:
+            groups.setdefault(c, []).append(len(picked))
+            picked.append(bundle.val[int(i)][0])
+            names.append(f"validation image {int(i)} ({c})")
+    if not picked:
+        raise DataError(f"the validation split has no image of {', '.join(wanted)}; pass --images instead.")
+    return picked, names, groups
+
+
 def build_report(
     run: str | os.PathLike | Any,
     data: str | None = None,
@@ -775,11 +669,14 @@ def build_report(
     stride: int | None = None,
     tolerance: float = 0.0,
     threshold: float = 0.75,
+    tree_test: str = "copula",
+    alpha: float = 0.01,
     max_tree_samples: int | None = 5000,
     n_permutations: int = 99,
     batch_size: int = 256,
     max_batches: int | None = None,
-    num_occlusion_images: int = 3,
+    num_occlusion_images: int = 12,
+    occlusion_classes: Sequence[str] | int = 2,
     device: str = "cpu",
     progress: bool = False,
     figures: bool = True,
@@ -801,12 +698,17 @@ def build_report(
             with the default stride).
         stride: occlusion stride (default half the patch).
         tolerance: filter-state tolerance.
-        threshold: Hopkins threshold of the decision tree.
+        threshold: Hopkins threshold of the decision tree (``tree_test="hopkins"`` only).
+        tree_test: the decision tree's cluster test (``"copula"``, calibrated; or ``"hopkins"``, ...).
+        alpha: level of the tree's test.
         max_tree_samples: inputs used by the decision tree.
         n_permutations: permutations of the class-dependence test.
         batch_size: batch size of path collection.
         max_batches: collect paths over at most this many batches.
-        num_occlusion_images: validation images occluded when ``images`` is empty.
+        num_occlusion_images: validation images occluded when ``images`` is empty, split evenly over
+            ``occlusion_classes`` (0: no occlusion).
+        occlusion_classes: class names whose validation images are occluded, or how many classes
+            (the first ones in class order); the figure ranks filters by concept consistency per class.
         device: where the model runs.
         progress: show progress bars.
         figures: render the figures (``False``: ``analysis.json`` and a table of numbers only).
@@ -874,21 +776,15 @@ def build_report(
     std = cfg.get("std") or (list(bundle.std) if bundle is not None else None)
     occ_images = display = None
     names: list[str] = []
+    groups: dict[str, list[int]] = {}
     if images:
         if mean is None or std is None:
             raise DataError("the run's config has no normalisation (mean/std); pass --data so the images can be normalised.")
         occ_images, display = load_images(images, (h, w), mean, std)
         names = [str(p) for p in images]
+        groups = {"given images": list(range(len(names)))}
     elif bundle is not None and num_occlusion_images > 0:
-        picked, seen = [], set()
-        for i in range(min(len(bundle.val), 5000)):
-            x, y = bundle.val[i]
-            if int(y) not in seen:
-                seen.add(int(y))
-                picked.append(x)
-                names.append(f"validation image {i} ({bundle.classes[int(y)]})")
-            if len(picked) >= num_occlusion_images:
-                break
+        picked, names, groups = _pick_occlusion_images(bundle, occlusion_classes, num_occlusion_images)
         occ_images = torch.stack(picked)
         m = torch.tensor(bundle.mean).view(-1, 1, 1)
         s = torch.tensor(bundle.std).view(-1, 1, 1)
@@ -911,13 +807,13 @@ def build_report(
         stats.classes = list(run_classes)
 
     analysis = analyze_paths(stats, tolerance=tolerance, threshold=threshold, max_tree_samples=max_tree_samples,
-                             n_permutations=n_permutations, seed=seed)
+                             n_permutations=n_permutations, tree_test=tree_test, alpha=alpha, seed=seed)
     analysis.timings = {**timings, **analysis.timings}
     if occ_images is not None:
         t0 = time.perf_counter()
         fill = (-np.asarray(mean) / np.asarray(std)).tolist() if mean is not None else 0.0
         analysis.occlusion = occlusion_concepts(dm, occ_images, patch=patch, stride=stride, fill=fill, device=device)
-        analysis.images, analysis.image_names = list(display), names
+        analysis.images, analysis.image_names, analysis.image_groups = list(display), names, groups
         analysis.timings["occlusion"] = time.perf_counter() - t0
     analysis.meta = {
         "run": str(run.path),
@@ -926,7 +822,10 @@ def build_report(
         "paths": source,
         "occlusion_patch": patch,
         "occlusion_stride": stride if stride is not None else max(patch // 2, 1),
-        "hopkins_threshold": threshold,
+        "tree_test": tree_test,
+        "tree_alpha": alpha,
+        "hopkins_threshold": threshold if tree_test == "hopkins" else None,
+        "occlusion_groups": {g: len(i) for g, i in groups.items()},
         "seed": seed,
     }
     index = write_report(analysis, out, title=f"nd analyze: {cfg.get('model', run.path.name)}", figures=figures)

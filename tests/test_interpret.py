@@ -173,13 +173,19 @@ def _tree_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([layer0, layer1, layer2], 1), labels
 
 
-def test_decision_tree_recovers_known_splits() -> None:
+@pytest.mark.parametrize("test", ["copula", "hopkins"])
+def test_decision_tree_recovers_known_splits(test: str) -> None:
     paths, labels = _tree_data()
-    tree = decision_tree(_stats_from_paths(paths, labels, [24, 24, 24]), seed=0)
+    tree = decision_tree(_stats_from_paths(paths, labels, [24, 24, 24]), test=test, seed=0)
     root = tree.nodes[0]
     assert 0 not in [n.split_layer for n in tree.splits]  # the unstructured layer splits nothing
     assert root.split_layer == 1
-    assert root.hopkins[0] < 0.75 <= root.hopkins[1]
+    assert not root.tests[0].reject and root.tests[1].reject
+    if test == "hopkins":
+        assert root.statistics[0] < 0.75 <= root.statistics[1]
+    else:
+        assert root.tests[0].p_value > 0.01 >= root.tests[1].p_value == pytest.approx(1 / 100)
+        assert root.tests[1].null_draws == 99 and root.tests[1].statistic < root.tests[1].null_mean
     assert tree.parting_layer("c0", "c2") == "l1"
     assert tree.parting_layer("c0", "c1") == "l2"
     assert tree.parting_layer("c2", "c3") == "l2"
@@ -191,6 +197,8 @@ def test_decision_tree_recovers_known_splits() -> None:
     d = json.loads(json.dumps(tree.to_dict()))
     assert d["nodes"][0]["split_layer"] == "l1"
     assert d["first_parting"]["layer"] == "l1"
+    assert d["test"]["name"] == test and d["no_split_reason"] is None
+    assert d["nodes"][0]["tests"]["l1"]["reject"] is True and d["nodes"][0]["reason"].startswith("split at l1")
 
 
 def test_decision_tree_accepts_dict_of_tensors_and_no_structure() -> None:

@@ -51,7 +51,7 @@ def _make_run(path: Path, *, classes: list[str] = CLASSES, checkpoint: bool = Tr
     }
     (path / "config.json").write_text(json.dumps(config))
     if checkpoint:
-        torch.save({"model": state}, path / "checkpoint.pt")
+        torch.save({"model": state, "epoch": 0}, path / "checkpoint.pt")
     return path
 
 
@@ -89,10 +89,18 @@ def test_analysis_json_has_every_number(report: Path) -> None:
     assert 0.0 <= cp["statistic"]["eta2"] <= 1.0
     assert cp["statistic"]["permutation_p"] is not None
     tree = a["decision_tree"]
-    assert tree["nodes"][0]["size"] == 40 and tree["threshold"] == 0.75
+    assert tree["nodes"][0]["size"] == 40 and tree["test"]["name"] == "copula" and tree["test"]["alpha"] == 0.01
+    for test in tree["nodes"][0]["tests"].values():  # every test stored with its statistic and p-value or reason
+        assert (test["statistic"] is not None and test["p_value"] is not None) or test["reason"]
+    assert tree["no_split_reason"] is None or not tree["nodes"][0]["children"]
     assert a["path_distribution"]["n"] == 40
     occ = a["occlusion"]
-    assert len(occ["images"]) == 3 and len(occ["boxes"]) == 49  # default: 8-px patches, stride 4 on 32x32
+    # default: 12 images over the first two classes, but the synthetic split has 4 of each; 8-px patches, stride 4
+    assert len(occ["images"]) == 8 and len(occ["boxes"]) == 49
+    assert a["meta"]["occlusion_groups"] == {"class0": 4, "class1": 4}
+    assert set(occ["concept_consistency"]) == {"class0", "class1"}
+    for cc in occ["concept_consistency"].values():
+        assert all(0 <= t["consistency"] <= 1 for t in cc["top"])
     assert a["meta"]["occlusion_patch"] == 8
     assert a["timings_s"]["total"] > 0
 

@@ -13,12 +13,15 @@ Example:
 from .classes import ClassPaths, class_paths, eta_squared
 from .distribution import PathDistribution, path_distribution
 from .hopkins import hopkins
-from .occlusion import OcclusionConcepts, grid_boxes, occlusion_concepts
+from .cluster_test import ClusterTest, cluster_test
+from .occlusion import ConceptConsistency, OcclusionConcepts, concept_consistency, grid_boxes, occlusion_concepts
 from .states import DYNAMIC, ENERGETIC, SILENT, FilterStates, LayerStates, filter_states
 from .tree import DecisionTree, TreeNode, decision_tree
 
 __all__ = [
     "ClassPaths",
+    "ClusterTest",
+    "ConceptConsistency",
     "DecisionTree",
     "DYNAMIC",
     "ENERGETIC",
@@ -29,6 +32,8 @@ __all__ = [
     "SILENT",
     "TreeNode",
     "class_paths",
+    "cluster_test",
+    "concept_consistency",
     "decision_tree",
     "eta_squared",
     "filter_states",

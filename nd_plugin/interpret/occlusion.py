@@ -19,7 +19,7 @@ from nd_plugin.errors import InputShapeError
 
 from ._common import jsonable
 
-__all__ = ["OcclusionConcepts", "grid_boxes", "occlusion_concepts"]
+__all__ = ["ConceptConsistency", "OcclusionConcepts", "concept_consistency", "grid_boxes", "occlusion_concepts"]
 
 
 def _pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
@@ -149,6 +149,106 @@ class OcclusionConcepts:
                 }
             )
         return jsonable({"image_size": self.image_size, "boxes": self.boxes, "images": images})
+
+
+def _expected_iou(total: int, a: int, b: int) -> float:
+    """E[|A ∩ B| / |A ∪ B|] for random subsets of sizes ``a`` and ``b`` of ``total`` patches (exact)."""
+    from scipy.stats import hypergeom
+
+    if a == 0 or b == 0:
+        return 0.0
+    k = np.arange(max(0, a + b - total), min(a, b) + 1)
+    return float((hypergeom(total, a, b).pmf(k) * k / (a + b - k)).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class ConceptConsistency:
+    """How consistently each filter's concept shows across several images (e.g. of one class).
+
+    On one image a filter has a *localised concept* when it is on and some, but at most
+    ``max_share`` of, the patches silence it. Across the images:
+
+    Attributes:
+        images: indices (into the :class:`OcclusionConcepts`) of the images considered.
+        on: ``(F,)`` images on which the filter is on.
+        localised: ``(F,)`` images on which it has a localised concept.
+        consistency: ``(F,)`` ``localised / len(images)``: the share of the images whose
+            occlusion silences the filter somewhere specific (1: on every image).
+        iou: ``(F,)`` mean pairwise IoU of its silencing patch sets over those images (``nan``
+            with fewer than two): whether the concept sits at the same place.
+        chance_iou: ``(F,)`` the same for random patch sets of the same sizes (exact expectation).
+    """
+
+    images: tuple[int, ...]
+    on: np.ndarray
+    localised: np.ndarray
+    consistency: np.ndarray
+    iou: np.ndarray
+    chance_iou: np.ndarray
+
+    def top(self, k: int = 4) -> list[int]:
+        """The ``k`` filters with the most consistent concept (ties: more localised images, then
+        IoU above chance), only filters localised on at least one image."""
+        lift = np.nan_to_num(self.iou - self.chance_iou, nan=-1.0)
+        order = np.lexsort((-lift, -self.localised, -self.consistency))
+        return [int(f) for f in order if self.localised[f] > 0][:k]
+
+    def to_dict(self, names: Any = None) -> dict[str, Any]:
+        """The top filters and the distribution of consistency over filters on in some image."""
+        seen = self.on > 0
+        top = self.top(10)
+        return jsonable({
+            "images": list(self.images),
+            "filters_on_somewhere": int(seen.sum()),
+            "filters_localised_somewhere": int((self.localised > 0).sum()),
+            "mean_consistency_of_filters_on": float(self.consistency[seen].mean()) if seen.any() else None,
+            "share_consistent_ge_half": float((self.consistency[seen] >= 0.5).mean()) if seen.any() else None,
+            "top": [{"filter": names(f) if names else f, "consistency": self.consistency[f], "localised": self.localised[f],
+                     "on": self.on[f], "iou": self.iou[f], "chance_iou": self.chance_iou[f]} for f in top],
+        })
+
+
+def concept_consistency(oc: OcclusionConcepts, images: Sequence[int] | None = None, *, max_share: float = 0.5) -> ConceptConsistency:
+    """Scores each filter's concept over several images (:class:`ConceptConsistency`).
+
+    Args:
+        oc: occlusion results.
+        images: the images to pool (default all), e.g. those of one class.
+        max_share: a concept is localised when at most this share of the patches silence it.
+
+    Returns:
+        A :class:`ConceptConsistency`.
+
+    Example:
+        >>> sil = np.zeros((2, 4, 3), bool); sil[:, 0, 0] = True; sil[0, 1, 1] = True
+        >>> oc = OcclusionConcepts(("l",), (3,), (8, 8), grid_boxes(8, 8, 4, 4), np.ones((2, 3), bool),
+        ...                        ~sil, np.zeros(2, int), np.zeros((2, 4), int))
+        >>> cc = concept_consistency(oc)
+        >>> cc.consistency.tolist(), float(cc.iou[0]), cc.top(2)
+        ([1.0, 0.5, 0.0], 1.0, [0, 1])
+    """
+    idx = tuple(range(oc.base.shape[0])) if images is None else tuple(int(i) for i in images)
+    sil = oc.silenced[list(idx)]  # (m, P, F)
+    p = sil.shape[1]
+    counts = sil.sum(1)  # (m, F)
+    loc = (counts >= 1) & (counts <= max_share * p)
+    f_total = sil.shape[2]
+    iou = np.full(f_total, np.nan)
+    chance = np.full(f_total, np.nan)
+    for f in np.flatnonzero(loc.sum(0) >= 2):
+        sets = [sil[i, :, f] for i in np.flatnonzero(loc[:, f])]
+        pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+        iou[f] = np.mean([(a & b).sum() / (a | b).sum() for a, b in pairs])
+        chance[f] = np.mean([_expected_iou(p, int(a.sum()), int(b.sum())) for a, b in pairs])
+    m = max(len(idx), 1)
+    return ConceptConsistency(
+        images=idx,
+        on=oc.base[list(idx)].sum(0),
+        localised=loc.sum(0),
+        consistency=loc.sum(0) / m,
+        iou=iou,
+        chance_iou=chance,
+    )
 
 
 @torch.no_grad()
