@@ -301,3 +301,133 @@ def test_occlusion_bad_input() -> None:
         occlusion_concepts(model, torch.zeros(1, 2, 8, 8), boxes=[(0, 0, 9, 4)])
     with pytest.raises(InputShapeError, match="channels"):
         occlusion_concepts(model, torch.zeros(1, 2, 8, 8), patch=4, fill=[0.0, 0.0, 0.0])
+
+
+# ------------------------------------------------------------------------- calibrated cluster test
+
+
+@pytest.mark.parametrize(
+    ("x", "expected"),
+    [
+        (np.array([[0, 0], [0, 0], [1, 1], [1, 1]]), 0.0),  # two distinct paths: W = 0
+        (np.array([[0.0], [1.0], [2.0], [3.0]]), 0.2),  # cut 2 | 2 of 0..3: W = 1, T = 5
+        (np.array([[0.0], [0.0], [0.0], [3.0]]), 0.0),  # ties: the cut can only fall between 0 and 3
+        (np.ones((5, 3)), 1.0),  # nothing varies
+    ],
+)
+def test_cluster_index_by_hand(x: np.ndarray, expected: float) -> None:
+    from nd_plugin.interpret.cluster_test import cluster_index
+
+    ci, first = cluster_index(x)
+    assert float(ci) == pytest.approx(expected, abs=1e-6)
+    batch, _ = cluster_index(np.stack([x, x]))
+    assert batch.tolist() == pytest.approx([expected] * 2, abs=1e-6)
+    if expected == 0.0:  # identical rows stay on one side
+        rows = [tuple(r) for r in x[first]]
+        assert not set(rows) & {tuple(r) for r in x[~first]}
+
+
+@pytest.mark.parametrize(("h", "k", "rho"), [(0.0, 0.0, 0.5), (0.3, -1.2, -0.6), (1.5, 1.0, 0.9), (-0.4, 0.8, 0.0)])
+def test_orthant_probability_matches_scipy(h: float, k: float, rho: float) -> None:
+    from scipy.stats import multivariate_normal
+
+    from nd_plugin.interpret.copula import orthant_probability
+
+    # P(z1 > h, z2 > k) = P(-z1 < -h, -z2 < -k), and (-z1, -z2) has the same correlation
+    exact = multivariate_normal(mean=[0, 0], cov=[[1, rho], [rho, 1]]).cdf([-h, -k])
+    assert float(orthant_probability(np.array(h), np.array(k), np.array(rho))) == pytest.approx(exact, abs=1e-6)
+
+
+@pytest.mark.parametrize("rho", [-0.5, 0.0, 0.4, 0.8])
+def test_copula_recovers_marginals_and_correlation(rho: float) -> None:
+    from nd_plugin.interpret.copula import GaussianCopula
+
+    truth = GaussianCopula(np.array([0.15, 0.6]), np.array([[1.0, rho], [rho, 1.0]]))
+    x = truth.sample(40000, seed=0)
+    fit = GaussianCopula.fit(x)
+    assert fit.rates == pytest.approx([0.15, 0.6], abs=0.01)
+    assert fit.corr[0, 1] == pytest.approx(rho, abs=0.04)
+
+
+def test_cluster_test_false_splits_and_power_small() -> None:
+    """Seeded miniature of benchmarks/cluster_calibration.py (the full one: docs/benchmarks.md)."""
+    from nd_plugin.interpret.calibration import kmeans_agreement, structure_free_paths, two_group_paths
+    from nd_plugin.interpret.cluster_test import cluster_test
+
+    # structure-free, correlated, U-shaped on-rates (many near-silent / near-energetic filters)
+    null = [cluster_test(structure_free_paths(400, [24], seed=s), seed=s) for s in range(40)]
+    assert all(not t.reason for t in null)
+    assert sum(t.reject for t in null) <= 2  # expected 0.4 at alpha = 0.01
+    assert np.mean([t.p_value for t in null]) > 0.3
+    # two groups that k-means separates at >= 95%
+    power = []
+    for s in range(10):
+        x, g = two_group_paths(400, [24], 0, separation=2.0, seed=s)
+        assert kmeans_agreement(x, g) >= 0.95
+        power.append(cluster_test(x, seed=s))
+    assert all(t.reject and t.p_value == pytest.approx(0.01) and t.null_draws == 99 for t in power)
+
+
+@pytest.mark.parametrize("null", ["permutation", "gaussian"])
+def test_cluster_test_other_nulls_run(null: str) -> None:
+    from nd_plugin.interpret.calibration import two_group_paths
+    from nd_plugin.interpret.cluster_test import cluster_test
+
+    x, _ = two_group_paths(300, [16], 0, separation=2.0, seed=0)
+    t = cluster_test(x, null=null, seed=0)
+    assert t.null == null and t.reject and 0 < t.p_value <= 0.01
+    with pytest.raises(ValueError, match="null"):
+        cluster_test(x, null="uniform")
+
+
+def test_score_tree_counts_false_and_found() -> None:
+    from nd_plugin.interpret.calibration import score_tree, two_group_paths
+
+    x, g = two_group_paths(600, [16, 16, 32], 1, separation=2.0, seed=3)
+    sc = score_tree(x, [16, 16, 32], g, 1, seed=0)
+    assert sc.found and sc.split_layer == 1 and sc.split_agreement >= 0.95
+    assert sc.false_splits == 0 and sc.tested >= 1 + 2  # root at layer 0, both pure children at layer 2
+
+
+# --------------------------------------------------------------------------- bad input of the tree
+
+
+def _bad_tree_input(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 12)) < 0.5
+    y = np.arange(300) % 3
+    if kind == "one class":
+        return x, np.zeros(300, int)
+    if kind == "too few inputs":
+        return x[:15], y[:15]
+    if kind == "no dynamic filter":
+        return np.tile(rng.random(12) < 0.5, (300, 1)), y
+    if kind == "empty":
+        return x[:0], y[:0]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("one class", "every input is of one class (0): no two classes can part"),
+        ("too few inputs", "15 inputs: a split needs at least 2 x min_size = 20"),
+        ("no dynamic filter", "no dynamic filter: every gate is constant over the 300 inputs"),
+        ("empty", "0 inputs: a split needs at least 2 x min_size = 20"),
+    ],
+)
+@pytest.mark.parametrize("test", ["copula", "hopkins"])
+def test_decision_tree_says_why_it_made_no_split(kind: str, reason: str, test: str) -> None:
+    x, y = _bad_tree_input(kind)
+    tree = decision_tree(x, y, layer_sizes=[6, 6], test=test, classes=["0", "1", "2"])
+    assert tree.splits == [] and tree.no_split_reason == reason
+    d = json.loads(json.dumps(tree.to_dict()))
+    assert d["no_split_reason"] == reason and d["nodes"][0]["reason"] == reason
+
+
+def test_cluster_test_too_few_rows_untested() -> None:
+    from nd_plugin.interpret.cluster_test import cluster_test
+
+    t = cluster_test(np.eye(5, dtype=bool), min_samples=20)
+    assert not t.reject and np.isnan(t.p_value) and t.reason == "5 inputs, fewer than the 20 the test needs"
+    assert cluster_test(np.ones((50, 4), bool)).reason == "no filter varies over the group's inputs"

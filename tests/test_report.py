@@ -179,6 +179,58 @@ def test_plot_functions_return_figures() -> None:
     assert all(isinstance(f, Figure) for f in figs)
 
 
+def _occlusion_fixture():
+    """4 images, 4 patches, 3 filters: filter 0 is silenced by patch 0 on every image, filter 1 by
+    patch 1 on images 0-1 only, filter 2 never; image 3 is not silenced except through filter 0."""
+    from nd_plugin.interpret import OcclusionConcepts, grid_boxes
+
+    sil = np.zeros((4, 4, 3), bool)
+    sil[:, 0, 0] = True
+    sil[:2, 1, 1] = True
+    return OcclusionConcepts(("l",), (3,), (8, 8), grid_boxes(8, 8, 4, 4), np.ones((4, 3), bool), ~sil,
+                             np.zeros(4, int), np.zeros((4, 4), int))
+
+
+def test_occlusion_figure_every_cell_used() -> None:
+    from nd_plugin.interpret import concept_consistency
+    from nd_plugin.report import plot_occlusion
+
+    oc = _occlusion_fixture()
+    cc = concept_consistency(oc)
+    assert cc.consistency.tolist() == [1.0, 0.5, 0.0] and cc.top(3) == [0, 1]
+    assert cc.iou[0] == 1.0 and cc.chance_iou[0] == pytest.approx(0.25)  # one of 4 patches each: E[IoU] = 1/4
+    images = [np.full((8, 8, 3), 0.5)] * 4
+    fig = plot_occlusion(oc, images, groups={"a": [0, 1], "b": [2, 3]}, filters=2)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    # group a: images 0, 1 with filters 0, 1 (3 rows x 2); group b: filter 0 only (1 is not localised there)
+    assert len(visible) == 3 * 2 + 2 * 2 == len(fig.axes)
+    assert all(ax.images for ax in visible)  # no empty panel
+    empty = plot_occlusion(oc, images, groups={"c": [2]}, filters=2)  # image 2 has filter 0: still shown
+    assert len(empty.axes) == 2
+    none = plot_occlusion(_occlusion_fixture().__class__(**{**_occlusion_fixture().__dict__,
+                                                         "occluded": np.ones((4, 4, 3), bool)}), images)
+    assert len(none.axes) == 1 and "no filter is turned off" in none.axes[0].texts[0].get_text()
+
+
+@pytest.mark.parametrize("kind", ["one class", "no dynamic filter"])
+def test_report_says_why_the_tree_made_no_split(kind: str, tmp_path: Path) -> None:
+    from nd_plugin.paths import PathStats
+    from nd_plugin.report import analyze_paths, write_report
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros(60, int) if kind == "one class" else np.arange(60) % 2
+    paths = rng.random((60, 8)) < 0.5 if kind == "one class" else np.tile(rng.random(8) < 0.5, (60, 1))
+    cc = np.stack([paths[labels == c].sum(0) for c in range(2)])
+    stats = PathStats(["a", "b"], [4, 4], 60, paths.sum(0), cc, np.bincount(labels, minlength=2), classes=["x", "y"],
+                      paths=paths, labels=labels, preds=labels)
+    a = analyze_paths(stats, n_permutations=0)
+    reason = a.tree.no_split_reason
+    assert reason.startswith("every input is of one class (x)" if kind == "one class" else "no dynamic filter")
+    index = write_report(a, tmp_path, figures=False)
+    assert f"no split: {reason}" in index.read_text()
+    assert json.loads((tmp_path / "analysis.json").read_text())["decision_tree"]["no_split_reason"] == reason
+
+
 # --------------------------------------------------------------------------------------- bad input
 
 

@@ -1,0 +1,118 @@
+"""The seed's interpretation findings (supplementary §A, Figs. B, C, F) checked on one ``nd analyze`` output.
+
+Reads ``analysis.json`` of a CIFAR-10 run and prints each finding as holds / does not hold with its
+number:
+
+1. bottom layers are shared by all classes: no split of the tree in the first third of the gated
+   layers;
+2. artefacts (airplane, automobile, ship, truck) and animals part in the middle: the median layer
+   at which an artefact and an animal part lies in the middle third;
+3. similar classes part last: cat/dog and automobile/truck part at the latest layer at which
+   either class parts from any class (or never);
+4. "automobile and truck need more filters than bird" (Fig. F): mean filters on per input;
+5. occlusion silences specific filters (Fig. B): per occluded class, the share of the filters on in
+   some image whose concept is localised on at least half of the class's images, and the top
+   filters' consistency with their patch-set IoU against chance.
+
+Usage:
+    nd analyze /tmp/runs/r20_new --out /tmp/r20_new_report --occlusion-class cat --occlusion-class automobile
+    python benchmarks/seed_findings.py /tmp/r20_new_report/analysis.json --json docs/data/seed_findings_r20.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ARTEFACTS = ("airplane", "automobile", "ship", "truck")
+ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
+
+
+def findings(a: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every finding with ``holds`` and the numbers behind it."""
+    tree = a["decision_tree"]
+    layers, classes = tree["layers"], tree["classes"]
+    n_layers = len(layers)
+    part = np.array(tree["parting_layer_index"])
+    third = n_layers / 3
+    split_layers = [nd["split_layer_index"] for nd in tree["nodes"] if nd["split_layer_index"] is not None]
+    out = []
+    first = min(split_layers) if split_layers else None
+    out.append({
+        "finding": "bottom layers shared by all classes",
+        "holds": first is None or first >= third,
+        "number": f"first split at layer index {first} ({layers[first] if first is not None else 'none'}) of {n_layers}; "
+                  f"bottom third = indices < {third:.1f}",
+    })
+    idx = {c: i for i, c in enumerate(classes)}
+    pairs = [part[idx[x], idx[y]] for x in ARTEFACTS for y in ANIMALS if x in idx and y in idx]
+    parted = [p for p in pairs if p >= 0]
+    med = float(np.median(parted)) if parted else None
+    out.append({
+        "finding": "artefacts and animals part in the middle layers",
+        "holds": med is not None and third <= med < 2 * third,
+        "number": f"{len(parted)} of {len(pairs)} artefact-animal pairs part; median parting layer index "
+                  f"{med} ({layers[int(med)] if med is not None else 'none'}); middle third = [{third:.1f}, {2 * third:.1f})",
+    })
+    for a_, b_ in (("cat", "dog"), ("automobile", "truck")):
+        if a_ not in idx or b_ not in idx:
+            continue
+        i, j = idx[a_], idx[b_]
+        pij = int(part[i, j])
+        others = [int(part[i, k]) for k in range(len(classes)) if k not in (i, j)] + \
+                 [int(part[j, k]) for k in range(len(classes)) if k not in (i, j)]
+        latest = max(others) if others else -1
+        holds = pij == -1 or pij >= latest
+        out.append({
+            "finding": f"similar classes part last: {a_} / {b_}",
+            "holds": holds,
+            "number": f"{a_}/{b_} part at {layers[pij] if pij >= 0 else 'never'} (index {pij}); latest layer at which "
+                      f"{a_} or {b_} parts from another class: index {latest}; pairs of all 45 parting later: "
+                      f"{int(((part > pij) if pij >= 0 else np.zeros_like(part, bool)).sum() // 2)}",
+        })
+    width = dict(zip(a["class_paths"]["classes"], a["class_paths"]["total_width"]))
+    if all(c in width for c in ("automobile", "truck", "bird")):
+        out.append({
+            "finding": "automobile and truck need more filters than bird (Fig. F)",
+            "holds": width["automobile"] > width["bird"] and width["truck"] > width["bird"],
+            "number": f"filters on per input: automobile {width['automobile']:.1f}, truck {width['truck']:.1f}, "
+                      f"bird {width['bird']:.1f} (widest {max(width, key=width.get)} {max(width.values()):.1f}, "
+                      f"thinnest {min(width, key=width.get)} {min(width.values()):.1f})",
+        })
+    occ = a.get("occlusion") or {}
+    for group, cc in (occ.get("concept_consistency") or {}).items():
+        top = cc["top"][:5]
+        lifts = [t["iou"] - t["chance_iou"] for t in top if t["iou"] is not None]
+        out.append({
+            "finding": f"occlusion silences specific filters (Fig. B): {group}",
+            "holds": bool(top) and top[0]["consistency"] >= 0.5,
+            "number": f"{len(cc['images'])} images; {cc['filters_localised_somewhere']} of {cc['filters_on_somewhere']} filters on "
+                      f"somewhere are turned off by some (<= half) patches on some image; share localised on >= half the "
+                      f"images: {cc['share_consistent_ge_half']:.3f}; top filters' consistency "
+                      + ", ".join(f"{t['filter']} {t['consistency']:.2f}" for t in top)
+                      + (f"; their patch-set IoU minus chance: mean {np.mean(lifts):+.3f}" if lifts else ""),
+        })
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("analysis", help="analysis.json written by nd analyze")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    a = json.loads(Path(args.analysis).read_text())
+    rows = findings(a)
+    for r in rows:
+        print(f"{'HOLDS' if r['holds'] else 'does not hold'}: {r['finding']}: {r['number']}")
+    if args.json:
+        tree = a["decision_tree"]
+        Path(args.json).write_text(json.dumps({"analysis": args.analysis, "findings": rows, "tree_test": tree["test"],
+                                               "no_split_reason": tree["no_split_reason"], "meta": a["meta"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
