@@ -373,6 +373,17 @@ def test_path_scores_all_class_mi_and_features(dm, clean):
         PathDetector().fit_probe(probe, dm.site_names).score_probe(probe, method="mi")
 
 
+def test_path_preprocessing_moves_paths_towards_a_class(dm, clean):
+    x, y = clean
+    det = PathDetector(knn_per_class=32, k=3).fit(dm, [(x, y)])
+    moved = det.preprocess(x[:64], (0.0, 0.02), std=STD)
+    d0, d1 = (det._overall(moved[m], "joint_min", moved[m].preds) for m in (0.0, 0.02))
+    assert np.allclose(moved[0.0].logits, collect_probe(dm, x[:64]).logits, atol=1e-5)  # magnitude 0: the inputs as they are
+    assert d1.mean() < d0.mean() and (d1 < d0).mean() > 0.7
+    for m in dm.modules():
+        assert not m._forward_hooks
+
+
 # ------------------------------------------------------------------ run_detection / nd detect
 
 
@@ -421,7 +432,7 @@ def tiny_run(dm, clean, tmp_path, monkeypatch):
 
 
 def test_run_detection_end_to_end(tiny_run):
-    kw = {"steps": 3, "batch_size": 120, "seeds": 2, "magnitudes": (0.0, 0.005)}
+    kw = {"steps": 3, "batch_size": 120, "seeds": 2, "magnitudes": (0.0, 0.005), "path_magnitudes": (0.0, 0.005)}
     res = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, transfer_from=("fgsm", 0.3), **kw)
     assert res.correct == 480 and res.successful >= 200
     assert set(res.detectors) == set(DETECTORS)
@@ -430,6 +441,7 @@ def test_run_detection_end_to_end(tiny_run):
     # PGD at 0.3 moves inputs far from the clean data: the feature-ensemble detectors see it
     assert res.detectors["mahalanobis_lee"]["auroc"] > 0.9 and res.detectors["path_supervised"]["auroc"] > 0.8
     assert res.detectors["mahalanobis_lee"]["chosen"][0] in (0.0, 0.005)
+    assert res.detectors["path_supervised"]["chosen"][0] in (0.0, 0.005)  # preprocessing through the path score
     assert res.transfer["fitted_on"] == "fgsm-eps0.3" and set(res.transfer["detectors"]) == {"path_supervised", "path_supervised_raw", "mahalanobis_lee", "lid"}
     out = json.loads((tiny_run / "detect" / "pgd-eps0.3" / "detect.json").read_text())
     assert out["detectors"]["lid"] == res.detectors["lid"] and out["detector"]["fit_n"] == "480"

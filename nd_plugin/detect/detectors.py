@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nd_plugin.detect.features import Probe, collect_probe
+from nd_plugin.detect.features import Probe, _ProbeHooks, collect_probe
 from nd_plugin.detect.metrics import _auroc
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 
@@ -382,6 +382,51 @@ class PathDetector:
             w = w / w.sum() if w.sum() > 0 else np.full_like(w, 1.0 / w.size)
             overall = per_layer @ w
         return PathScore(overall, per_layer, preds, probe.logits)
+
+    def preprocess(
+        self, x: torch.Tensor, magnitudes: Sequence[float], *, std: Sequence[float], batch_size: int = 200
+    ) -> dict[float, Probe]:
+        """Lee et al.'s input preprocessing through the path score: probes of ``x − ε·sign(∇ₓ d(x)) / std``.
+
+        ``d`` is the joint Mahalanobis distance of the soft path to its closest class mean (the
+        gradient flows through the gate logits ``z``); ``ε`` is in pixel units. Costs one forward and
+        backward pass per input plus one forward pass per non-zero magnitude.
+
+        Args:
+            x: normalised inputs.
+            magnitudes: preprocessing magnitudes (0 = the inputs as they are).
+            std: the data normalisation's per-channel std.
+            batch_size: inputs per pass.
+
+        Returns:
+            ``{magnitude: Probe}`` of the moved inputs (with the true labels unknown, ``-1``).
+        """
+        self._check_fitted()
+        if self.model is None:
+            raise DetectionError("this PathDetector has no model: call detector.attach(dm) after loading it.")
+        dm, a = self.model, self.arrays
+        device = next(dm.parameters()).device
+        t = {k: torch.as_tensor(a[k], dtype=torch.float32, device=device) for k in ("joint_mu", "joint_scale", "joint_white")}
+        wm = (t["joint_mu"] / t["joint_scale"]) @ t["joint_white"]
+        inv_std = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        moved: dict[float, list[torch.Tensor]] = {float(m): [] for m in magnitudes}
+        was_training = dm.training
+        dm.eval()
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i : i + batch_size].to(device).clone().requires_grad_(True)
+                with _ProbeHooks(dm.sites(), None, keep_grad=True) as hooks:
+                    dm(xb)
+                    z = torch.cat([zz.flatten(1) for zz in hooks.z], 1)
+                wz = (z / t["joint_scale"]) @ t["joint_white"]
+                d = ((wz[:, None, :] - wm[None]) ** 2).sum(-1).min(1).values
+                (grad,) = torch.autograd.grad(d.sum(), xb)
+                step = grad.sign() * inv_std
+                for m in moved:
+                    moved[m].append((xb.detach() - m * step).cpu())
+        finally:
+            dm.train(was_training)
+        return {m: collect_probe(dm, torch.cat(parts), batch_size=batch_size) for m, parts in moved.items()}
 
     def score(self, x: torch.Tensor, *, batch_size: int = 256) -> PathScore:
         """Scores normalised inputs with one forward pass each (the path comes with the prediction).

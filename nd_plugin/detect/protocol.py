@@ -255,15 +255,20 @@ def detector_features(
     std: Sequence[float],
     detectors: Sequence[str] = DETECTORS,
     magnitudes: Sequence[float] = LEE_MAGNITUDES,
+    path_magnitudes: Sequence[float] = (0.0,),
     batch_size: int = 200,
 ) -> dict[str, Any]:
     """What each detector reads of inputs ``x`` whose forward pass is ``probe``.
+
+    ``magnitudes`` are Lee's preprocessing magnitudes for ``mahalanobis_lee``;
+    ``path_magnitudes`` the same for ``path_supervised`` through the path score's gradient
+    (:meth:`PathDetector.preprocess`; ``(0.0,)``, the default, is no preprocessing and no extra pass).
 
     Returns:
         ``{name: array}`` for the one-pass detectors (``path``, ``max_softmax``,
         ``mahalanobis_penultimate``: ``(N,)`` scores; ``path_supervised``, ``path_supervised_raw``:
         ``(N, F)`` features; ``lid``: the per-layer pooled stage features) and, for
-        ``mahalanobis_lee``, ``{magnitude: (N, L)}``.
+        ``mahalanobis_lee`` (and ``path_supervised`` with preprocessing), ``{magnitude: features}``.
     """
     out: dict[str, Any] = {}
     for name in detectors:
@@ -273,6 +278,10 @@ def detector_features(
             out[name] = msp_score(probe.logits)
         elif name == "mahalanobis_penultimate":
             out[name] = fitted.penultimate.score_probe(probe)
+        elif name == "path_supervised" and tuple(path_magnitudes) != (0.0,):
+            moved = fitted.path.preprocess(x, [m for m in path_magnitudes if m != 0.0], std=std, batch_size=batch_size)
+            moved.update({0.0: probe} if 0.0 in path_magnitudes else {})
+            out[name] = {m: fitted.path.path_features(p) for m, p in sorted(moved.items())}
         elif name == "path_supervised":
             out[name] = fitted.path.path_features(probe)
         elif name == "path_supervised_raw":
@@ -285,7 +294,7 @@ def detector_features(
 
 
 def _candidates(name: str, clean: dict[str, Any], adv: dict[str, Any], aset: AttackedSet) -> dict[Any, tuple]:
-    if name == "mahalanobis_lee":
+    if isinstance(clean[name], dict):  # {magnitude: features}
         return {m: (clean[name][m], adv[name][m]) for m in clean[name]}
     if name == "lid":
         return dict(lid_scores(clean[name], adv[name], aset.adv_index, LID_KS))

@@ -144,6 +144,7 @@ def run_detection(
     seeds: int = 5,
     transfer_from: tuple[str, float] | None = None,
     magnitudes: Sequence[float] = LEE_MAGNITUDES,
+    path_magnitudes: Sequence[float] = (0.0,),
     log: Callable[[str], None] | None = None,
 ) -> DetectionResult:
     """Attacks clean test inputs of a run and measures every detector on Lee et al.'s protocol.
@@ -174,6 +175,8 @@ def run_detection(
         seeds: repetitions of the 5 / 5 / 90 split.
         transfer_from: ``(attack, eps)`` to fit the supervised detectors on, tested on ``attack``.
         magnitudes: Lee's preprocessing magnitudes (pixel units) to choose from.
+        path_magnitudes: the same for ``path_supervised``, through the path score's gradient
+            (default ``(0.0,)``: none).
         log: receives progress lines.
 
     Returns:
@@ -213,6 +216,8 @@ def run_detection(
         run, dm, bundle, data_spec, mi=mi, fit_n=fit_n, refit=refit, batch_size=batch_size, device=device, seed=seed, say=say
     )
 
+    feat_kw = {"std": std, "detectors": names, "magnitudes": magnitudes, "path_magnitudes": path_magnitudes, "batch_size": batch_size}
+
     def attacked(name: str, budget: float) -> tuple[AttackedSet, dict[str, Any]]:
         loader = _subset_loader(bundle.val, n, batch_size, seed)
         say(f"attacking {len(loader.dataset)} test inputs with {name} (eps={budget:.4g})")
@@ -220,12 +225,12 @@ def run_detection(
             dm, loader, name, budget, mean=mean, std=std, steps=steps, feature_layer=fitted.penultimate.feature_layer,
             stages=fitted.lee.layers, seed=seed, device=device,
         )
-        return aset, detector_features(fitted, dm, aset.x_adv, aset.adv, std=std, detectors=names, magnitudes=magnitudes, batch_size=batch_size)
+        return aset, detector_features(fitted, dm, aset.x_adv, aset.adv, **feat_kw)
 
     t0 = time.perf_counter()
     aset, adv_f = attacked(key, eps)
     say(f"scoring {aset.correct} clean and {aset.successful} attacked inputs")
-    clean_f = detector_features(fitted, dm, aset.x_clean, aset.clean, std=std, detectors=names, magnitudes=magnitudes, batch_size=batch_size)
+    clean_f = detector_features(fitted, dm, aset.x_clean, aset.clean, **feat_kw)
     results = evaluate(clean_f, adv_f, aset, seeds=seeds)
     transfer = None
     if source is not None and any(nm in SUPERVISED for nm in names):
