@@ -93,3 +93,40 @@ def detection_figures(
         plt.close(fig)
         files.append(str(out_dir / "paths.png"))
     return files
+
+
+def detection_section_html(run_dir: str | Path | None) -> str:
+    """An HTML section with the detection tables of a run (every ``RUN/detect/*/detect.json``), or ``""``.
+
+    One table per attack: each detector's AUROC (mean ± std over the 5 / 5 / 90 splits) and TPR at
+    5% FPR, and the transfer rows when the file has them.
+
+    Example:
+        >>> detection_section_html("/nonexistent")
+        ''
+    """
+    import html
+    import json
+
+    if run_dir is None:
+        return ""
+    files = sorted(Path(run_dir).glob("detect/*/detect.json"))
+    parts = []
+    for file in files:
+        try:
+            d = json.loads(file.read_text(encoding="utf-8"))
+            blocks = [("", d["detectors"])] + ([(f" (fitted on {d['transfer']['fitted_on']})", d["transfer"]["detectors"])] if d.get("transfer") else [])
+            rows = "".join(
+                f"<tr><td>{html.escape(name)}{html.escape(suffix)}</td><td>{m['auroc']:.3f} ± {m.get('auroc_std', 0.0):.3f}</td>"
+                f"<td>{m['tpr_at_5fpr']:.3f}</td></tr>"
+                for suffix, dets in blocks for name, m in dets.items()
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an old or partial detect.json: not shown
+        head = f"{d['attack'].upper()} ε={d['eps']:.4g}: {d['successful']} of {d['correct']} correctly classified inputs attacked successfully"
+        parts.append(f"<h3>{html.escape(head)}</h3><table><tr><th>detector</th><th>AUROC</th><th>TPR at 5% FPR</th></tr>{rows}</table>")
+    if not parts:
+        return ""
+    return ('<section id="detection"><h2>Adversarial detection (nd detect)</h2><p>Lee et al.\'s protocol: clean = correctly '
+            "classified, positives = successful attacks; supervised detectors fitted on 5%, tuned on 5%, tested on 90%.</p>"
+            + "".join(parts) + "</section>")

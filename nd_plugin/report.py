@@ -569,6 +569,9 @@ def write_report(
                 f"<figcaption>{esc(caption)}</figcaption></figure>"
             )
     meta = analysis.meta
+    from nd_plugin.detect_figures import detection_section_html
+
+    sections.append(detection_section_html(meta.get("run")))  # nd detect's tables, when the run has them
     source = esc(", ".join(f"{k}: {v}" for k, v in meta.items() if isinstance(v, (str, int, float))))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>

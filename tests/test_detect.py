@@ -448,6 +448,12 @@ def test_run_detection_end_to_end(tiny_run):
     for f in res.figures:
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert all((tiny_run / f).is_file() for f in ("detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"))
+    from nd_plugin.detect_figures import detection_section_html
+
+    page = detection_section_html(tiny_run)  # what the report shows
+    lee = res.detectors["mahalanobis_lee"]
+    assert f"<td>mahalanobis_lee</td><td>{lee['auroc']:.3f} ± {lee['auroc_std']:.3f}</td>" in page
+    assert "lid (fitted on fgsm-eps0.3)" in page and page.count("<tr><td>") == len(DETECTORS) + 4
     # a second run reuses the saved detectors (same data, same fit_n): same numbers
     again = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, figures=False, out=tiny_run / "o",
                           detectors=["path", "mahalanobis_lee"], **kw)
