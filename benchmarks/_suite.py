@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from nd_plugin.train import TrainConfig, decouple, preset, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = ("lambda_m", "lambda_k", "lambda_s")
-# what makes two runs of a suite the same configuration
-SAME_RUN = (*LAMBDAS, "ratio", "epochs", "warmup_epochs")
+# options that do not change what a run computes
+_COSMETIC = ("device", "workers", "cuda_graphs", "compile", "amp")
 
 
 def log(message: str) -> None:
@@ -158,10 +158,16 @@ class Row:
     expected_reduction: float | None
     seconds: float
     run_dir: str
+    config: dict[str, Any] = field(default_factory=dict)
 
-    def key(self) -> tuple[float, ...]:
-        """What makes two runs the same configuration."""
-        return tuple(getattr(self, f) for f in SAME_RUN)
+    def key(self) -> str:
+        """What makes two runs the same configuration: every option that changes what is computed."""
+        return run_key(self.config)
+
+
+def run_key(config: dict[str, Any]) -> str:
+    """A configuration's identity, for reusing identical runs (cosmetic options left out)."""
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in _COSMETIC})
 
 
 class Suite:
@@ -228,7 +234,7 @@ class Suite:
 
     def find(self, cfg: TrainConfig) -> Row | None:
         """An earlier row of this suite with the same configuration, if any."""
-        key = tuple(getattr(cfg, f) for f in SAME_RUN)
+        key = run_key(asdict(cfg))
         return next((r for r in self.rows if r.key() == key), None)
 
     def run(self, name: str, **overrides: Any) -> Row:
@@ -275,6 +281,7 @@ class Suite:
             expected_reduction=flops.get("expected_reduction"),
             seconds=seconds,
             run_dir=str(out),
+            config=asdict(cfg),
         )
         self.rows.append(row)
         log(

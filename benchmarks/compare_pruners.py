@@ -69,6 +69,8 @@ import nd_plugin
 from nd_plugin.adapters import create_model
 from nd_plugin.adapters.tracing import find_sites
 from nd_plugin.flops import count_flops
+from nd_plugin.pruning import DecouplingImportance
+from nd_plugin.run import open_run
 from nd_plugin.train import Trainer, seed_everything
 
 PRUNERS: dict[str, tuple[str, Callable[[], tp.importance.Importance]]] = {
@@ -205,8 +207,14 @@ def match_flops(
         return flops
 
     lo, hi = 0.0, max_ratio
-    if attempt(lo) <= target or attempt(hi) > target:  # target at or beyond either end
+    if attempt(lo) <= target:  # nothing to prune
         return best[1], best[2], best[3]
+    # FLOPs are not monotone near ratio 1 for every importance (tp skips a layer that would lose all
+    # its channels): step the upper end down until it prunes enough
+    while attempt(hi) > target:
+        if hi < 0.1:
+            return best[1], best[2], best[3]  # out of reach
+        hi *= 0.8
     for _ in range(max_iter):
         if best[0] <= tol:
             break
@@ -218,21 +226,39 @@ def match_flops(
     return best[1], best[2], best[3]
 
 
-def finetune(model: nn.Module, suite: Suite, progress: bool) -> float:
+def finetune(model: nn.Module, suite: Suite, progress: bool, epochs: int | None = None) -> float:
     """Fine-tunes a plain (possibly pruned) model exactly like the suite's gates-open baseline.
 
     The model is wrapped and trained by :class:`~nd_plugin.train.Trainer` with the suite's resolved
-    config for ``warmup + epochs`` warm-up epochs and no decoupling epoch: every gate is forced
-    open, so the plain model is trained with the same optimiser, LR schedule, augmentation and
-    data order as the decoupling runs.
+    config for ``warmup + epochs`` warm-up epochs (or ``epochs``) and no decoupling epoch: every
+    gate is forced open, so the plain model is trained with the same optimiser, LR schedule,
+    augmentation and data order as the decoupling runs.
 
     Returns:
         Validation top-1.
     """
-    cfg = suite.config(**suite.finetune_overrides())
+    overrides = suite.finetune_overrides()
+    if epochs is not None:
+        overrides["warmup_epochs"] = epochs
+    cfg = suite.config(**overrides)
     seed_everything(cfg.seed)
     dm = nd_plugin.wrap(model, torch.zeros(1, *suite.data.input_size))
     return float(Trainer(dm, suite.data, cfg, out=None, progress=progress).fit().accuracy)
+
+
+def decoupled_importance(row: Row, n: int, batch_size: int) -> tuple[nn.Module, DecouplingImportance]:
+    """The plain network of a decoupling run and a :class:`DecouplingImportance` from its paths.
+
+    The on-frequencies are counted on ``n`` *training* images (the validation split stays unseen
+    by the pruning decision).
+    """
+    run = open_run(row.run_dir)
+    dm = run.build_model().eval()
+    data = run.data()
+    subset = torch.utils.data.Subset(data.train, range(min(n, len(data.train))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
+    stats = dm.paths(loader, num_classes=data.num_classes)
+    return dm.unwrapped().eval(), DecouplingImportance(stats)
 
 
 def targets_from(runs: list[Row], original: float, factors: list[float], tol: float) -> list[tuple[str, float]]:
@@ -291,6 +317,36 @@ def verdict(results: list[Result], factor: float = 2.0, tol: float = 0.02) -> di
                 "margin": near.top1 - best.top1,
                 "decoupling_at_least_as_good": near.top1 >= best.top1,
             }
+    return out
+
+
+def verdicts(results: list[Result], margin: float = 0.005) -> list[dict[str, Any]]:
+    """Per FLOPs target: the better of decoupling and ``decoupling_importance`` against the best tp pruner.
+
+    A target is what the torch-pruning rows were matched to (a decoupling run's expected FLOPs or a
+    fixed ``T``x). ``beats_by_margin`` says whether the better decoupled row is at least ``margin``
+    (0.5 points) above the best tp row at that target.
+    """
+    out = []
+    for of in dict.fromkeys(r.target_of for r in results if r.family in PRUNERS):
+        tps = [r for r in results if r.family in PRUNERS and r.target_of == of]
+        ours = [r for r in results if (r.family == "decoupling" and r.method == of) or (r.family == "decoupling_importance" and r.target_of == of)]
+        if not ours:
+            continue
+        best_tp, best = max(tps, key=lambda r: r.top1), max(ours, key=lambda r: r.top1)
+        out.append(
+            {
+                "target_of": of,
+                "reduction": best_tp.reduction,
+                "best_tp": best_tp.method,
+                "tp_top1": best_tp.top1,
+                "best_decoupled": best.method,
+                "decoupled_reduction": best.reduction,
+                "decoupled_top1": best.top1,
+                "margin": best.top1 - best_tp.top1,
+                "beats_by_margin": best.top1 - best_tp.top1 >= margin,
+            }
+        )
     return out
 
 
@@ -368,6 +424,14 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=0.02, help="relative FLOPs tolerance of the matching (default 0.02)")
     p.add_argument("--baseline-scope", choices=("internal", "all"), default="internal", help="channels tp may prune")
     p.add_argument("--no-baseline", action="store_true", help="skip the unpruned fine-tuned run")
+    p.add_argument(
+        "--di-epochs",
+        type=int,
+        default=None,
+        help="decoupling_importance rows: decoupling epochs before the static pruning (default: half of --epochs; "
+        "the rest fine-tunes the pruned model, so the budget equals every other row's); 0 skips the family",
+    )
+    p.add_argument("--di-images", type=int, default=10_000, help="training images whose paths rank the filters")
     args = p.parse_args()
     if args.ratio is not None:
         p.error("use --ratios here")
@@ -389,6 +453,7 @@ def main() -> None:
             "results": [asdict(r) for r in results],
             "decoupling_runs": [asdict(r) for r in suite.rows],
             "verdict_2x": verdict(results, tol=args.tol),
+            "verdicts": verdicts(results),
         }
         write_json(suite.json_path, payload)
 
@@ -440,11 +505,35 @@ def main() -> None:
             log(f"  top-1 {top1:.4f}")
             save()
 
+    di_epochs = args.epochs // 2 if args.di_epochs is None else args.di_epochs
+    if 0 < di_epochs < args.epochs:
+        log(f"decoupling_importance: {di_epochs} decoupling + {args.epochs - di_epochs} fine-tuning epochs")
+        for ratio, full in zip(args.ratios, runs):
+            t = time.perf_counter()
+            short = suite.run(f"decoupling R={ratio:g} ({di_epochs} ep, for importance)", ratio=ratio, sites=args.sites, epochs=di_epochs)
+            network, importance = decoupled_importance(short, args.di_images, args.batch_size)
+            # the FLOPs that this ratio's full decoupling run reached (or the nearest target kept)
+            of, target = min(targets, key=lambda t: abs(math.log(t[1] / float(full.flops_expected))))
+            pruned, pr, flops = match_flops(network, importance, target, data.input_size, scope=scope, tol=args.tol)
+            matched = abs(flops / target - 1) <= args.tol
+            log(f"  R={ratio:g} -> {of}: ratio {pr:.3f} gives {fmt_flops(flops)} ({flops / target - 1:+.1%}); fine-tuning ...")
+            top1 = finetune(pruned, suite, args.progress, epochs=args.epochs - di_epochs)
+            name = f"decoupling_importance R={ratio:g}"
+            elapsed = time.perf_counter() - t
+            results.append(Result(name, "decoupling_importance", flops, flops, original / flops, top1, target, of, pr, matched, elapsed))
+            log(f"  top-1 {top1:.4f}")
+            save()
+
     save()
     print()
     print(table(results))
     print()
     print(verdict_text(verdict(results, tol=args.tol)))
+    for v in verdicts(results):
+        print(
+            f"at {v['target_of']} ({v['reduction']:.2f}x): best decoupled {v['best_decoupled']} {100 * v['decoupled_top1']:.2f}% "
+            f"vs {v['best_tp']} {100 * v['tp_top1']:.2f}%: {100 * v['margin']:+.2f} points"
+        )
     fig = plot(results)
     figure = suite.json_path.with_suffix(".png")
     fig.savefig(figure, dpi=150)

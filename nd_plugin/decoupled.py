@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -134,6 +135,30 @@ class DecoupledModel(nn.Module):
         if return_gate_logits:
             out += (dict(zip(names, rec.logits)),)
         return out
+
+    def unwrapped(self) -> nn.Module:
+        """A copy of the network without gates: each gated site's conv and norm back in place.
+
+        The copy has the original architecture and the weights trained here, so torch-pruning (or
+        anything else that expects the plain model) can work on it; it computes what
+        :meth:`gates_open` computes.
+
+        Example:
+            >>> from nd_plugin.adapters import create_model
+            >>> dm = wrap(create_model("cifar:resnet20", num_classes=10), torch.zeros(1, 3, 32, 32))
+            >>> plain = dm.unwrapped().eval()
+            >>> x = torch.randn(2, 3, 32, 32)
+            >>> with dm.eval().gates_open():
+            ...     torch.allclose(plain(x), dm(x), atol=1e-5)
+            True
+        """
+        plain = copy.deepcopy(self.model)
+        for info in self.gate_sites:
+            site = plain.get_submodule(info.name)
+            _set_submodule(plain, info.name, site.conv)
+            if info.norm:
+                _set_submodule(plain, info.norm, site.norm)
+        return plain
 
     @contextlib.contextmanager
     def gates_open(self) -> Iterator[DecoupledModel]:

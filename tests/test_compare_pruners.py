@@ -6,6 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,44 @@ def test_plot_and_verdict_from_json_rows(cp) -> None:
     assert v["at_2x"]["margin"] == pytest.approx(0.03)
     fig = cp.plot([r.__dict__ for r in rows])
     assert fig.axes[0].get_xlabel().startswith("FLOPs reduction")
+
+
+def test_verdicts_take_the_better_decoupled_row_per_target(cp) -> None:
+    rows = [
+        cp.Result("decoupling R=0.5", "decoupling", 20e6, 22e6, 2.0, 0.820),
+        cp.Result("decoupling_importance R=0.5", "decoupling_importance", 20.2e6, 20.2e6, 1.98, 0.845, 20e6, "decoupling R=0.5"),
+        cp.Result("tp L1", "l1", 20.1e6, 20.1e6, 1.99, 0.830, 20e6, "decoupling R=0.5", 0.5, True),
+        cp.Result("tp group norm", "group_norm", 20.1e6, 20.1e6, 1.99, 0.838, 20e6, "decoupling R=0.5", 0.5, True),
+        cp.Result("tp group norm", "group_norm", 15e6, 15e6, 2.75, 0.80, 15e6, "2.75x", 0.6, True),
+    ]
+    (v,) = cp.verdicts(rows)  # the 2.75x target has no decoupled row
+    assert v["best_decoupled"] == "decoupling_importance R=0.5" and v["best_tp"] == "tp group norm"
+    assert v["margin"] == pytest.approx(0.007) and v["beats_by_margin"]
+    rows[1].top1 = 0.840
+    assert not cp.verdicts(rows)[0]["beats_by_margin"]  # +0.2 points is not 0.5
+
+
+def test_decoupling_importance_prunes_the_rarely_on_filters_first(cp) -> None:
+    import nd_plugin
+    from nd_plugin.adapters import create_model
+    from nd_plugin.flops import count_flops
+    from nd_plugin.paths import PathStats
+
+    torch.manual_seed(0)
+    size = (3, 32, 32)
+    dm = nd_plugin.wrap(create_model("cifar:resnet20", num_classes=10), torch.zeros(1, *size))
+    plain = dm.unwrapped().eval()
+    # frequencies: filter j of a gated layer with C filters is on for (j + 1) of C * 10 inputs
+    channels = [s.channels for s in dm.gate_sites]
+    counts = np.concatenate([np.arange(1, c + 1) for c in channels]).astype(np.int64)
+    stats = PathStats(dm.site_names, channels, n=10 * max(channels), counts=counts,
+                      class_counts=np.zeros((10, counts.size), np.int64), class_n=np.zeros(10, np.int64))
+    scope = cp.prunable_scope(plain, torch.zeros(1, *size), "internal")
+    target = count_flops(plain, size) / 1.5
+    pruned, _, flops = cp.match_flops(plain, cp.DecouplingImportance(stats), target, size, scope=scope, tol=0.03)
+    assert abs(flops / target - 1) <= 0.1  # equal frequencies across layers make the bisection coarse
+    # the kept filters of layer1.0.conv1 are the most frequently on ones: its last ones
+    kept = pruned.layer1[0].conv1.weight
+    c = kept.shape[0]
+    assert c < 16
+    torch.testing.assert_close(kept, plain.layer1[0].conv1.weight[16 - c :])

@@ -35,7 +35,9 @@ class DecouplingImportance(tp.importance.Importance):
     *produces* channels of the group is ungated, so its channels count as always on (1.0). The
     group's score is the maximum over these producers, placed by the group's ``root_idxs``: a
     channel scores 0 only when it is silent in every layer of its coupled group, which is exactly
-    when it can be removed without changing the model's output. The ACM's own layers (``.acm.``)
+    when it can be removed without changing the model's output. Groups of the wrapped model and of
+    its plain network (:meth:`~nd_plugin.DecoupledModel.unwrapped`, for pruning it statically) are
+    both understood. The ACM's own layers (``.acm.``)
     and the consumers of the group (input-channel pruning) carry no evidence and are skipped.
 
     Groups that contain no gated conv return ``None``, which torch-pruning's pruners read as
@@ -75,13 +77,16 @@ class DecouplingImportance(tp.importance.Importance):
         return self._freq
 
     def _site_of(self, label: str) -> str | None:
-        """The gated layer whose conv is the graph node ``label``, if any."""
-        if not label.endswith(".conv"):
-            return None
-        site = label[: -len(".conv")]
-        for candidate in (site, site.removeprefix(self.prefix), site.removeprefix("model.")):
-            if candidate in self._freq:
-                return candidate
+        """The gated layer whose conv is the graph node ``label``, if any.
+
+        In a wrapped model the conv is ``<site>.conv``; in the plain network
+        (:meth:`~nd_plugin.DecoupledModel.unwrapped`) it has the site's own name.
+        """
+        names = [label.removesuffix(".conv")] if label.endswith(".conv") else [label]
+        for site in names:
+            for candidate in (site, site.removeprefix(self.prefix), site.removeprefix("model.")):
+                if candidate in self._freq:
+                    return candidate
         return None
 
     @torch.no_grad()
