@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,25 +78,17 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         >>> sd["conv1.weight"].shape  # doctest: +SKIP
         torch.Size([16, 3, 3, 3])
     """
+    from nd_plugin.run import load_tensors
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if match is None:
-            msg = f"cannot read checkpoint {path}: not a torch.save file"
-            raise CheckpointMismatchError(msg) from e
-        raise CheckpointMismatchError(
-            f"checkpoint {path} contains Python objects ({match.group(1)}) that cannot be loaded "
-            f"safely with weights_only=True; re-save it as {{'state_dict': model.state_dict()}}"
-        ) from e
-    except EOFError as e:
-        raise CheckpointMismatchError(f"cannot read checkpoint {path}: empty or truncated") from e
-    except (RuntimeError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {first}") from e
+    fix = (
+        "in a Python session you trust, re-save its weights as tensors: "
+        f"torch.save({{'state_dict': torch.load({path!r}, weights_only=False).state_dict()}}, 'weights.pt') "
+        "(for a whole pickled model; use the state dict inside it otherwise) and pass weights.pt"
+    )
+    obj = load_tensors(path, fix=fix, error=CheckpointMismatchError)
     return _extract_state_dict(obj, path)
 
 

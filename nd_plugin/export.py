@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import time
 import warnings
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from nd_plugin.errors import ExportError
+from nd_plugin.run import atomic_dir, load_tensors, read_json, weights_mismatch
 from nd_plugin.pruning import CompactModel, PruneRecord, apply_record, check_tolerance, prune
 
 __all__ = ["FORMAT", "check_export_dir", "export", "load", "measure_latency", "prune_run"]
@@ -129,11 +129,7 @@ def export(
         >>> export(nd_plugin.prune(dm, stats), "out/", x_val[:64], model_spec={"name": "cifar:resnet56", "num_classes": 10})  # doctest: +SKIP
     """
     target = check_export_dir(directory, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(target) as tmp:  # the export appears complete or not at all
         compact = compact.eval()
         net = _frozen(compact)
         with torch.no_grad():
@@ -191,17 +187,7 @@ def export(
         if failed:
             detail = ", ".join(f"{c['format']} (max rel. error {c['max_rel_err']:.2e})" for c in failed)
             raise ExportError(f"export check failed: {detail} differ from the eager model by more than {CHECK_RTOL}; nothing was written.")
-        if target.exists():
-            backup = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, backup)
-            os.replace(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        return result
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return result
 
 
 def load(directory: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> CompactModel:
@@ -228,13 +214,19 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None, device
 
     directory = Path(directory)
     file = directory / MANIFEST
+    fix = f"export the model again with `nd prune RUN --export {directory} --force`"
     if not file.is_file():
         raise ExportError(f"{directory} has no {MANIFEST}; export a model with `nd prune RUN --export {directory}`.")
-    manifest = json.loads(file.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{file} is not an nd-plugin compact-model manifest (format {manifest.get('format')!r}).")
-    spec = manifest["model"]
-    record = PruneRecord.from_dict(manifest["prune"])
+    manifest = read_json(file, fix=fix, error=ExportError)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ExportError(f"{file} is not an nd-plugin compact-model manifest (format {found!r}, expected {FORMAT!r}); {fix}.")
+    try:
+        spec = dict(manifest["model"])
+        record = PruneRecord.from_dict(manifest["prune"])
+        weights = directory / manifest["files"].get("weights", WEIGHTS)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{file} is damaged (field {exc} missing or malformed); {fix}.") from None
     if model is None:
         if not spec.get("name"):
             raise ExportError(f"{file} names no registry model; pass the base network: load({str(directory)!r}, model=...).")
@@ -249,7 +241,10 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None, device
         noise_std=spec.get("noise_std", 1.0),
     )
     compact = apply_record(dm, record, inplace=True)
-    state = torch.load(directory / manifest["files"].get("weights", WEIGHTS), map_location="cpu", weights_only=True)
+    state = load_tensors(weights, fix=fix, error=ExportError)
+    problem = weights_mismatch(state, compact.state_dict()) if isinstance(state, dict) else f"holds a {type(state).__name__}"
+    if problem:
+        raise ExportError(f"{weights} does not fit the model {file} describes ({problem}; another export's weights?); {fix}.")
     compact.load_state_dict(state)
     return compact.to(device).eval()
 

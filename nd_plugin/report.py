@@ -731,7 +731,7 @@ def build_report(
     """
     import torch
 
-    from nd_plugin.run import Run, open_run
+    from nd_plugin.run import Run, atomic_dir, open_run
 
     t_start = time.perf_counter()
     run = run if isinstance(run, Run) else open_run(run)
@@ -831,7 +831,8 @@ def build_report(
         "occlusion_groups": {g: len(i) for g, i in groups.items()},
         "seed": seed,
     }
-    index = write_report(analysis, out, title=f"nd analyze: {cfg.get('model', run.path.name)}", figures=figures)
-    analysis.timings["total"] = time.perf_counter() - t_start
-    _write_json(out / "analysis.json", analysis.to_dict())  # again, now with the total time
-    return index
+    with atomic_dir(out, marker="analysis.json") as tmp:  # the report appears complete or not at all
+        write_report(analysis, tmp, title=f"nd analyze: {cfg.get('model', run.path.name)}", figures=figures)
+        analysis.timings["total"] = time.perf_counter() - t_start
+        _write_json(tmp / "analysis.json", analysis.to_dict())  # again, now with the total time
+    return out / "index.html"

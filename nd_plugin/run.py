@@ -2,34 +2,81 @@
 
 ::
 
-    RUN/config.json      every option, versions, seed, the gated layers
-    RUN/checkpoint.pt    model, optimiser, scheduler, RNG states, epoch (atomic, resumable)
-    RUN/metrics.jsonl    one line per epoch
-    RUN/paths.npz        path statistics on the validation split
-    RUN/summary.json     accuracy, FLOPs, filter states
+    RUN/config.json         every option, versions, seed, the gated layers
+    RUN/checkpoint.pt       model, optimiser, scheduler, RNG states, epoch (atomic, resumable)
+    RUN/checkpoint.prev.pt  the checkpoint before it (``--resume`` falls back to it)
+    RUN/metrics.jsonl       one line per epoch
+    RUN/paths.npz           path statistics on the validation split
+    RUN/summary.json        accuracy, FLOPs, filter states
+    RUN/.lock               while ``nd decouple`` runs: the pid that holds the directory
+
+This module is the one place that knows the layout: it writes atomically (temporary file or
+folder, then a rename), keeps the last two good checkpoints, locks a directory against a second
+``nd decouple``, and validates every artefact it reads. A damaged or foreign artefact raises a
+one-line :class:`~nd_plugin.errors.RunDirError` naming the file and the command that writes it
+again.
+
+Example:
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp())
+    >>> with hold_run(out):
+    ...     (out / LOCK).is_file()
+    True
+    >>> (out / LOCK).exists()
+    False
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import pickle
+import re
+import shutil
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from nd_plugin.errors import RunDirError
+from nd_plugin.errors import NDError, RunDirError
 from nd_plugin.paths import PathStats
 
-__all__ = ["Run", "open_run", "atomic_save", "atomic_write_text"]
+__all__ = [
+    "Run",
+    "open_run",
+    "atomic_save",
+    "atomic_write_text",
+    "atomic_dir",
+    "check_new_out",
+    "hold_run",
+    "prepare_out",
+    "load_tensors",
+    "read_json",
+    "save_checkpoint",
+    "weights_mismatch",
+    "write_metrics",
+]
 
+FORMAT = "nd-plugin-run/1"  # config.json's "format"
+CHECKPOINT_FORMAT = 1  # checkpoint.pt's "format"
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
 METRICS = "metrics.jsonl"
 PATHS = "paths.npz"
 SUMMARY = "summary.json"
+LOCK = ".lock"
+ARTEFACTS = (CHECKPOINT, PREVIOUS, METRICS, PATHS, SUMMARY)  # what a new run clears
+_CONFIG_KEYS = ("model", "num_classes", "input_size")  # and "sites", checked where used
 
 
+# ------------------------------------------------------------------------------ atomic writes
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
@@ -44,8 +91,290 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, *, marker: str | None = None) -> Iterator[Path]:
+    """A folder that appears at ``target`` complete or not at all.
+
+    Yields a temporary sibling folder to write into; on success it replaces ``target`` by a rename
+    (an old ``target`` is moved aside first and deleted after), on any error or interrupt it is
+    removed. Temporary folders of killed processes are swept away first.
+
+    Args:
+        target: the folder to produce.
+        marker: a file that an existing ``target`` must hold to be replaced (e.g. ``index.html``
+            for a report), so that a user's unrelated folder is never deleted; ``None``: the
+            caller has checked ``target``.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "report"
+        >>> with atomic_dir(target) as tmp:
+        ...     _ = (tmp / "index.html").write_text("<html></html>")
+        ...     target.exists()
+        False
+        >>> sorted(p.name for p in target.iterdir())
+        ['index.html']
+    """
+    target = Path(target)
+    if marker is not None and target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        raise RunDirError(f"{target} exists and holds no {marker}, so it is not an nd-plugin output folder; choose an empty or new folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            backup = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------- the lock
+@contextlib.contextmanager
+def hold_run(out: str | os.PathLike) -> Iterator[None]:
+    """Holds ``out`` for one ``nd decouple``: ``out/.lock`` names this pid, a second holder is refused.
+
+    The lock is an ``flock`` on ``out/.lock``, which the kernel drops when the holder dies, so
+    the lock file of a killed run (its pid dead) is simply taken over.
+
+    Raises:
+        RunDirError: another live process holds ``out``.
+    """
+    file = Path(out) / LOCK
+    file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = file.read_text(encoding="utf-8").strip() if file.is_file() else "?"
+            raise RunDirError(
+                f"--out {file.parent} is in use by another nd decouple (pid {holder or '?'}, {file}); "
+                "wait for it to finish, or choose another --out."
+            ) from None
+        try:
+            same = os.stat(file).st_ino == os.fstat(fd).st_ino  # not unlinked by a holder that just finished
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        file.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def check_unlocked(out: Path) -> None:
+    """Refuses early (before any work) when a live ``nd decouple`` holds ``out``."""
+    if (out / LOCK).is_file():
+        with hold_run(out):
+            pass
+
+
+# ---------------------------------------------------------------------------------- validated reads
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (library messages run on for lines)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(exc).__name__
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    return f"{path} cannot be read ({exc.strerror or _first_line(exc)})"
+
+
+def load_tensors(path: str | os.PathLike, *, fix: str, error: type[NDError] = RunDirError, device: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; every failure becomes one line naming the file and ``fix``.
+
+    Args:
+        path: a file written by ``torch.save``.
+        fix: what to do about a bad file (a command that writes it again, or how to convert it).
+        error: the :class:`~nd_plugin.errors.NDError` subclass to raise.
+        device: ``map_location``.
+
+    Example:
+        >>> import tempfile
+        >>> bad = Path(tempfile.mkdtemp()) / "checkpoint.pt"
+        >>> _ = bad.write_bytes(b"")
+        >>> load_tensors(bad, fix="train again")
+        Traceback (most recent call last):
+        ...
+        nd_plugin.errors.RunDirError: ...checkpoint.pt is empty; train again.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path} does not exist; {fix}.")
+    try:
+        if path.stat().st_size == 0:
+            raise error(f"{path} is empty; {fix}.")
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        return torch.load(path, map_location=device, weights_only=True)
+    except NDError:
+        raise
+    except OSError as exc:
+        raise error(f"{_unreadable(path, exc)}; check its permissions, or {fix}.") from None
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found or head[:1] == b"\x80":  # a pickle: torch.save of objects, or pickle.dump
+            what = f" ({found.group(1)})" if found else ""
+            raise error(
+                f"{path} holds pickled Python objects{what}; nd-plugin loads tensors only "
+                f"(torch.load(weights_only=True) never runs code from a file); {fix}."
+            ) from None
+        raise error(f"{path} is not a torch.save file; {fix}.") from None
+    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
+        raise error(f"{path} is damaged (truncated or corrupt: {_first_line(exc)}); {fix}.") from None
+
+
+def _read_text(path: Path, fix: str, error: type[NDError]) -> str:
+    """The text of ``path``; missing, unreadable, binary or empty is one line naming it and ``fix``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path} does not exist; {fix}.") from None
+    except OSError as exc:
+        raise error(f"{_unreadable(path, exc)}; check its permissions, or {fix}.") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not text (damaged); {fix}.") from None
+    if not text.strip():
+        raise error(f"{path} is empty; {fix}.")
+    return text
+
+
+def read_json(path: str | os.PathLike, *, fix: str, error: type[NDError] = RunDirError) -> Any:
+    """Parses a JSON file; a missing, empty, unreadable or broken one is one line naming the file and ``fix``."""
+    path = Path(path)
+    text = _read_text(path, fix, error)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is damaged (not valid JSON: {exc.msg} at line {exc.lineno}); {fix}.") from None
+
+
+def weights_mismatch(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps ``state`` from loading into a model whose state dict is ``own`` (None: it fits).
+
+    Example:
+        >>> weights_mismatch({"w": torch.zeros(2)}, {"w": torch.zeros(3)})
+        'w: file (2,) vs model (3,)'
+    """
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape))
+    ]
+    problems = [p for p in shapes[:2]]
+    problems += [f"missing {', '.join(missing[:2])}" + (f" (+{len(missing) - 2})" if len(missing) > 2 else "")] if missing else []
+    problems += [f"unexpected {', '.join(unexpected[:2])}" + (f" (+{len(unexpected) - 2})" if len(unexpected) > 2 else "")] if unexpected else []
+    return "; ".join(problems) or None
+
+
+# --------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out: str | os.PathLike, state: dict[str, Any], model: str) -> None:
+    """Writes ``out/checkpoint.pt`` atomically and keeps the one before as ``checkpoint.prev.pt``.
+
+    A kill at any point leaves a good ``checkpoint.pt`` or, for the instant between the two
+    renames, a good ``checkpoint.prev.pt``; ``--resume`` reads whichever is newest and good.
+    """
+    out = Path(out)
+    tmp = out / (CHECKPOINT + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save({**state, "format": CHECKPOINT_FORMAT, "model_name": model}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if (out / CHECKPOINT).is_file():
+        os.replace(out / CHECKPOINT, out / PREVIOUS)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def write_metrics(out: str | os.PathLike, records: list[dict[str, Any]], model: str) -> None:
+    """Rewrites ``out/metrics.jsonl`` (atomically) from the epoch records a checkpoint carries."""
+    atomic_write_text(Path(out) / METRICS, "".join(json.dumps({**r, "model": model}) + "\n" for r in records))
+
+
+# ------------------------------------------------------------------------- a run's directory
+def _check_new(out: Path, model: str, overwrite: bool) -> None:
+    config_file = out / CONFIG
+    if config_file.exists():
+        try:
+            previous = read_json(config_file, fix="").get("model")
+        except (RunDirError, AttributeError):
+            if not overwrite:
+                raise RunDirError(f"--out {out} holds a damaged {CONFIG}; pass --overwrite to start a new run there.") from None
+            previous = model  # a damaged run: --overwrite starts again
+        if previous != model:
+            raise RunDirError(f"--out {out} holds a run of another model ({previous!r}); choose another --out.")
+        if not overwrite:
+            raise RunDirError(
+                f"--out {out} already holds a run of {model!r}; pass --resume to continue it or --overwrite to start again."
+            )
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()) and not overwrite:
+        raise RunDirError(f"--out {out} exists and is not a run directory; choose an empty or new directory.")
+
+
+def check_new_out(out: Path, model: str, overwrite: bool) -> None:
+    """Raises :class:`RunDirError` when ``out`` cannot take a new run of ``model`` (checked before any work)."""
+    check_unlocked(out)
+    _check_new(out, model, overwrite)
+
+
+def prepare_out(out: Path, model: str, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any] | None:
+    """Checks ``out`` for ``--resume`` (returns its config) or, for a new run, clears old artefacts.
+
+    The new-run branch runs with the lock held (:func:`hold_run`); the resume branch runs before any
+    work and refuses a directory that another ``nd decouple`` holds.
+    """
+    if resume:
+        check_unlocked(out)
+        if not any((out / name).exists() for name in (CHECKPOINT, PREVIOUS)):
+            raise RunDirError(f"--resume: {out} has no {CHECKPOINT} to resume from; drop --resume to start a new run there.")
+        run = Run(out)
+        previous = run.config
+        if previous["model"] != model:
+            raise RunDirError(f"--resume: {out} holds a run of {previous['model']!r}, not {model!r}.")
+        if not isinstance(previous.get("train"), dict):
+            raise RunDirError(f"{out / CONFIG} has no training options ('train'); {run.fix(CONFIG)}.")
+        return previous
+    _check_new(out, model, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*ARTEFACTS, CHECKPOINT + ".damaged"):
+        (out / name).unlink(missing_ok=True)
+    return None
+
+
+# ---------------------------------------------------------------------------------- the run
 class Run:
-    """A run directory.
+    """A run directory, every read validated.
 
     Args:
         path: the directory.
@@ -59,26 +388,97 @@ class Run:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
+    # -- what writes each artefact again
+    def _model(self) -> str:
+        try:
+            return str(read_json(self.path / CONFIG, fix="")["model"])
+        except (NDError, KeyError, TypeError):
+            return "MODEL"
+
+    def fix(self, name: str) -> str:
+        """The command that writes artefact ``name`` of this run again."""
+        cmd = f"`nd decouple {self._model()} --out {self.path}"
+        if name == CONFIG:
+            return f"start the run again with {cmd} --overwrite`"
+        if name in (CHECKPOINT, PREVIOUS):
+            return f"{cmd} --resume` continues from the last good checkpoint, {cmd} --overwrite` trains again"
+        return f"{cmd} --resume` writes it again from the checkpoint"
+
     @property
     def config(self) -> dict[str, Any]:
-        """The run's ``config.json``."""
+        """The run's ``config.json``, checked for the keys every command needs."""
         file = self.path / CONFIG
-        if not file.is_file():
+        if not file.exists():
             raise RunDirError(f"{self.path} is not a run directory (no {CONFIG}); create one with `nd decouple MODEL --out {self.path}`.")
-        return json.loads(file.read_text(encoding="utf-8"))
+        cfg = read_json(file, fix=self.fix(CONFIG))
+        if not isinstance(cfg, dict) or any(k not in cfg for k in _CONFIG_KEYS):
+            keys = ", ".join(k for k in _CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg)
+            raise RunDirError(f"{file} is not an nd-plugin run config (no {keys}); {self.fix(CONFIG)}.")
+        if cfg.get("format", FORMAT) != FORMAT:
+            raise RunDirError(f"{file} has format {cfg['format']!r}; this nd-plugin reads {FORMAT!r}; {self.fix(CONFIG)}.")
+        return cfg
 
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT
 
+    def _read_checkpoint(self, file: Path, device: Any) -> dict[str, Any]:
+        fix = self.fix(file.name)
+        state = load_tensors(file, fix=fix, device=device)
+        if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping) or "epoch" not in state:
+            found = f"keys {sorted(map(str, state))[:4]}" if isinstance(state, dict) else type(state).__name__
+            raise RunDirError(f"{file} is not an nd-plugin checkpoint (found {found}, expected 'model' and 'epoch'); {fix}.")
+        if state.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+            raise RunDirError(f"{file} has checkpoint format {state['format']!r}; this nd-plugin reads {CHECKPOINT_FORMAT}; {fix}.")
+        model = self.config["model"]
+        if state.get("model_name", model) != model:
+            raise RunDirError(f"{file} is a checkpoint of {state['model_name']!r} but {self.path / CONFIG} names {model!r}; {fix}.")
+        return state
+
     def load_checkpoint(self, device: torch.device | str = "cpu") -> dict[str, Any]:
-        """Loads ``checkpoint.pt`` (tensors and plain containers only: ``weights_only=True``)."""
-        if not self.checkpoint_path.is_file():
+        """Loads and checks ``checkpoint.pt`` (tensors and plain containers only: ``weights_only=True``)."""
+        if not self.checkpoint_path.exists():
             raise RunDirError(
                 f"{self.path} has no {CHECKPOINT}; train first with `nd decouple MODEL --out {self.path}` "
                 "(or finish an interrupted run with `--resume`)."
             )
-        return torch.load(self.checkpoint_path, map_location=device, weights_only=True)
+        return self._read_checkpoint(self.checkpoint_path, device)
+
+    def _check_weights(self, state: dict[str, Any], file: Path, own: Mapping[str, torch.Tensor]) -> None:
+        problem = weights_mismatch(state["model"], own)
+        if problem:
+            raise RunDirError(f"{file} holds weights of another model than {self.path / CONFIG} describes ({problem}); {self.fix(file.name)}.")
+
+    def resume_state(self, own: Mapping[str, torch.Tensor], device: Any = "cpu") -> tuple[dict[str, Any], str]:
+        """The newest good checkpoint for ``--resume`` and a line saying which epoch it resumes from.
+
+        A damaged ``checkpoint.pt`` is moved aside (``checkpoint.pt.damaged``) and
+        ``checkpoint.prev.pt`` is used; with neither good, the error names both.
+
+        Args:
+            own: the state dict of the model the run trains (for the shape check).
+            device: ``map_location``.
+        """
+        errors = []
+        for file in (self.path / CHECKPOINT, self.path / PREVIOUS):
+            if not file.exists():
+                continue
+            try:
+                state = self._read_checkpoint(file, device)
+                self._check_weights(state, file, own)
+            except RunDirError as exc:
+                errors.append(str(exc).split("; ")[0])
+                continue
+            note = f"resuming after epoch {int(state['epoch']) + 1} from {file}"
+            if errors:
+                note = f"{errors[0]}: moved aside to {CHECKPOINT}.damaged; {note}"
+                if file.name == PREVIOUS and (self.path / CHECKPOINT).exists():
+                    with contextlib.suppress(OSError):
+                        os.replace(self.path / CHECKPOINT, self.path / (CHECKPOINT + ".damaged"))
+            return state, note
+        if not errors:
+            raise RunDirError(f"--resume: {self.path} has no {CHECKPOINT} to resume from; drop --resume to start a new run there.")
+        raise RunDirError(f"--resume: no good checkpoint in {self.path} ({'; '.join(errors)}); start again with --overwrite.")
 
     def build_model(self, device: torch.device | str = "cpu", *, load_weights: bool = True):
         """Rebuilds the decoupled model of this run, in eval mode, with its trained weights."""
@@ -86,6 +486,8 @@ class Run:
         from nd_plugin.decoupled import wrap
 
         cfg = self.config
+        if "sites" not in cfg:
+            raise RunDirError(f"{self.path / CONFIG} names no gated layers ('sites'); {self.fix(CONFIG)}.")
         ckpt = self.load_checkpoint(device) if load_weights else None
         model = create_model(cfg["model"], num_classes=cfg["num_classes"])
         dm = wrap(
@@ -96,6 +498,7 @@ class Run:
             noise_std=cfg.get("noise_std", 1.0),
         )
         if ckpt is not None:
+            self._check_weights(ckpt, self.checkpoint_path, dm.state_dict())
             dm.load_state_dict(ckpt["model"])
         return dm.to(device).eval()
 
@@ -120,30 +523,66 @@ class Run:
         return bundle
 
     def stats(self) -> PathStats:
-        """The validation path statistics ``paths.npz``."""
+        """The validation path statistics ``paths.npz``, checked against the run's gated layers."""
         file = self.path / PATHS
-        if not file.is_file():
+        if not file.exists():
             raise RunDirError(
                 f"{self.path} has no {PATHS} (path statistics); they are written at the end of `nd decouple`, "
                 f"or collect them with `nd analyze {self.path}`."
             )
-        return PathStats.load(file)
+        fix = self.fix(PATHS)
+        try:
+            stats = PathStats.load(file)
+        except OSError as exc:
+            raise RunDirError(f"{_unreadable(file, exc)}; check its permissions, or {fix}.") from None
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise RunDirError(f"{file} is damaged or not path statistics ({_first_line(exc)}); {fix}.") from None
+        cfg = self.config
+        channels = sum(stats.site_channels)
+        if stats.site_names != list(cfg.get("sites", stats.site_names)):
+            raise RunDirError(f"{file} holds path statistics of other gated layers than {self.path / CONFIG} names (another model's?); {fix}.")
+        if stats.counts.shape != (channels,) or stats.class_counts.shape != (cfg["num_classes"], channels):
+            raise RunDirError(f"{file} has counts of shape {stats.counts.shape} / {stats.class_counts.shape} for {channels} filters and {cfg['num_classes']} classes; {fix}.")
+        if stats.paths is not None and stats.paths.shape != (stats.n, channels):
+            raise RunDirError(f"{file} has raw paths of shape {stats.paths.shape}, not ({stats.n}, {channels}); {fix}.")
+        return stats
 
     def summary(self) -> dict[str, Any]:
         """The run's ``summary.json`` (empty when training has not finished)."""
         file = self.path / SUMMARY
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        if not file.exists():
+            return {}
+        summary = read_json(file, fix=self.fix(SUMMARY))
+        model = self.config["model"]
+        if not isinstance(summary, dict) or "top1" not in summary:
+            raise RunDirError(f"{file} is not a run summary (no 'top1'); {self.fix(SUMMARY)}.")
+        if summary.get("model", model) != model:
+            raise RunDirError(f"{file} is the summary of {summary['model']!r} but {self.path / CONFIG} names {model!r}; {self.fix(SUMMARY)}.")
+        return summary
 
     def metrics(self) -> list[dict[str, Any]]:
-        """Every line of ``metrics.jsonl``."""
+        """Every line of ``metrics.jsonl``, checked (epochs 1, 2, ... of this run's model)."""
         file = self.path / METRICS
-        if not file.is_file():
+        if not file.exists():
             return []
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        fix = self.fix(METRICS)
+        text = _read_text(file, fix, RunDirError)
+        model = self.config["model"]
+        lines = []
+        for i, line in enumerate(text.splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise RunDirError(f"{file} is damaged (line {i} is not JSON); {fix}.") from None
+            if not isinstance(record, dict) or record.get("epoch") != i or record.get("model", model) != model:
+                raise RunDirError(f"{file} line {i} is not epoch {i} of a {model!r} run; {fix}.")
+            lines.append(record)
+        return lines
+
 
 
 def open_run(path: str | os.PathLike) -> Run:
-    """Opens a run directory, checking that it exists and has a config."""
+    """Opens a run directory, checking that it exists and has a valid config."""
     run = Run(path)
     if not run.path.is_dir():
         raise RunDirError(f"run directory {run.path} does not exist; create one with `nd decouple MODEL --out {run.path}`.")

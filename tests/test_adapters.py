@@ -267,13 +267,14 @@ def test_checkpoint_missing_unsafe_or_not_a_state_dict(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="checkpoint not found"):
         load_checkpoint(cifar_resnet20(), tmp_path / "nope.pt")
     torch.save({"model": cifar_resnet20()}, tmp_path / "pickled.pt")  # a whole pickled module
-    with pytest.raises(CheckpointMismatchError, match="cannot be loaded safely"):
+    with pytest.raises(CheckpointMismatchError, match="holds pickled Python objects .*; nd-plugin loads tensors only") as info:
         load_checkpoint(cifar_resnet20(), tmp_path / "pickled.pt")
+    assert "re-save its weights as tensors" in str(info.value) and "\n" not in str(info.value)
     torch.save({"epoch": 3}, tmp_path / "meta.pt")
     with pytest.raises(CheckpointMismatchError, match="no state dict"):
         load_checkpoint(cifar_resnet20(), tmp_path / "meta.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointMismatchError, match="cannot read"):
+    with pytest.raises(CheckpointMismatchError, match="not a torch.save file"):
         load_checkpoint(cifar_resnet20(), tmp_path / "junk.pt")
 
 
