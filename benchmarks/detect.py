@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nd_plugin.detect import DETECTORS, check_detectors, detector_features, evaluate, fit_detectors
+from nd_plugin.detect import (
+    DETECTORS,
+    FittedDetectors,
+    check_detectors,
+    detector_features,
+    evaluate,
+    fit_detectors,
+)
 from nd_plugin.detect.protocol import attack_set
 from nd_plugin.detect.workflow import _subset_loader, mi_weights_of, path_variants
 from nd_plugin.run import open_run
@@ -61,7 +68,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--dump", type=Path, default=None, help="write the detectors' features (npz) for offline analysis")
+    ap.add_argument("--dump", type=Path, default=None, help="write the fitted detectors and the probes (npz) for offline analysis")
+    ap.add_argument("--fit-only", action="store_true", help="stop after fitting (to time it)")
+    ap.add_argument("--fitted", type=Path, default=None, help="load the fitted detectors from this folder (a --dump) instead of fitting")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -74,8 +83,11 @@ def main() -> None:
     dm = run.build_model(args.device)
     bundle = run.data(args.data, train_augment=False)
     mean, std = cfg.get("mean") or list(bundle.mean), cfg.get("std") or list(bundle.std)
-    fit_loader = _subset_loader(bundle.train, args.fit_n, args.batch_size, args.seed)
-    fitted = fit_detectors(dm, fit_loader, mi_weights=mi_weights_of(run.load_checkpoint("cpu")), device=args.device)
+    if args.fitted:
+        fitted = FittedDetectors.load(args.fitted, dm)
+    else:
+        fit_loader = _subset_loader(bundle.train, args.fit_n, args.batch_size, args.seed)
+        fitted = fit_detectors(dm, fit_loader, mi_weights=mi_weights_of(run.load_checkpoint("cpu")), device=args.device)
     density = float(np.mean([s.mean() for s in (fitted.path.arrays[f"freq_{l}"] for l in range(fitted.path.num_layers))]))
     print(f"fitted on {fitted.meta['fit_n']} training inputs in {fitted.meta['fit_seconds']} s "
           f"(load {time.perf_counter() - t0:.0f} s in all); mean gate on-frequency {density:.3f}", flush=True)
@@ -84,6 +96,11 @@ def main() -> None:
         "fit_n": int(fitted.meta["fit_n"]), "fit_seconds": float(fitted.meta["fit_seconds"]), "n": args.n,
         "seeds": args.seeds, "threads": args.threads, "attacks": {}, "transfer": {},
     }
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        fitted.save(args.dump)
+    if args.fit_only:
+        return
     sets, feats, clean_f = {}, {}, None
     path_mags = tuple(float(m) for m in args.path_magnitudes.split(","))
     feat_kw = {"std": std, "detectors": names, "path_magnitudes": path_mags, "batch_size": args.batch_size}
@@ -108,7 +125,6 @@ def main() -> None:
         }
         print(json.dumps({key: {k: v for k, v in report["attacks"][key].items() if k != "path_variants"}}), flush=True)
         if args.dump:
-            args.dump.mkdir(parents=True, exist_ok=True)
             arrays = {"adv_index": aset.adv_index, "clean_labels": aset.clean.labels, "adv_preds": aset.adv.preds,
                       **{f"clean_z{l}": z for l, z in enumerate(aset.clean.z)}, **{f"adv_z{l}": z for l, z in enumerate(aset.adv.z)},
                       "clean_logits": aset.clean.logits, "adv_logits": aset.adv.logits}

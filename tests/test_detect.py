@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +37,13 @@ from nd_plugin.detect import (
     to_pixels,
 )
 from nd_plugin.detect.features import run_pooled
-from nd_plugin.errors import ConfigError, DetectionError, NDError, RunDirError, UnknownAttackError
+from nd_plugin.errors import (
+    ConfigError,
+    DetectionError,
+    NDError,
+    RunDirError,
+    UnknownAttackError,
+)
 
 pytest.importorskip("torchattacks")
 
@@ -355,7 +362,7 @@ def test_path_scores_all_class_mi_and_features(dm, clean):
     k = 3
     mi = [np.random.default_rng(l).normal(size=(k, g.shape[1])) for l, g in enumerate(probe.gates)]
     det = PathDetector(knn_per_class=32, k=3).fit_probe(probe, dm.site_names, mi_weights=mi)
-    raw = lambda m: det._overall(probe, m, probe.preds)  # noqa: E731
+    raw = lambda m: det._overall(probe, m, probe.preds)
     assert (raw("joint_min") <= raw("joint") + 1e-9).all() and (raw("joint_margin") >= -1e-9).all()
     feats = det.path_features(probe)
     L = len(dm.site_names)
@@ -446,7 +453,7 @@ def test_run_detection_end_to_end(tiny_run):
     out = json.loads((tiny_run / "detect" / "pgd-eps0.3" / "detect.json").read_text())
     assert out["detectors"]["lid"] == res.detectors["lid"] and out["detector"]["fit_n"] == "480"
     for f in res.figures:
-        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all((tiny_run / f).is_file() for f in ("detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"))
     from nd_plugin.detect_figures import detection_section_html
 
@@ -479,9 +486,8 @@ def test_run_detection_without_checkpoint(dm, tmp_path):
 
 
 def test_cli_one_line_errors(dm, tmp_path):
-    from typer.testing import CliRunner
-
     from nd_plugin.cli._app import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     bare = _fake_run(tmp_path / "bare", dm, checkpoint=False) if (tmp_path / "bare").mkdir() is None else None

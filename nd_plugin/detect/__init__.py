@@ -32,11 +32,35 @@ Example:
     ((4,), (4, 3))
 """
 
-from nd_plugin.detect.attacks import ATTACKS, PixelSpaceModel, attack, to_normalised, to_pixels
-from nd_plugin.detect.baselines import LEE_MAGNITUDES, LID_KS, LeeMahalanobis, MahalanobisDetector, lid_scores, msp_score
-from nd_plugin.detect.detectors import PathDetector, PathScore, _whitener
-from nd_plugin.detect.features import PooledHooks, Probe, collect_probe, find_feature_layer, find_stage_layers
-from nd_plugin.detect.metrics import detection_metrics, evaluate_supervised, evaluate_unsupervised, lee_splits
+from nd_plugin.detect.attacks import (
+    ATTACKS,
+    PixelSpaceModel,
+    attack,
+    to_normalised,
+    to_pixels,
+)
+from nd_plugin.detect.baselines import (
+    LEE_MAGNITUDES,
+    LID_KS,
+    LeeMahalanobis,
+    MahalanobisDetector,
+    lid_scores,
+    msp_score,
+)
+from nd_plugin.detect.detectors import PathDetector, PathScore
+from nd_plugin.detect.features import (
+    PooledHooks,
+    Probe,
+    collect_probe,
+    find_feature_layer,
+    find_stage_layers,
+)
+from nd_plugin.detect.metrics import (
+    detection_metrics,
+    evaluate_supervised,
+    evaluate_unsupervised,
+    lee_splits,
+)
 from nd_plugin.detect.protocol import (
     DETECTORS,
     AttackedSet,
@@ -48,7 +72,12 @@ from nd_plugin.detect.protocol import (
     evaluate,
     fit_detectors,
 )
-from nd_plugin.detect.workflow import DetectionResult, _subset_loader, attack_and_probe, mi_weights_of, run_detection
+from nd_plugin.detect.workflow import (
+    DetectionResult,
+    attack_and_probe,
+    mi_weights_of,
+    run_detection,
+)
 
 __all__ = [
     "ATTACKS",

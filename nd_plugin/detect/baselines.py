@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from nd_plugin.detect.detectors import _whitener
-from nd_plugin.detect.features import Probe, _first_batch, collect_probe, find_feature_layer, find_stage_layers, run_pooled
+from nd_plugin.detect.features import (
+    Probe,
+    _first_batch,
+    collect_probe,
+    find_feature_layer,
+    find_stage_layers,
+    run_pooled,
+)
 from nd_plugin.errors import DetectionError, RunDirError
 
 __all__ = ["LEE_MAGNITUDES", "LID_KS", "LeeMahalanobis", "MahalanobisDetector", "lid_scores", "msp_score"]
@@ -218,9 +225,8 @@ class LeeMahalanobis:
                 with torch.no_grad():
                     base = self._distances(run_pooled(net, xb, self.layers))
                 for l in range(len(self.layers)):
-                    for m in out:
-                        if m == 0.0:
-                            out[m][i : i + xb.shape[0], l] = base[l].min(1).values.cpu().numpy()
+                    if 0.0 in out:
+                        out[0.0][i : i + xb.shape[0], l] = base[l].min(1).values.cpu().numpy()
                     moved = [m for m in out if m != 0.0]
                     if not moved:
                         continue

@@ -194,7 +194,7 @@ class PathDetector:
             raise DetectionError(f"fitting a path detector needs at least 4 clean inputs, got {n}.")
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(n)
-        n_hold = min(max(1, int(round(self.holdout * n))), n - 2)
+        n_hold = min(max(1, round(self.holdout * n)), n - 2)
         hold, train = order[:n_hold], order[n_hold:]
         self.site_names = list(site_names)
         a: dict[str, np.ndarray] = {"num_classes": np.array(k)}
@@ -422,8 +422,8 @@ class PathDetector:
                 d = ((wz[:, None, :] - wm[None]) ** 2).sum(-1).min(1).values
                 (grad,) = torch.autograd.grad(d.sum(), xb)
                 step = grad.sign() * inv_std
-                for m in moved:
-                    moved[m].append((xb.detach() - m * step).cpu())
+                for m, parts in moved.items():
+                    parts.append((xb.detach() - m * step).cpu())
         finally:
             dm.train(was_training)
         return {m: collect_probe(dm, torch.cat(parts), batch_size=batch_size) for m, parts in moved.items()}

@@ -71,7 +71,7 @@ def lee_splits(n: int, seeds: int = 5, *, first_seed: int = 0) -> list[tuple[np.
     out = []
     for s in range(first_seed, first_seed + seeds):
         order = np.random.default_rng(s).permutation(n)
-        a, b = int(round(FIT_FRACTION * n)), int(round((FIT_FRACTION + VAL_FRACTION) * n))
+        a, b = round(FIT_FRACTION * n), round((FIT_FRACTION + VAL_FRACTION) * n)
         out.append((order[:a], order[a:b], order[b:]))
     return out
 

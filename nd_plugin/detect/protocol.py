@@ -31,10 +31,26 @@ import torch
 from torch import nn
 
 from nd_plugin.detect.attacks import _check_attack, attack
-from nd_plugin.detect.baselines import LEE_MAGNITUDES, LID_KS, LeeMahalanobis, MahalanobisDetector, lid_scores, msp_score
+from nd_plugin.detect.baselines import (
+    LEE_MAGNITUDES,
+    LID_KS,
+    LeeMahalanobis,
+    MahalanobisDetector,
+    lid_scores,
+    msp_score,
+)
 from nd_plugin.detect.detectors import PathDetector
-from nd_plugin.detect.features import Probe, collect_probe, find_feature_layer, find_stage_layers
-from nd_plugin.detect.metrics import evaluate_supervised, evaluate_unsupervised, lee_splits
+from nd_plugin.detect.features import (
+    Probe,
+    collect_probe,
+    find_feature_layer,
+    find_stage_layers,
+)
+from nd_plugin.detect.metrics import (
+    evaluate_supervised,
+    evaluate_unsupervised,
+    lee_splits,
+)
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 
 __all__ = [
