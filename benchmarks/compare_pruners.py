@@ -67,7 +67,7 @@ from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table, 
 
 import nd_plugin
 from nd_plugin.adapters import create_model
-from nd_plugin.adapters.tracing import find_sites
+from nd_plugin.tracing import find_sites
 from nd_plugin.flops import count_flops
 from nd_plugin.pruning import DecouplingImportance
 from nd_plugin.run import open_run

@@ -6,17 +6,50 @@ Example:
     >>> logits, path = dm(torch.randn(2, 3, 64, 64), return_path=True)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from nd_plugin.decoupled import DecoupledModel, wrap
-from nd_plugin.detect import MahalanobisDetector, PathDetector
 from nd_plugin.errors import NDError
-from nd_plugin.export import load
 from nd_plugin.gates import ACM, GatedSite
-from nd_plugin.interpret import class_paths, decision_tree, filter_states, occlusion_concepts, path_distribution
 from nd_plugin.losses import DecouplingLoss, LossTerms
 from nd_plugin.paths import GateRecorder, PathStats
-from nd_plugin.pruning import CompactModel, DecouplingImportance, prune
-from nd_plugin.run import Run, open_run
-from nd_plugin.train import TrainConfig, Trainer, decouple
+
+# Loaded on first use: these pull in torch-pruning (which imports timm and torchvision), fvcore,
+# scikit-learn or matplotlib, which ``import nd_plugin`` should not pay for.
+_LAZY = {
+    "MahalanobisDetector": "nd_plugin.detect",
+    "PathDetector": "nd_plugin.detect",
+    "load": "nd_plugin.export",
+    "class_paths": "nd_plugin.interpret",
+    "decision_tree": "nd_plugin.interpret",
+    "filter_states": "nd_plugin.interpret",
+    "occlusion_concepts": "nd_plugin.interpret",
+    "path_distribution": "nd_plugin.interpret",
+    "CompactModel": "nd_plugin.pruning",
+    "DecouplingImportance": "nd_plugin.pruning",
+    "prune": "nd_plugin.pruning",
+    "Run": "nd_plugin.run",
+    "open_run": "nd_plugin.run",
+    "TrainConfig": "nd_plugin.config",
+    "Trainer": "nd_plugin.train",
+    "decouple": "nd_plugin.train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nd_plugin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nd_plugin.adapters.tracing import SiteInfo, build_graph, find_sites
+from nd_plugin.tracing import SiteInfo, build_graph, find_sites
 from nd_plugin.errors import ConfigError, InputShapeError, NothingToGateError
 from nd_plugin.gates import ACM_INITS, GatedSite
 from nd_plugin.paths import GateRecorder, PathStats
@@ -283,7 +283,7 @@ def wrap(
     """Puts a decoupling gate in front of each gate site of ``model``.
 
     Gate sites are found by tracing with torch-pruning's DependencyGraph (see
-    :mod:`nd_plugin.adapters.tracing`); the first conv is never gated. Each site's conv (and the
+    :mod:`nd_plugin.tracing`); the first conv is never gated. Each site's conv (and the
     batch norm right after it) is replaced in place by a :class:`~nd_plugin.gates.GatedSite`; the
     model is modified and owned by the returned :class:`DecoupledModel`.
 

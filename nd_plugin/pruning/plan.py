@@ -21,7 +21,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from nd_plugin.adapters.tracing import build_graph
+from nd_plugin.tracing import build_graph
 from nd_plugin.gates import GatedSite
 from nd_plugin.pruning.importance import node_label
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nd_plugin.adapters.tracing import build_graph
+from nd_plugin.tracing import build_graph
 from nd_plugin.gates import GatedSite
 from nd_plugin.pruning.plan import DynamicPlan, analyse, fusable_norms
 

@@ -27,7 +27,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from nd_plugin.adapters.tracing import SiteInfo, build_graph
+from nd_plugin.tracing import SiteInfo, build_graph
 from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.errors import ConfigError, StatsMismatchError
 from nd_plugin.gates import GatedSite
