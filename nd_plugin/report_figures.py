@@ -64,7 +64,7 @@ def _split_label(tree: DecisionTree, node) -> str:
         return ""
     if tree.test == "hopkins":
         return f"H={t.statistic:.2f}"
-    return f"p={t.p_value:.2g}\nCI {t.statistic:.2f} < {t.null_mean:.2f}"
+    return f"p={t.p_value:.2g}\nindex {t.statistic:.2f}\n(null {t.null_mean:.2f})"
 
 
 def plot_decision_tree(tree: DecisionTree):

@@ -86,7 +86,7 @@ def cluster_index(x: np.ndarray, space: Literal["pc1", "full"] = "pc1") -> tuple
     best = between.argmax(1)
     best_between = between[np.arange(b), best]
     ok = (total > 1e-12) & np.isfinite(best_between)
-    ci = np.where(ok, 1.0 - np.where(ok, best_between, 0.0) / np.where(ok, total, 1.0), 1.0)
+    ci = np.where(ok, np.clip(1.0 - np.where(ok, best_between, 0.0) / np.where(ok, total, 1.0), 0.0, 1.0), 1.0)
     first = np.zeros((b, n), dtype=bool)
     for i in range(b):
         first[i, order[i, : best[i] + 1]] = ok[i]

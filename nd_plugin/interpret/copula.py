@@ -10,8 +10,9 @@ the null of :func:`~nd_plugin.interpret.cluster_test.cluster_test`.
 
 The orthant probability is ``P(z_f > h, z_g > k) = Φ(−h)Φ(−k) + ∫₀^ρ φ₂(h, k; r) dr`` (Plackett's
 identity: its derivative in ρ is the bivariate density), integrated with Gauss–Legendre nodes and
-inverted by bisection for all pairs at once. Pairs that are never on together, or always together,
-reach ``±rho_max``; a correlation matrix that is not positive semi-definite is repaired by clipping
+inverted by bisection for all pairs at once. A pair whose 2×2 table has an empty cell (never on
+together, or one always on with the other) has its count moved half an input away from that
+boundary (the usual 0.5 correction; otherwise such pairs of rare filters would reach ``±rho_max``); a correlation matrix that is not positive semi-definite is repaired by clipping
 its eigenvalues and rescaling to a unit diagonal.
 """
 
@@ -68,7 +69,14 @@ def tetrachoric(x: np.ndarray, *, rho_max: float = 0.995, iterations: int = 30) 
         raise ValueError("tetrachoric needs columns that vary; drop the constant ones first")
     t = ndtri(1.0 - p)
     iu, ju = np.triu_indices(d, 1)
-    target = (x.T @ x / n)[iu, ju]
+    both = (x.T @ x)[iu, ju]
+    ones = x.sum(0)
+    # a 2x2 table with an empty cell (never / always on together) would put rho at +-rho_max: move the
+    # count half an input away from that boundary (the usual 0.5 correction of empty cells)
+    lo_b = np.maximum(0.0, ones[iu] + ones[ju] - n)
+    hi_b = np.minimum(ones[iu], ones[ju])
+    both = np.where(both <= lo_b, lo_b + 0.5, np.where(both >= hi_b, hi_b - 0.5, both))
+    target = both / n
     lo = np.full(iu.size, -rho_max)
     hi = np.full(iu.size, rho_max)
     h, k = t[iu], t[ju]

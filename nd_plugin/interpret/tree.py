@@ -44,11 +44,11 @@ __all__ = ["TreeNode", "DecisionTree", "decision_tree", "TESTS"]
 TESTS = NULLS + ("hopkins",)
 
 _DESCRIPTIONS = {
-    "copula": "2-means cluster index of the best cut along PC1 (small = clustered) against a Gaussian-copula null "
+    "copula": "2-means cluster index of the inputs' first-principal-component scores (small = clustered) against a Gaussian-copula null "
               "with the group's per-filter on-rates and tetrachoric correlations; split when the Monte Carlo p <= alpha",
-    "permutation": "2-means cluster index of the best cut along PC1 against filter-wise permutations "
+    "permutation": "2-means cluster index of the PC1 scores against filter-wise permutations "
                    "(marginals kept, correlations removed); split when p <= alpha",
-    "gaussian": "2-means cluster index of the best cut along PC1 against a continuous normal with the group's mean and "
+    "gaussian": "2-means cluster index of the PC1 scores against a continuous normal with the group's mean and "
                 "covariance (SigClust); split when p <= alpha",
     "hopkins": "Hopkins H (~1 clustered, ~0.5 random; reference from the product of the filters' marginals, Hamming "
                "distances); split when H >= threshold (not calibrated for tied, correlated binary paths)",
