@@ -232,7 +232,11 @@ class ImageFileDataset(Dataset):
         classes: Class names.
 
     Example:
-        >>> ds = ImageFileDataset([("a.jpg", 0)], transform=lambda im: im)  # doctest: +SKIP
+        >>> from PIL import Image
+        >>> Image.new("RGB", (8, 8), "red").save(tmp / "a.jpg")
+        >>> ds = ImageFileDataset([(str(tmp / "a.jpg"), 0)], transform=lambda im: im.size, classes=["red"])
+        >>> ds[0], len(ds)
+        (((8, 8), 0), 1)
     """
 
     def __init__(
@@ -506,9 +510,13 @@ def load_image_folder(
         DataError: The folder is missing, or has no class folders or no images.
 
     Example:
-        >>> test = load_image_folder("cifar10-jpeg/test")  # doctest: +SKIP
-        >>> len(test), test.classes[:2]  # doctest: +SKIP
-        (10000, ['airplane', 'automobile'])
+        >>> from PIL import Image
+        >>> for cls in ("cat", "dog"):
+        ...     (tmp / cls).mkdir()
+        ...     Image.new("RGB", (32, 32)).save(tmp / cls / "0.jpg")
+        >>> test = load_image_folder(tmp)
+        >>> len(test), test.classes, test[0][0].shape
+        (2, ['cat', 'dog'], torch.Size([3, 32, 32]))
     """
     root = _existing_dir(path)
     classes, samples = _scan_class_folders(root)

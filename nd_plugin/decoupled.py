@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,9 +16,51 @@ from nd_plugin.errors import ConfigError, InputShapeError, NothingToGateError
 from nd_plugin.gates import ACM_INITS, GatedSite
 from nd_plugin.paths import GateRecorder, PathStats
 
-__all__ = ["DecoupledModel", "wrap"]
+__all__ = ["DecoupledModel", "ForwardOutput", "wrap"]
 
 SiteSelector = str | Sequence[str] | Callable[[SiteInfo], bool]
+
+
+class ForwardOutput:
+    """What :class:`DecoupledModel` returns when a ``return_*`` flag is set: a NamedTuple.
+
+    It holds ``logits``, ``path`` and, when asked for, ``pre_gate`` and ``gate_logits``, in that
+    order: the positions of the plain tuple of earlier versions, so ``logits, path = dm(x,
+    return_path=True)``, ``out[0]`` and ``out[-1]`` work as before. A field that was not asked for
+    is not in the tuple and reads as None. ``isinstance(out, ForwardOutput)`` holds for every
+    combination of flags; ``out._fields`` names the fields present.
+
+    Example:
+        >>> out = _OUTPUT_TYPES[(False, True)](torch.zeros(1, 2), {}, {})
+        >>> out.logits.shape, out.pre_gate, out._fields, len(out)
+        (torch.Size([1, 2]), None, ('logits', 'path', 'gate_logits'), 3)
+    """
+
+    __slots__ = ()
+    logits: torch.Tensor
+    path: dict[str, torch.Tensor]
+    pre_gate: dict[str, torch.Tensor] | None = None
+    gate_logits: dict[str, torch.Tensor] | None = None
+
+    def __reduce__(self) -> tuple:  # the concrete types are not module attributes: pickle by fields
+        return _make_output, (self._fields, tuple(self))  # type: ignore[attr-defined]
+
+
+def _output_type(fields: tuple[str, ...]) -> type:
+    base = collections.namedtuple("ForwardOutput", fields)  # type: ignore[misc]
+    return type("ForwardOutput", (base, ForwardOutput), {"__slots__": (), "__module__": __name__})
+
+
+# (pre_gate asked, gate_logits asked) -> the NamedTuple type holding the fields asked for
+_OUTPUT_TYPES: dict[tuple[bool, bool], type] = {
+    (pre, z): _output_type(("logits", "path") + (("pre_gate",) if pre else ()) + (("gate_logits",) if z else ()))
+    for pre in (False, True)
+    for z in (False, True)
+}
+
+
+def _make_output(fields: tuple[str, ...], values: tuple) -> ForwardOutput:
+    return _OUTPUT_TYPES[("pre_gate" in fields, "gate_logits" in fields)](*values)
 
 
 def _first_conv(model: nn.Module) -> nn.Conv2d | None:
@@ -73,8 +116,9 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 class DecoupledModel(nn.Module):
     """A model whose gated convs decide, per input, which filters run.
 
-    Build one with :func:`wrap`. Calling it returns logits, or ``(logits, path)`` with
-    ``return_path=True``, where ``path`` maps each gated layer to its ``(N, C)`` gate vector.
+    Build one with :func:`wrap`. Calling it returns logits, or a :class:`ForwardOutput`
+    ``(logits, path)`` with ``return_path=True``, where ``path`` maps each gated layer to its
+    ``(N, C)`` gate vector.
 
     Attributes:
         model: the wrapped network (its gated convs replaced by :class:`~nd_plugin.gates.GatedSite`).
@@ -109,7 +153,7 @@ class DecoupledModel(nn.Module):
         return_pre_gate: bool = False,
         return_gate_logits: bool = False,
         pre_gate_activation: bool = False,
-    ) -> torch.Tensor | tuple:
+    ) -> torch.Tensor | ForwardOutput:
         """Runs the model.
 
         Args:
@@ -122,7 +166,17 @@ class DecoupledModel(nn.Module):
                 sites that feed one (the release's ``L_kl`` target), not before it.
 
         Returns:
-            ``logits``, or a tuple ``(logits, path[, pre_gate][, gate_logits])``.
+            ``logits`` without flags; otherwise a :class:`ForwardOutput`, the NamedTuple
+            ``(logits, path[, pre_gate][, gate_logits])`` (the fields asked for; the others read
+            as None). ``return_pre_gate`` or ``return_gate_logits`` alone include ``path`` too.
+
+        Example:
+            >>> from nd_plugin.adapters import create_model
+            >>> dm = wrap(create_model("cifar:resnet20", num_classes=10), torch.zeros(1, 3, 32, 32))
+            >>> out = dm(torch.randn(2, 3, 32, 32), return_path=True, return_gate_logits=True)
+            >>> logits, path, z = out
+            >>> out.logits is logits, out.gate_logits is z, out.pre_gate, len(out.path)
+            (True, True, None, 9)
         """
         if not (return_path or return_pre_gate or return_gate_logits):
             return self.model(x)
@@ -134,7 +188,7 @@ class DecoupledModel(nn.Module):
             out += (dict(zip(names, rec.pre_gate)),)
         if return_gate_logits:
             out += (dict(zip(names, rec.logits)),)
-        return out
+        return _OUTPUT_TYPES[(return_pre_gate, return_gate_logits)](*out)
 
     def unwrapped(self) -> nn.Module:
         """A copy of the network without gates: each gated site's conv and norm back in place.
@@ -207,8 +261,10 @@ class DecoupledModel(nn.Module):
             The :class:`~nd_plugin.paths.PathStats` of the pass.
 
         Example:
-            >>> stats = dm.paths(val_loader)  # doctest: +SKIP
-            >>> stats.save("paths.npz")  # doctest: +SKIP
+            >>> stats = dm.paths(val_loader)
+            >>> stats.n, len(stats.site_names)
+            (32, 9)
+            >>> stats.save(tmp / "paths.npz")
         """
         from nd_plugin._progress import track
 

@@ -124,8 +124,14 @@ class Trainer:
         progress: show progress bars (rank 0 only).
 
     Example:
-        >>> cfg = TrainConfig(model="cifar:resnet20", data="synthetic", epochs=1).resolved()  # doctest: +SKIP
-        >>> Trainer(dm, data, cfg, out="runs/r20").fit()  # doctest: +SKIP
+        >>> from nd_plugin.adapters import create_model
+        >>> from nd_plugin.data import load_data
+        >>> data = load_data("synthetic:64")
+        >>> cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", epochs=1, warmup_epochs=0, batch_size=32).resolved()
+        >>> dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, *data.input_size))
+        >>> stats = Trainer(dm, data, cfg, out=tmp, progress=False).fit()
+        >>> stats.n, sorted(p.name for p in tmp.iterdir())[:2]
+        (10, ['checkpoint.pt', 'metrics.jsonl'])
     """
 
     def __init__(
@@ -543,7 +549,10 @@ def decouple(
         The summary (also written to ``summary.json``).
 
     Example:
-        >>> summary = decouple(TrainConfig(model="resnet18", data="digits", ratio=0.6), "runs/resnet18")  # doctest: +SKIP
+        >>> cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", ratio=0.6, epochs=1, warmup_epochs=0, batch_size=32)
+        >>> summary = decouple(cfg, tmp / "r20", progress=False)
+        >>> sorted(summary)[:3], (tmp / "r20" / "paths.npz").is_file()
+        (['density', 'filter_states', 'flops'], True)
     """
     from nd_plugin.adapters import create_model, resolve_name
     from nd_plugin.data import load_data

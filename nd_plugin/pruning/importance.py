@@ -54,13 +54,19 @@ class DecouplingImportance(tp.importance.Importance):
             was built on the :class:`~nd_plugin.DecoupledModel` itself is detected automatically.
 
     Example:
-        >>> imp = DecouplingImportance(dm.paths(val_loader))  # doctest: +SKIP
-        >>> pruner = tp.pruner.MetaPruner(dm.model, x, importance=imp,  # doctest: +SKIP
-        ...                               pruning_ratio=0.3, ignored_layers=[...])
-        >>> dg = dm.dependency_graph()  # doctest: +SKIP
-        >>> group = dg.get_pruning_group(dm.sites()[0].conv, tp.prune_conv_out_channels, idxs=range(64))  # doctest: +SKIP
-        >>> imp(group)  # doctest: +SKIP
-        tensor([0.00, 0.93, 1.00, ...])
+        >>> import torch_pruning as tp
+        >>> imp = DecouplingImportance(dm.paths(val_loader))
+        >>> plain = dm.unwrapped().eval()  # the network without gates, for static pruning
+        >>> dg = tp.DependencyGraph().build_dependency(plain, example_inputs=x[:1])
+        >>> group = dg.get_pruning_group(plain.layer1[0].conv1, tp.prune_conv_out_channels, idxs=range(16))
+        >>> sorted(set(imp(group).tolist()))[:1]  # silent filters score 0
+        [0.0]
+        >>> convs = [m for n, m in plain.named_modules() if isinstance(m, nn.Conv2d) and not n.endswith("conv1")]
+        >>> pruner = tp.pruner.MetaPruner(plain, x[:1], importance=imp, pruning_ratio=0.3,
+        ...                               ignored_layers=[plain.linear, *convs])
+        >>> pruner.step()
+        >>> plain.layer1[0].conv1.out_channels < 16
+        True
     """
 
     def __init__(self, stats: PathStats, *, prefix: str = "") -> None:
