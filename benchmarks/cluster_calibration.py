@@ -68,7 +68,8 @@ COMPARE: dict[str, dict[str, Any]] = {
 
 
 def real_copulas(run_dir: str, max_inputs: int) -> tuple[list[GaussianCopula], list[str]]:
-    """One copula per gated layer of a run, fitted on its dynamic filters over the validation split."""
+    """One copula per gated layer of a run, fitted on its dynamic filters over (at most ``max_inputs`` of)
+    the validation split: from RUN/paths.npz when it holds raw paths, else collected."""
     import torch
 
     from nd_plugin.report import _analysis_data
@@ -76,10 +77,15 @@ def real_copulas(run_dir: str, max_inputs: int) -> tuple[list[GaussianCopula], l
 
     torch.set_num_threads(1)
     run = open_run(run_dir)
-    dm = run.build_model("cpu")
-    bundle = _analysis_data(run, None)
-    loader = bundle.loader("val", batch_size=250, shuffle=False)
-    stats = dm.paths(loader, raw=True, max_batches=max(1, max_inputs // 250))
+    try:
+        stats = run.stats()  # the run's paths.npz, when it holds every input's path
+    except Exception:  # noqa: BLE001 - missing or unreadable: collect below
+        stats = None
+    if stats is None or stats.paths is None:
+        dm = run.build_model("cpu")
+        loader = _analysis_data(run, None).loader("val", batch_size=250, shuffle=False)
+        stats = dm.paths(loader, raw=True, max_batches=max(1, max_inputs // 250))
+    stats.paths = stats.paths[:max_inputs]
     offsets = np.cumsum([0, *stats.site_channels])
     cops, names = [], []
     for i, name in enumerate(stats.site_names):
@@ -161,6 +167,7 @@ def main() -> None:
         if args.real:
             cops, names = real_copulas(args.real, args.real_inputs)
             row = run_null(f"copulas fitted to {args.real}", args.draws, args.n, 0, {}, copulas=cops)
+            row["layers_sizes"] = [c.rates.size for c in cops]
             res["real"] = {**row, "layers": names, "rates": [np.round(c.rates, 3).tolist() for c in cops]}
     if args.only != "null":
         for name, gen in POWER.items():
