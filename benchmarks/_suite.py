@@ -56,6 +56,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda-m", type=float, default=None, help="λ_m where a run uses L_mi (default: preset)")
     parser.add_argument("--lambda-k", type=float, default=None, help="λ_k where a run uses L_kl (default: preset)")
     parser.add_argument("--lambda-s", type=float, default=None, help="λ_s where a run uses L_s (default: preset)")
+    parser.add_argument("--sites", choices=("internal", "all"), default="internal", help="gate sites (all: the paper's placement)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -218,6 +219,7 @@ class Suite:
             epochs=a.epochs,
             warmup_epochs=a.warmup_epochs,
             batch_size=a.batch_size,
+            sites=a.sites,
             weights=self.weights,
             device=a.device,
             seed=a.seed,

@@ -416,7 +416,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5, 0.35], help="decoupling ratios R")
-    p.add_argument("--sites", choices=("internal", "all"), default="internal", help="decoupling gate sites")
     p.add_argument("--pruners", nargs="*", choices=list(PRUNERS), default=list(PRUNERS), help="torch-pruning importances")
     p.add_argument(
         "--targets", type=float, nargs="*", default=[2.0], help="fixed FLOPs reduction targets for tp, besides the decoupling runs' FLOPs"

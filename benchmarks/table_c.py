@@ -63,6 +63,7 @@ def findings(rows: dict[str, Row], margin: float) -> list[dict[str, Any]]:
         margin: how much larger (absolute share) the first share must be for the claim to hold.
     """
     checks = [
+        ("L_s removes FLOPs (silent filters)", "silent", "ACM+L_s", "ACM"),
         ("L_mi creates dynamic filters", "dynamic", "ACM+L_s+L_mi", "ACM+L_s"),
         ("L_kl raises the energetic share", "energetic", "ACM+L_s+L_kl", "ACM+L_s"),
     ]
@@ -70,6 +71,7 @@ def findings(rows: dict[str, Row], margin: float) -> list[dict[str, Any]]:
     for claim, state, with_loss, without in checks:
         a, b = getattr(rows[with_loss], state), getattr(rows[without], state)
         seed_a, seed_b = SEED_TABLE_C[with_loss][state], SEED_TABLE_C[without][state]
+        cost = rows[without].top1 - rows[with_loss].top1
         out.append(
             {
                 "claim": claim,
@@ -81,10 +83,11 @@ def findings(rows: dict[str, Row], margin: float) -> list[dict[str, Any]]:
                 "share_without": b,
                 "margin": margin,
                 "seed_resnet56_percent": [seed_a, seed_b],
+                "top1_cost": cost,
                 "text": (
                     f"{claim}: {'holds' if a > b + margin else 'does not hold'} -- {state} share {100 * a:.2f}% "
                     f"with {with_loss} vs {100 * b:.2f}% with {without} (margin {100 * margin:.1f} pt; "
-                    f"seed ResNet-56: {seed_a:.2f}% vs {seed_b:.2f}%)"
+                    f"seed ResNet-56: {seed_a:.2f}% vs {seed_b:.2f}%); top-1 cost {100 * cost:+.2f} points"
                 ),
             }
         )
