@@ -193,8 +193,12 @@ def hold_run(out: str | os.PathLike) -> Iterator[None]:
 
 
 def check_unlocked(out: Path) -> None:
-    """Refuses early (before any work) when a live ``nd decouple`` holds ``out``."""
-    if (out / LOCK).is_file():
+    """Refuses early (before any work) when a live ``nd decouple`` holds ``out``.
+
+    Under ``torchrun`` only rank 0 holds the directory, so only rank 0 checks (the other ranks would
+    otherwise collide with its own brief check).
+    """
+    if int(os.environ.get("RANK", "0")) == 0 and (out / LOCK).is_file():
         with hold_run(out):
             pass
 
@@ -239,7 +243,7 @@ def load_tensors(path: str | os.PathLike, *, fix: str, error: type[NDError] = Ru
         return torch.load(path, map_location=device, weights_only=True)
     except NDError:
         raise
-    except OSError as exc:
+    except (PermissionError, IsADirectoryError) as exc:
         raise error(f"{_unreadable(path, exc)}; check its permissions, or {fix}.") from None
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
@@ -250,7 +254,7 @@ def load_tensors(path: str | os.PathLike, *, fix: str, error: type[NDError] = Ru
                 f"(torch.load(weights_only=True) never runs code from a file); {fix}."
             ) from None
         raise error(f"{path} is not a torch.save file; {fix}.") from None
-    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
+    except (EOFError, OSError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:  # a truncated zip can be EINVAL
         raise error(f"{path} is damaged (truncated or corrupt: {_first_line(exc)}); {fix}.") from None
 
 
@@ -286,16 +290,16 @@ def weights_mismatch(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.
         >>> weights_mismatch({"w": torch.zeros(2)}, {"w": torch.zeros(3)})
         'w: file (2,) vs model (3,)'
     """
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    def listed(label: str, keys: list[str]) -> list[str]:
+        return [f"{label}{', '.join(keys[:2])}" + (f" (+{len(keys) - 2})" if len(keys) > 2 else "")] if keys else []
+
     shapes = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: file {tuple(getattr(v, 'shape', ()))} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
         if k in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape))
     ]
-    problems = [p for p in shapes[:2]]
-    problems += [f"missing {', '.join(missing[:2])}" + (f" (+{len(missing) - 2})" if len(missing) > 2 else "")] if missing else []
-    problems += [f"unexpected {', '.join(unexpected[:2])}" + (f" (+{len(unexpected) - 2})" if len(unexpected) > 2 else "")] if unexpected else []
+    problems = listed("", shapes) + listed("missing ", [k for k in own if k not in state])
+    problems += listed("unexpected ", [k for k in state if k not in own])
     return "; ".join(problems) or None
 
 

@@ -127,13 +127,51 @@ def test_damaged_artefact_read_by_the_api(runs: dict[str, Path], tmp_path: Path,
     assert _snapshot(folder) == before
 
 
-def test_pickled_checkpoint_names_the_way_out(runs: dict[str, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def detector_runs(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both runs with their detectors fitted and saved (RUN/detector*.npz), as `nd detect` leaves them."""
+    from nd_plugin.detect.protocol import fit_detectors
+
+    root = tmp_path_factory.mktemp("detector-runs")
+    made = {}
+    for key in ("run", "other"):
+        shutil.copytree(runs[key], root / key)
+        run = open_run(root / key)
+        dm = run.build_model()
+        fit_detectors(dm, run.data().loader("train", batch_size=32, shuffle=False), meta={"data": "synthetic:64"}).save(run.path)
+        made[key] = root / key
+    return made
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", FAULTS)
+def test_damaged_detector_cache(detector_runs: dict[str, Path], tmp_path: Path, fault: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(detector_runs["run"], run)
+    _damage(run / "detector.npz", fault, detector_runs["other"] / "detector.npz")
+    before = _snapshot(run)
+    message = _one_line_exit_2(["detect", str(run), "--n", "16", "--seeds", "1"], "detector.npz")
+    assert "--refit" in message
+    assert _snapshot(run) == before  # not silently refitted over
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ({"model": torch.nn.Linear(2, 2), "epoch": 0}, "holds pickled Python objects (torch.nn.modules.linear.Linear); nd-plugin loads tensors only"),
+        ({"state_dict": {"w": torch.zeros(2)}}, "is not an nd-plugin checkpoint (found keys ['state_dict'], expected 'model' and 'epoch')"),
+        ({"model": {"w": torch.zeros(2)}, "epoch": 0}, "holds weights of another model"),
+    ],
+    ids=["pickled-module", "other-dict", "other-weights"],
+)
+def test_checkpoint_holding_something_else_names_the_way_out(runs: dict[str, Path], tmp_path: Path, content: dict, expected: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(runs["run"], run)
-    torch.save({"model": torch.nn.Linear(2, 2), "epoch": 0}, run / "checkpoint.pt")  # a pickled module
+    torch.save(content, run / "checkpoint.pt")
+    before = _snapshot(run)
     message = _one_line_exit_2(["prune", str(run)], "checkpoint.pt")
-    assert "holds pickled Python objects (torch.nn.modules.linear.Linear); nd-plugin loads tensors only" in message
-    assert "--resume" in message
+    assert expected in message and "--resume" in message, message
+    assert _snapshot(run) == before
 
 
 # --- resume after damage, kills mid-write ----------------------------------------------------
@@ -141,19 +179,22 @@ def _epochs(run: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("damaged", ["truncated", "foreign"])
+@pytest.mark.parametrize("damaged", ["truncated", "foreign", "missing"])  # missing: killed between the two renames
 def test_resume_on_a_damaged_latest_checkpoint_falls_back_and_loses_nothing(runs: dict[str, Path], tmp_path: Path, damaged: str) -> None:
     whole, run = runs["run"], tmp_path / "run"
     shutil.copytree(whole, run)
-    _damage(run / "checkpoint.pt", damaged, runs["other"] / "checkpoint.pt")  # epoch 2's checkpoint lost
+    if damaged == "missing":
+        (run / "checkpoint.pt").unlink()
+    else:
+        _damage(run / "checkpoint.pt", damaged, runs["other"] / "checkpoint.pt")  # epoch 2's checkpoint lost
     result = CliRunner().invoke(app, ["decouple", "cifar:resnet20", "--out", str(run), "--resume", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "checkpoint.pt" in result.stderr and "resuming after epoch 1 from" in result.stderr and "checkpoint.prev.pt" in result.stderr
+    assert "resuming after epoch 1 from" in result.stderr and "checkpoint.prev.pt" in result.stderr
     assert _epochs(run) == [1, 2]  # epoch 2 trained again, once
     a, b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (whole, run))
     assert a["epoch"] == b["epoch"] == 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # as if never interrupted
-    assert (run / "checkpoint.prev.pt").is_file() and (run / "checkpoint.pt.damaged").exists()
+    assert (run / "checkpoint.prev.pt").is_file() and (run / "checkpoint.pt.damaged").exists() == (damaged != "missing")
 
 
 def test_resume_with_no_good_checkpoint_says_so(runs: dict[str, Path], tmp_path: Path) -> None:

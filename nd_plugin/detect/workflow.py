@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,8 +116,10 @@ def load_or_fit(
             fitted = FittedDetectors.load(run.path, dm)
             if fitted.meta.get("data") == data_spec and fitted.meta.get("fit_n") == want:
                 return fitted
-        except (RunDirError, DetectionError):
-            pass
+        except (RunDirError, DetectionError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            if (run.path / DETECTOR_FILE).exists():  # saved but damaged or another model's: say so, touch nothing
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise RunDirError(f"the saved detectors ({run.path / DETECTOR_FILE} and beside it) cannot be used ({reason}); refit them with `nd detect {run.path} --refit`.") from None
     loader = _subset_loader(bundle.train, fit_n, batch_size, seed)
     say(f"fitting the detectors on {len(loader.dataset)} training inputs")
     fitted = fit_detectors(dm, loader, mi_weights=mi, device=device, meta={"data": data_spec})
