@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from nd_plugin.decoupled import DecoupledModel, wrap
+from nd_plugin.decoupled import DecoupledModel, ForwardOutput, wrap
 from nd_plugin.errors import NDError
 from nd_plugin.gates import ACM, GatedSite
 from nd_plugin.losses import DecouplingLoss, LossTerms
@@ -33,6 +33,8 @@ _LAZY = {
     "prune": "nd_plugin.pruning",
     "Run": "nd_plugin.run",
     "open_run": "nd_plugin.run",
+    "param_groups": "nd_plugin.optim",
+    "recalibrate_bn": "nd_plugin.optim",
     "TrainConfig": "nd_plugin.config",
     "Trainer": "nd_plugin.train",
     "decouple": "nd_plugin.train",
@@ -59,6 +61,7 @@ __all__ = [
     "DecoupledModel",
     "DecouplingImportance",
     "DecouplingLoss",
+    "ForwardOutput",
     "GateRecorder",
     "GatedSite",
     "LossTerms",
@@ -76,7 +79,9 @@ __all__ = [
     "load",
     "occlusion_concepts",
     "open_run",
+    "param_groups",
     "path_distribution",
     "prune",
+    "recalibrate_bn",
     "wrap",
 ]

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nd_plugin.optim import gate_parameters
 from nd_plugin.paths import PathStats
 
 __all__ = ["Dist", "PhaseDDP", "distributed_cleanup", "init_distributed", "interleave", "reduce_path_stats"]
@@ -121,7 +122,8 @@ class PhaseDDP:
 
     def ignored(self, warmup: bool) -> list[str]:
         """Names (in the wrapper) of the parameters a phase leaves without gradient."""
-        names = [f"dm.{n}" for n, _ in self.dm.named_parameters() if warmup and ".acm." in f".{n}"]
+        gates = {id(p) for p in gate_parameters(self.dm)} if warmup else set()
+        names = [f"dm.{n}" for n, p in self.dm.named_parameters() if id(p) in gates]
         if warmup or self.lambda_m <= 0:
             names += [f"loss.{n}" for n, _ in self.loss.named_parameters()]
         return names

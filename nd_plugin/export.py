@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from nd_plugin.errors import ExportError
+from nd_plugin.optim import gate_parameters
 from nd_plugin.run import atomic_dir, load_tensors, read_json, weights_mismatch
 from nd_plugin.pruning import CompactModel, PruneRecord, apply_record, check_tolerance, prune
 
@@ -315,7 +316,7 @@ def prune_run(
         lat_compact = measure_latency(rt, singles, latency_repeats)
     finally:
         torch.set_num_threads(previous_threads)
-    orig_params = sum(p.numel() for n, p in dm.named_parameters() if ".acm." not in n)
+    orig_params = sum(p.numel() for p in dm.parameters()) - sum(p.numel() for p in gate_parameters(dm))
     result: dict[str, Any] = {
         "run": str(run.path),
         "tolerance": tolerance,

@@ -3,7 +3,8 @@
 ``L = CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``, each of the three summed over the gated layers:
 
 - ``L_mi``: a bias-free linear classifier per layer reads the gates; cross-entropy with the label
-  (a variational bound on the mutual information between path and class). As in the authors'
+  (a variational bound on the mutual information between path and class; with soft targets, as
+  timm's ``Mixup`` or label smoothing make them, the soft cross-entropy). As in the authors'
   release, ``λ_m`` scales the whole term, the classifiers' gradient included (``mi_scope="all"``);
   ``mi_scope="gates"`` fits the classifiers at full strength on detached gates and lets ``λ_m``
   scale only what reaches the gates.
@@ -13,6 +14,11 @@
 - ``L_s``: ``| mean over the batch of ‖α‖₁ − R·C |``, pulling the number of open gates of a
   layer towards the target fraction ``R`` of its ``C`` filters. Given the ACM logits, it counts the
   eval-time gates ``1[z > 0]`` (the trainer does this).
+
+:class:`DecouplingLoss` is the whole loss (``loss_fn(logits, targets, path, ...)``) or, through
+:meth:`DecouplingLoss.regularizer`, only ``λ_m·L_mi + λ_k·L_kl + λ_s·L_s`` to add to any criterion
+(timm's ``SoftTargetCrossEntropy``, a detection loss, ...). Targets are class indices ``(N,)`` or
+class probabilities ``(N, K)`` in both.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nd_plugin.errors import ConfigError
+from nd_plugin.errors import ConfigError, InputShapeError
 from nd_plugin.gates import binarize
 
 __all__ = ["MI_INITS", "MI_SCOPES", "DecouplingLoss", "LossTerms"]
@@ -60,10 +66,22 @@ def _check(name: str, value: float, low: float, high: float | None, closed_high:
         raise ConfigError(f"{name} must be in [{low}{bound or ', inf)'}, got {value}.")
 
 
-class DecouplingLoss(nn.Module):
-    """Cross-entropy plus the three decoupling losses.
+def _layers(values: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """Per-layer tensors as a list (a ``{layer: tensor}`` mapping gives its values in order)."""
+    if values is None:
+        return None
+    return list(values.values()) if isinstance(values, Mapping) else list(values)
 
-    The module owns the per-layer ``L_mi`` classifiers, so pass its parameters to the optimiser.
+
+class DecouplingLoss(nn.Module):
+    """Cross-entropy plus the three decoupling losses, or the three alone as a regulariser.
+
+    The module owns the per-layer ``L_mi`` classifiers, so pass its parameters to the optimiser
+    (:func:`nd_plugin.param_groups` puts them in the gates' group). Calling it returns the whole
+    loss, ``CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``; :meth:`regularizer` returns the three decoupling
+    terms alone, to add to another criterion. Targets are class indices ``(N,)`` or probabilities
+    ``(N, K)`` (timm's ``Mixup``, label smoothing); ``L_mi`` then is each layer's soft
+    cross-entropy.
 
     Args:
         lambda_m: weight of ``L_mi``.
@@ -83,6 +101,9 @@ class DecouplingLoss(nn.Module):
         >>> terms = loss_fn(logits, y, gates, [torch.randn(2, 4), torch.randn(2, 8)])
         >>> round(terms.s.item(), 2)  # |4 - 2.4| + |0 - 4.8|
         6.4
+        >>> soft = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.5, 0.5]])  # e.g. from timm's Mixup
+        >>> loss_fn(logits, soft, gates, [torch.randn(2, 4), torch.randn(2, 8)]).total.shape
+        torch.Size([])
     """
 
     def __init__(
@@ -108,6 +129,7 @@ class DecouplingLoss(nn.Module):
             _check(name, value, 0.0, None)
         self.lambda_m, self.lambda_k, self.lambda_s, self.ratio = lambda_m, lambda_k, lambda_s, ratio
         self.channels = list(channels)
+        self.num_classes = num_classes
         self.classifiers = nn.ModuleList(nn.Linear(c, num_classes, bias=False) for c in self.channels)
         if mi_init == "kaiming":
             for q in self.classifiers:
@@ -137,6 +159,41 @@ class DecouplingLoss(nn.Module):
         weight = torch.cat([q.weight for q in self.classifiers], 1)  # (K, sum C)
         return (self._one_hot.unsqueeze(2) * weight.t().unsqueeze(1)).flatten(1)
 
+    def check_targets(self, targets: torch.Tensor, n: int) -> torch.Tensor:
+        """Validates targets for a batch of ``n``: class indices ``(n,)`` or probabilities ``(n, K)``.
+
+        Args:
+            targets: integer class indices of shape ``(n,)``, or floating class probabilities of
+                shape ``(n, K)`` with ``K = num_classes`` (timm's ``Mixup`` and label smoothing).
+            n: the batch size.
+
+        Returns:
+            ``targets`` unchanged.
+
+        Raises:
+            InputShapeError: any other shape or dtype; the message names the shapes expected.
+
+        Example:
+            >>> loss_fn = DecouplingLoss(channels=[4], num_classes=3)
+            >>> loss_fn.check_targets(torch.zeros(2, 5), n=2)
+            Traceback (most recent call last):
+            ...
+            nd_plugin.errors.InputShapeError: targets of shape (2, 5) (torch.float32) do not fit a batch of 2 inputs and 3 classes: pass class indices of shape (2,) (an integer tensor) or class probabilities of shape (2, 3) (a floating tensor).
+        """
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else None
+        ok = shape is not None and (
+            (shape == (n,) and not targets.is_floating_point() and not targets.is_complex())
+            or (shape == (n, self.num_classes) and targets.is_floating_point())
+        )
+        if not ok:
+            what = f"of shape {shape} ({targets.dtype})" if shape is not None else f"of type {type(targets).__name__}"
+            raise InputShapeError(
+                f"targets {what} do not fit a batch of {n} inputs and {self.num_classes} classes: pass class "
+                f"indices of shape ({n},) (an integer tensor) or class probabilities of shape ({n}, "
+                f"{self.num_classes}) (a floating tensor)."
+            )
+        return targets
+
     def forward(
         self,
         logits: torch.Tensor,
@@ -145,12 +202,13 @@ class DecouplingLoss(nn.Module):
         pre_gate: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
         gate_logits: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
     ) -> LossTerms:
-        """Computes the loss.
+        """Computes the whole loss, ``CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``.
 
         Args:
             logits: ``(N, K)`` network outputs.
-            targets: ``(N,)`` labels.
-            gates: per layer ``(N, C)`` gate values (as returned with ``return_path=True``).
+            targets: ``(N,)`` class indices or ``(N, K)`` class probabilities.
+            gates: per layer ``(N, C)`` gate values (as returned with ``return_path=True``); empty
+                gives cross-entropy alone.
             pre_gate: per layer ``(N, C)`` GAP of the layer output before the gate
                 (``return_pre_gate=True``); needed when ``lambda_k > 0``.
             gate_logits: per layer ``(N, C)`` ACM logits ``z`` (``return_gate_logits=True``). When
@@ -160,27 +218,66 @@ class DecouplingLoss(nn.Module):
 
         Returns:
             The :class:`LossTerms`.
+
+        Raises:
+            InputShapeError: targets of another shape (see :meth:`check_targets`).
         """
-        gates = list(gates.values()) if isinstance(gates, Mapping) else list(gates)
-        if isinstance(pre_gate, Mapping):
-            pre_gate = list(pre_gate.values())
-        if isinstance(gate_logits, Mapping):
-            gate_logits = list(gate_logits.values())
-        ce = F.cross_entropy(logits, targets)
-        zero = logits.new_zeros((), dtype=torch.float)
+        ce = F.cross_entropy(logits, self.check_targets(targets, logits.shape[0]))
+        reg = self._regularizer(targets, gates, pre_gate, gate_logits, zero=logits.new_zeros((), dtype=torch.float))
+        return LossTerms(total=ce + reg.total, ce=ce, mi=reg.mi, kl=reg.kl, s=reg.s)
+
+    def regularizer(
+        self,
+        targets: torch.Tensor,
+        gates: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        pre_gate: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+        gate_logits: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+    ) -> LossTerms:
+        """The decoupling terms alone, ``λ_m·L_mi + λ_k·L_kl + λ_s·L_s``, to add to any criterion.
+
+        Arguments as in :meth:`forward`, without the logits. ``terms.total`` is the weighted sum
+        and ``terms.ce`` is zero: add ``terms.total`` to your own classification loss.
+
+        Example:
+            >>> from timm.loss import SoftTargetCrossEntropy
+            >>> loss_fn = DecouplingLoss(1.0, 0.0, 0.1, 0.5, channels=[4], num_classes=3)
+            >>> logits, soft = torch.randn(2, 3), torch.tensor([[0.8, 0.2, 0.0], [0.0, 0.0, 1.0]])
+            >>> reg = loss_fn.regularizer(soft, [torch.ones(2, 4)])
+            >>> loss = SoftTargetCrossEntropy()(logits, soft) + reg.total
+            >>> torch.allclose(reg.total, 1.0 * reg.mi + 0.1 * reg.s), reg.s.item(), reg.ce.item()
+            (True, 2.0, 0.0)
+        """
+        gates = _layers(gates)
+        n = gates[0].shape[0] if gates else targets.shape[0]
+        self.check_targets(targets, n)
+        return self._regularizer(targets, gates, pre_gate, gate_logits, zero=targets.new_zeros((), dtype=torch.float))
+
+    def _regularizer(
+        self,
+        targets: torch.Tensor,
+        gates: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        pre_gate: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None,
+        gate_logits: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None,
+        *,
+        zero: torch.Tensor,
+    ) -> LossTerms:
+        """``λ_m·L_mi + λ_k·L_kl + λ_s·L_s`` on checked targets, every layer in one batch."""
+        gates, pre_gate, gate_logits = _layers(gates), _layers(pre_gate), _layers(gate_logits)
         mi, kl, s = zero, zero, zero
-        total = ce
+        total = zero
         if not gates:
-            return LossTerms(total=total, ce=ce, mi=mi, kl=kl, s=s)
+            return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s)
         if len(gates) != len(self.channels):
             raise ValueError(f"expected gates of {len(self.channels)} layers, got {len(gates)}")
         alpha = torch.cat(gates, 1).float()
         n, layers = alpha.shape[0], len(self.channels)
         if self.lambda_m > 0:
             block = self._block_diagonal()
-            per_row = targets.repeat_interleave(layers)
-            # the sum over layers of each layer's mean cross-entropy; row (i, l) holds layer l's
-            # logits for input i
+            # row (i, l) holds layer l's logits for input i; soft targets repeat row-wise
+            per_row = targets.repeat_interleave(layers, dim=0)
+            if per_row.is_floating_point():
+                per_row = per_row.float()
+            # the sum over layers of each layer's mean (soft) cross-entropy
             mi = F.cross_entropy((alpha @ block).view(n * layers, -1), per_row) * layers
             total = total + self.lambda_m * mi
             if self.mi_scope == "gates":
@@ -191,13 +288,13 @@ class DecouplingLoss(nn.Module):
         if self.lambda_k > 0:
             if pre_gate is None or any(p is None for p in pre_gate):
                 raise ValueError("lambda_k > 0 needs the pre-gate outputs (return_pre_gate=True)")
-            target_log = self._segment_log_softmax(torch.cat(list(pre_gate), 1).float())
+            target_log = self._segment_log_softmax(torch.cat(pre_gate, 1).float())
             pointwise = F.kl_div(self._segment_log_softmax(alpha), target_log, reduction="none", log_target=True)
             # the release's F.kl_div default ("mean"): each layer's sum divided by N * C_l, written out
             kl = (pointwise.sum(0) * self._inv_width).sum() / n
             total = total + self.lambda_k * kl
         if self.lambda_s > 0:
-            counted = alpha if gate_logits is None else binarize(torch.cat(list(gate_logits), 1).float(), training=False)
+            counted = alpha if gate_logits is None else binarize(torch.cat(gate_logits, 1).float(), training=False)
             s = (counted.mean(0) @ self._one_hot - self._target_on).abs().sum()
             total = total + self.lambda_s * s
-        return LossTerms(total=total, ce=ce, mi=mi, kl=kl, s=s)
+        return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s)
