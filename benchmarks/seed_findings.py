@@ -14,9 +14,16 @@ number:
    some image whose concept is localised on at least half of the class's images, and the top
    filters' consistency with their patch-set IoU against chance.
 
+With ``--paths RUN/paths.npz`` (raw paths), also a test-free reading of where groups of classes
+part: per gated layer, how well k-means (k = 2) on that layer's gates separates artefacts from
+animals (all inputs), cat from dog and automobile from truck (the two classes' inputs), as the
+agreement of its two clusters with the truth (chance: the larger group's share, 0.6 for
+artefacts | animals, 0.5 for the pairs), with the copula test's p-value on the same inputs.
+
 Usage:
     nd analyze /tmp/runs/r20_new --out /tmp/r20_new_report --occlusion-class cat --occlusion-class automobile
-    python benchmarks/seed_findings.py /tmp/r20_new_report/analysis.json --json docs/data/seed_findings_r20.json
+    python benchmarks/seed_findings.py /tmp/r20_new_report/analysis.json --paths /tmp/runs/r20_new/paths.npz \
+        --json docs/data/seed_findings_r20.json
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ def findings(a: dict[str, Any]) -> list[dict[str, Any]]:
     first = min(split_layers) if split_layers else None
     out.append({
         "finding": "bottom layers shared by all classes",
-        "holds": first is None or first >= third,
+        "holds": first is None or first >= third,  # trivially when nothing splits (the number says so)
         "number": f"first split at layer index {first} ({layers[first] if first is not None else 'none'}) of {n_layers}; "
                   f"bottom third = indices < {third:.1f}",
     })
@@ -66,7 +73,8 @@ def findings(a: dict[str, Any]) -> list[dict[str, Any]]:
         others = [int(part[i, k]) for k in range(len(classes)) if k not in (i, j)] + \
                  [int(part[j, k]) for k in range(len(classes)) if k not in (i, j)]
         latest = max(others) if others else -1
-        holds = pij == -1 or pij >= latest
+        # when the tree parts no classes at all, "last" cannot be checked
+        holds = None if (part < 0).all() else (pij == -1 or pij >= latest)
         out.append({
             "finding": f"similar classes part last: {a_} / {b_}",
             "holds": holds,
@@ -99,19 +107,53 @@ def findings(a: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def layer_separation(paths_file: str) -> dict[str, list[dict[str, Any]]]:
+    """Per layer: k-means agreement with artefact/animal, cat/dog, automobile/truck, and the copula p."""
+    from nd_plugin.interpret.calibration import kmeans_agreement
+    from nd_plugin.interpret.cluster_test import cluster_test
+    from nd_plugin.paths import PathStats
+
+    st = PathStats.load(paths_file)
+    offsets = np.cumsum([0, *st.site_channels])
+    cls = list(st.classes)
+    kinds = np.isin(np.array(cls)[st.labels], ANIMALS).astype(int)
+    groupings = {"artefacts | animals": (np.ones(st.n, bool), kinds)}
+    for a_, b_ in (("cat", "dog"), ("automobile", "truck")):
+        m = np.isin(st.labels, [cls.index(a_), cls.index(b_)])
+        groupings[f"{a_} | {b_}"] = (m, (st.labels[m] == cls.index(b_)).astype(int))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, (mask, truth) in groupings.items():
+        rows = []
+        for i, layer in enumerate(st.site_names):
+            x = st.paths[mask][:, offsets[i] : offsets[i + 1]]
+            x = x[:, x.min(0) != x.max(0)]
+            agree = kmeans_agreement(x, truth) if x.shape[1] else None
+            p = cluster_test(x, seed=0).p_value if x.shape[1] else None
+            rows.append({"layer": layer, "dynamic": int(x.shape[1]), "kmeans_agreement": agree, "copula_p": p})
+        out[name] = rows
+        print(name + ": " + ", ".join(
+            f"{r['layer']} " + ("n/a (no varying filter)" if r["kmeans_agreement"] is None else
+                                f"{r['kmeans_agreement']:.2f} (p {r['copula_p']:.2g})") for r in rows))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("analysis", help="analysis.json written by nd analyze")
+    ap.add_argument("--paths", default=None, help="RUN/paths.npz with raw paths: per-layer k-means separation of class groups")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     a = json.loads(Path(args.analysis).read_text())
     rows = findings(a)
     for r in rows:
-        print(f"{'HOLDS' if r['holds'] else 'does not hold'}: {r['finding']}: {r['number']}")
+        verdict = "cannot be checked" if r["holds"] is None else ("HOLDS" if r["holds"] else "does not hold")
+        print(f"{verdict}: {r['finding']}: {r['number']}")
+    separation = layer_separation(args.paths) if args.paths else None
     if args.json:
         tree = a["decision_tree"]
         Path(args.json).write_text(json.dumps({"analysis": args.analysis, "findings": rows, "tree_test": tree["test"],
-                                               "no_split_reason": tree["no_split_reason"], "meta": a["meta"]}, indent=1))
+                                               "no_split_reason": tree["no_split_reason"], "meta": a["meta"],
+                                               "layer_separation": separation}, indent=1))
 
 
 if __name__ == "__main__":

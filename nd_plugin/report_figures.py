@@ -7,6 +7,7 @@ backend change); :mod:`nd_plugin.report` re-exports the two plots.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -100,6 +101,14 @@ def plot_decision_tree(tree: DecisionTree):
         top = -0.5 if node.parent is None else tree.nodes[node.parent].split_layer
         end = node.split_layer if node.children else bottom
         ax.plot([x, x], [top, end], color="#555", lw=1.2 + 2.5 * node.size / max(tree.nodes[0].size, 1))
+        if n_leaves <= 4:  # few branches: room to show the test of every layer the group stayed whole
+            for layer, t in node.tests.items():
+                if layer != node.split_layer:
+                    if t.reason:
+                        text = "not tested: " + ("no varying filter" if "varies" in t.reason else "too few inputs")
+                    else:
+                        text = f"H={t.statistic:.2f}" if tree.test == "hopkins" else f"p={t.p_value:.2g}"
+                    ax.annotate(text, (x, layer), xytext=(4, -3), textcoords="offset points", fontsize=6, color="#777")
         if node.children:
             cx = [xs[c] for c in node.children]
             ax.plot([min(cx), max(cx)], [end, end], color="#555", lw=1.2)
@@ -128,6 +137,7 @@ def plot_decision_tree(tree: DecisionTree):
         sub = "splits group inputs, but no two classes part (every class follows its majority)"
     else:
         sub = f"first parting at {first[0]}: " + " | ".join(", ".join(g) for g in first[1])
+    sub = "\n".join(textwrap.wrap(sub, int(fig.get_figwidth() * 12)))
     ax.set_title(f"Decision process: split when {tree.rule} → k-means (k = 2)\n{sub}", fontsize=9)
     return fig
 
@@ -144,78 +154,65 @@ def plot_occlusion(
     groups: Mapping[str, Sequence[int]] | None = None,
     filters: int = 3,
     max_images: int = 6,
+    cols: int = 6,
     classes: Sequence[str] | None = None,
 ):
-    """Seed Fig. B: per group of images (a class), its most consistent filters and, on every image,
-    the region whose occlusion silences them.
+    """Seed Fig. B: per group of images (a class), its most consistent filters and, on each image
+    where the filter has a localised concept, the region whose occlusion silences it.
 
     For each group, :func:`~nd_plugin.interpret.concept_consistency` ranks the filters by the share
-    of the group's images on which some, but at most half, of the patches turn them off. One row
-    shows the images; one row per top filter shows each image dimmed outside the filter's
-    silencing region (outlined red), or says that the filter is off / not localised there. Only
-    images on which at least one top filter is localised are shown, so no column is empty.
+    of the group's images on which some, but at most half, of the patches turn them off. Every
+    panel is one (filter, image) pair: the image dimmed outside the filter's silencing region
+    (outlined red), titled with the filter, its consistency and the prediction. Panels of one
+    filter follow each other, filters in order of consistency, groups one after the other, in rows
+    of ``cols``: only the last row can hold empty places.
 
     Args:
         oc: result of :func:`~nd_plugin.interpret.occlusion_concepts`.
         images: the images as ``(H, W, 3)`` arrays in ``[0, 1]`` (or uint8), for display.
         groups: ``{label: image indices}`` (default: all images in one group).
         filters: top filters shown per group.
-        max_images: images shown per group.
+        max_images: panels per filter at most.
+        cols: panels per row.
         classes: class names for the predictions.
 
     Returns:
         The Figure.
     """
     groups = dict(groups) if groups else {"images": list(range(len(images)))}
-    blocks = []
+    sil = oc.silenced
+    limit = 0.5 * len(oc.boxes)
+    cells = []  # (label, filter, image, consistency text)
     for label, idx in groups.items():
         cc = concept_consistency(oc, idx)
-        top = cc.top(filters)
-        sil = oc.silenced
-        shown = [i for i in idx if any(0 < sil[i, :, f].sum() <= 0.5 * len(oc.boxes) for f in top)][:max_images]
-        if top and shown:
-            blocks.append((label, cc, top, shown))
-    if not blocks:
+        for f in cc.top(filters):
+            shown = [i for i in idx if 0 < sil[i, :, f].sum() <= limit][:max_images]
+            cells += [(label, f, i, f"{int(cc.localised[f])} of {len(cc.images)}") for i in shown]
+    if not cells:
         fig = _figure(6.0, 2.0)
         ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no filter is turned off by a single patch on any of the\n"
                 f"{len(images)} occluded images (or every patch turns it off)", ha="center", va="center", fontsize=9)
         ax.set_axis_off()
         return fig
-    cols = max(len(b[3]) for b in blocks)
-    rows = sum(1 + len(b[2]) for b in blocks)
-    fig = _figure(1.55 * cols + 1.4, 1.55 * rows + 0.5)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    r = 0
-    for label, cc, top, shown in blocks:
-        for j in range(cols):
-            for k in range(1 + len(top)):
-                axes[r + k, j].set_xticks([])
-                axes[r + k, j].set_yticks([])
-                if j >= len(shown):
-                    axes[r + k, j].set_visible(False)
-        for j, i in enumerate(shown):
-            img = _display(images[i])
-            pred = int(oc.base_pred[i])
-            name = classes[pred] if classes is not None and pred < len(classes) else str(pred)
-            axes[r, j].imshow(img, interpolation="nearest")
-            axes[r, j].set_title(f"{label} #{j + 1}: pred {name}", fontsize=7)
-            for k, f in enumerate(top, start=1):
-                ax = axes[r + k, j]
-                cnt = int(sil[i, :, f].sum())
-                if 0 < cnt <= 0.5 * len(oc.boxes):
-                    region = oc.region(i, f)
-                    ax.imshow(img * (0.2 + 0.8 * region[..., None]), interpolation="nearest")
-                    ax.contour(region > 0, levels=[0.5], colors="red", linewidths=0.8)
-                    ax.set_title(f"off under {cnt} patches", fontsize=6.5)
-                else:
-                    ax.imshow(img * 0.2, interpolation="nearest")
-                    ax.set_title("off anyway" if not oc.base[i, f] else ("not silenced" if cnt == 0 else "most patches"), fontsize=6.5)
-        axes[r, 0].set_ylabel(f"{label}\n({len(groups[label])} images)", fontsize=7)
-        for k, f in enumerate(top, start=1):
-            layer, ch = oc.filter_name(f)
-            axes[r + k, 0].set_ylabel(f"{_short(layer, 16)}[{ch}]\nconsistent on\n{int(cc.localised[f])} of {len(cc.images)}", fontsize=6.5)
-        r += 1 + len(top)
-    fig.suptitle("Semantic concepts by occlusion: per class, the filters whose concept is most consistent;\n"
-                 "bright = region whose blacking-out turns the filter off", fontsize=8.5)
+    cols = max(1, min(cols, len(cells)))
+    rows = int(np.ceil(len(cells) / cols))
+    fig = _figure(1.75 * cols, 1.95 * rows + 0.55)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (label, f, i, consistent) in zip(axes, cells):
+        img = _display(images[i])
+        region = oc.region(i, f)
+        ax.imshow(img * (0.3 + 0.7 * region[..., None]), interpolation="nearest")
+        ax.contour(region > 0, levels=[0.5], colors="red", linewidths=0.8)
+        layer, ch = oc.filter_name(f)
+        pred = int(oc.base_pred[i])
+        name = classes[pred] if classes is not None and pred < len(classes) else str(pred)
+        ax.set_title(f"{_short(layer, 15)}[{ch}] ({consistent} {label})\nimage {groups[label].index(i) + 1}, pred {name}, "
+                     f"{int(sil[i, :, f].sum())} patches", fontsize=6)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(cells):]:
+        ax.set_visible(False)
+    fig.suptitle("Semantic concepts by occlusion: per class, the filters whose concept is most consistent (localised on\n"
+                 "the most images of the class); bright = region whose blacking-out turns the filter off", fontsize=8)
     return fig

@@ -200,13 +200,17 @@ def test_occlusion_figure_every_cell_used() -> None:
     assert cc.consistency.tolist() == [1.0, 0.5, 0.0] and cc.top(3) == [0, 1]
     assert cc.iou[0] == 1.0 and cc.chance_iou[0] == pytest.approx(0.25)  # one of 4 patches each: E[IoU] = 1/4
     images = [np.full((8, 8, 3), 0.5)] * 4
-    fig = plot_occlusion(oc, images, groups={"a": [0, 1], "b": [2, 3]}, filters=2)
+    fig = plot_occlusion(oc, images, groups={"a": [0, 1], "b": [2, 3]}, filters=2, cols=3)
     visible = [ax for ax in fig.axes if ax.get_visible()]
-    # group a: images 0, 1 with filters 0, 1 (3 rows x 2); group b: filter 0 only (1 is not localised there)
-    assert len(visible) == 3 * 2 + 2 * 2 == len(fig.axes)
+    # group a: filter 0 on images 0, 1, filter 1 on images 0, 1; group b: filter 0 on images 2, 3 (1 is not
+    # localised there): 6 panels, 2 full rows of 3
+    assert len(visible) == 6 == len(fig.axes)
     assert all(ax.images for ax in visible)  # no empty panel
-    empty = plot_occlusion(oc, images, groups={"c": [2]}, filters=2)  # image 2 has filter 0: still shown
-    assert len(empty.axes) == 2
+    assert [ax.get_title().split(" (")[0] for ax in visible] == ["l[0]", "l[0]", "l[1]", "l[1]", "l[0]", "l[0]"]
+    one = plot_occlusion(oc, images, groups={"c": [2]}, filters=2)  # image 2 has filter 0: one panel
+    assert len(one.axes) == 1 and one.axes[0].images
+    wrapped = plot_occlusion(oc, images, groups={"a": [0, 1], "b": [2, 3]}, filters=2, cols=4)
+    assert sum(not ax.get_visible() for ax in wrapped.axes) == 2  # only the last row has empty places
     none = plot_occlusion(_occlusion_fixture().__class__(**{**_occlusion_fixture().__dict__,
                                                          "occluded": np.ones((4, 4, 3), bool)}), images)
     assert len(none.axes) == 1 and "no filter is turned off" in none.axes[0].texts[0].get_text()
