@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,34 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=None, help="run directories go here (default: a new temporary directory)")
     parser.add_argument("--json", default=None, help="results file (default: <out-dir>/<script>.json)")
     parser.add_argument("--progress", action="store_true", help="show nd_plugin's per-epoch progress and log")
+    parser.add_argument(
+        "--set",
+        default="",
+        metavar="FIELD:VALUE[,...]",
+        help="other TrainConfig settings for every run, e.g. acm_init:kaiming,schedule:cosine",
+    )
+
+
+def parse_settings(spec: str) -> dict[str, Any]:
+    """``"hard_share:0.1,schedule:cosine"`` → ``{"hard_share": 0.1, "schedule": "cosine"}``.
+
+    Values are read as JSON where they can be (``0.1``, ``true``), else as strings.
+
+    Example:
+        >>> parse_settings("hard_share:0.1,acm_init:kaiming")
+        {'hard_share': 0.1, 'acm_init': 'kaiming'}
+    """
+    known = {f.name for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        key, _, raw = item.partition(":")
+        if key not in known:
+            raise SystemExit(f"{item!r}: {key!r} is not a TrainConfig field")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
 def resolve_weights(model: str, weights: str | None) -> str | None:
@@ -226,6 +254,7 @@ class Suite:
             workers=a.workers,
             cuda_graphs=not a.no_cuda_graphs,
             **self.preset(),
+            **parse_settings(getattr(a, "set", "")),
         )
         return TrainConfig(**(asdict(base) | overrides)).resolved()
 

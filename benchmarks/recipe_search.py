@@ -18,15 +18,9 @@ A variant is ``NAME=FIELD:VALUE[,FIELD:VALUE...]``; values are parsed as JSON wh
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import fields
 from typing import Any
 
-from _suite import Suite, add_common_args, log, markdown_table
-
-from nd_plugin.train import TrainConfig
-
-_FIELDS = {f.name for f in fields(TrainConfig)}
+from _suite import Suite, add_common_args, log, markdown_table, parse_settings
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
@@ -39,16 +33,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     name, _, body = spec.partition("=")
     if not name or not body:
         raise SystemExit(f"--variant {spec!r}: expected NAME=FIELD:VALUE[,FIELD:VALUE...]")
-    overrides: dict[str, Any] = {}
-    for item in body.split(","):
-        key, _, raw = item.partition(":")
-        if key not in _FIELDS:
-            raise SystemExit(f"--variant {spec!r}: {key!r} is not a TrainConfig field")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return name, overrides
+    return name, parse_settings(body)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -58,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variant", action="append", default=[], help="NAME=FIELD:VALUE[,...]; repeatable")
     parser.add_argument("--seeds", type=int, default=0, help="extra seeds of the base run (noise estimate)")
     args = parser.parse_args(argv)
-    base = parse_variant(f"base={args.base}")[1] if args.base else {}
+    base = parse_settings(args.base)
     variants = [parse_variant(v) for v in args.variant]
     suite = Suite(args, "recipe_search")
     suite.run("base", **base)
