@@ -1,4 +1,4 @@
-"""Where models come from: the model registry (timm, torchvision, CIFAR zoo) and checkpoints.
+"""Where models come from: the registry (your factories and modules, CIFAR zoo, torchvision, timm) and checkpoints.
 
 Example:
     >>> from nd_plugin.adapters import create_model, default_input_size, list_models
@@ -21,13 +21,23 @@ from .cifar import (
     resnet110 as cifar_resnet110,
     vgg16_bn as cifar_vgg16_bn,
 )
-from .registry import SOURCES, create_model, default_input_size, list_models, resolve_name
+from .registry import (
+    SOURCES,
+    create_model,
+    default_input_size,
+    list_models,
+    register_model,
+    resolve_name,
+    unregister_model,
+)
 
 __all__ = [
     "SOURCES",
     "list_models",
     "create_model",
     "resolve_name",
+    "register_model",
+    "unregister_model",
     "default_input_size",
     "load_checkpoint",
     "read_state_dict",

@@ -1,12 +1,20 @@
-"""Model names -> models, from the CIFAR zoo, torchvision or timm.
+"""Model names -> models, from your factories, the CIFAR zoo, torchvision or timm.
 
-A model name is either *qualified*, ``SOURCE:NAME`` with ``SOURCE`` one of ``cifar``, ``tv``
-(alias ``torchvision``) and ``timm``, or *bare*. Like ``torch.hub``'s entry points, a bare name
-is looked up exactly, in this order, and the first source that has it wins:
+A model name is either *qualified*, ``SOURCE:NAME`` with ``SOURCE`` one of ``registered``,
+``cifar``, ``tv`` (alias ``torchvision``) and ``timm``, a ``module:PKG.MOD:FN`` spec, or *bare*.
+Like ``torch.hub``'s entry points, a bare name is looked up exactly, in this order, and the first
+source that has it wins:
 
-1. the CIFAR zoo (``resnet20/32/44/56/110``, ``vgg16_bn``: 32x32 inputs),
-2. torchvision's classification models (``resnet18``, ``mobilenet_v2``, ...),
-3. timm (``resnet18d``, ``resnet18.a1_in1k``, ``convnext_atto``, ...).
+1. factories registered with :func:`register_model` in this process,
+2. the CIFAR zoo (``resnet20/32/44/56/110``, ``vgg16_bn``: 32x32 inputs),
+3. torchvision's classification models (``resnet18``, ``mobilenet_v2``, ...),
+4. timm (``resnet18d``, ``resnet18.a1_in1k``, ``convnext_atto``, ...).
+
+``module:PKG.MOD:FN`` imports ``PKG.MOD`` (from ``sys.path``, then the current directory) and
+calls its attribute ``FN``; this is how ``nd decouple module:mypkg.nets:make_net`` trains your own
+network. A factory, registered or named by a spec, is called as ``factory(num_classes=K)`` (no
+argument when ``num_classes`` is None, and ``pretrained=True`` only when asked for) and must return
+an ``nn.Module``.
 
 So ``resnet18`` is torchvision's ResNet-18 and ``vgg16_bn`` is the CIFAR VGG-16; write
 ``tv:vgg16_bn`` or ``timm:resnet18`` for the others. A name found nowhere raises
@@ -27,24 +35,37 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
+import inspect
 import os
-from typing import Callable
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch
 import torchvision
 from torch import nn
 
-from nd_plugin.errors import ConfigError, UnknownModelError
+from nd_plugin.errors import ConfigError, ModelSourceError, UnknownModelError
 
 from .checkpoint import load_checkpoint
 from .cifar import CIFAR_MODELS
 
-__all__ = ["SOURCES", "list_models", "resolve_name", "create_model", "default_input_size"]
+__all__ = [
+    "SOURCES",
+    "list_models",
+    "resolve_name",
+    "create_model",
+    "default_input_size",
+    "register_model",
+    "unregister_model",
+]
 
-#: Model sources in bare-name priority order.
-SOURCES: tuple[str, ...] = ("cifar", "tv", "timm")
-_ALIASES = {"torchvision": "tv", "cifar": "cifar", "tv": "tv", "timm": "timm"}
+#: Model sources in bare-name priority order (``module:`` specs are not looked up by bare name).
+SOURCES: tuple[str, ...] = ("registered", "cifar", "tv", "timm")
+_ALIASES = {"torchvision": "tv", "cifar": "cifar", "tv": "tv", "timm": "timm", "registered": "registered", "module": "module"}
+_REGISTERED: dict[str, Callable[..., nn.Module]] = {}
 _MAX_CANDIDATES = 8
 
 # Public CIFAR ResNet weights (Yerlan Idelbayev, BSD-2-Clause); the hash prefix in each file name
@@ -63,7 +84,143 @@ def _tv_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def register_model(name: str, factory: Callable[..., nn.Module] | None = None) -> Callable[..., Any]:
+    """Makes ``factory`` buildable by name (``create_model(name)``, ``registered:NAME``, ``nd models``).
+
+    The factory is called as ``factory(num_classes=K)`` (without arguments when ``num_classes`` is
+    None, so give it a default; with ``pretrained=True`` only when that is asked for) and returns
+    an ``nn.Module``. Registered names come first in the bare-name lookup. The registry lives in
+    this process: for the ``nd`` commands, name your factory with ``module:PKG.MOD:FN`` instead.
+
+    Args:
+        name: the model's name: letters, digits, ``_``, ``-``, ``.``; no ``:``.
+        factory: a callable returning the model; omitted, ``register_model(name)`` is a decorator.
+
+    Returns:
+        ``factory`` (or the decorator).
+
+    Raises:
+        ModelSourceError: ``name`` is taken or malformed, or ``factory`` is not callable.
+
+    Example:
+        >>> from torch import nn
+        >>> @register_model("tiny_cnn")
+        ... def tiny_cnn(num_classes: int = 10) -> nn.Module:
+        ...     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+        >>> resolve_name("tiny_cnn"), create_model("tiny_cnn", num_classes=3)[-1].out_features
+        ('registered:tiny_cnn', 3)
+        >>> register_model("tiny_cnn", tiny_cnn)
+        Traceback (most recent call last):
+        ...
+        nd_plugin.errors.ModelSourceError: a model named 'tiny_cnn' is already registered (tiny_cnn); choose another name, or call unregister_model('tiny_cnn') first.
+        >>> _ = unregister_model("tiny_cnn")
+    """
+    if factory is None:
+        return lambda f: register_model(name, f)
+    if not isinstance(name, str) or not name.strip() or ":" in name or any(c.isspace() for c in name):
+        raise ModelSourceError(f"cannot register a model named {name!r}: use a non-empty name without ':' or spaces.")
+    if not callable(factory):
+        raise ModelSourceError(f"register_model({name!r}, ...) needs a callable that returns an nn.Module, got {type(factory).__name__}.")
+    if name in _REGISTERED:
+        old = getattr(_REGISTERED[name], "__qualname__", repr(_REGISTERED[name]))
+        raise ModelSourceError(
+            f"a model named '{name}' is already registered ({old}); choose another name, or call "
+            f"unregister_model('{name}') first."
+        )
+    _REGISTERED[name] = factory
+    return factory
+
+
+def unregister_model(name: str) -> Callable[..., nn.Module]:
+    """Removes a name added by :func:`register_model` and returns its factory.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered.
+    """
+    if name not in _REGISTERED:
+        raise UnknownModelError(f"no model named '{name}' is registered (registered: {', '.join(sorted(_REGISTERED)) or 'none'}).")
+    return _REGISTERED.pop(name)
+
+
+def _import(module_name: str, spec: str) -> Any:
+    """Imports ``module_name``: from ``sys.path``, then, as ``python -m`` would, the current directory."""
+    here = os.getcwd()
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise _import_error(module_name, spec, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the user's module raises, it does not import
+        raise _import_error(module_name, spec, exc) from exc
+    sys.path.append(here)
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - as above
+        sys.path.remove(here)
+        raise _import_error(module_name, spec, exc) from exc
+
+
+def _import_error(module_name: str, spec: str, exc: BaseException) -> ModelSourceError:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return ModelSourceError(
+        f"model '{spec}': cannot import module '{module_name}' ({type(exc).__name__}: {first}); "
+        "check the spelling and that it is installed or on PYTHONPATH."
+    )
+
+
+def _module_factory(spec: str) -> Callable[..., nn.Module]:
+    """The callable that ``module:PKG.MOD:FN`` names (``spec`` is ``PKG.MOD:FN``)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise ModelSourceError(f"model 'module:{spec}' is not of the form module:PKG.MOD:FN (e.g. module:mypkg.nets:make_net).")
+    module = _import(module_name, f"module:{spec}")
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:8]
+            raise ModelSourceError(
+                f"model 'module:{spec}': module '{module_name}' has no attribute '{attr}'"
+                f"{'; its callables: ' + ', '.join(public) if public else ''}."
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelSourceError(f"model 'module:{spec}': '{attr}' is a {type(obj).__name__}, not a callable that returns an nn.Module.")
+    return obj
+
+
+def _accepts(factory: Callable[..., Any], keyword: str) -> bool | None:
+    """Whether ``factory`` takes ``keyword=`` (None: its signature cannot be read)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return any(p.kind is p.VAR_KEYWORD or (p.name == keyword and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
+def _build_factory(qualified: str, factory: Callable[..., Any], num_classes: int | None, pretrained: bool) -> nn.Module:
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if pretrained:
+        kwargs["pretrained"] = True
+    for keyword in kwargs:
+        if _accepts(factory, keyword) is False:
+            raise ModelSourceError(
+                f"model '{qualified}': {getattr(factory, '__qualname__', factory)} takes no '{keyword}' "
+                f"argument; a factory is called as factory(num_classes=K{', pretrained=True' if pretrained else ''})."
+            )
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(
+            f"model '{qualified}': {getattr(factory, '__qualname__', factory)} returned a {type(model).__name__}, "
+            "not an nn.Module; the factory must return the network."
+        )
+    return model
+
+
 def _names(source: str) -> list[str]:
+    if source == "registered":
+        return sorted(_REGISTERED)
     if source == "cifar":
         return sorted(CIFAR_MODELS)
     if source == "tv":
@@ -72,6 +229,8 @@ def _names(source: str) -> list[str]:
 
 
 def _has(source: str, name: str) -> bool:
+    if source == "registered":
+        return name in _REGISTERED
     if source == "cifar":
         return name in CIFAR_MODELS
     if source == "tv":
@@ -84,7 +243,7 @@ def list_models(pattern: str | None = None) -> list[str]:
 
     The pattern is matched (case-insensitively, :mod:`fnmatch` syntax) against both the qualified
     and the bare name. Results are grouped by source in priority order (cifar, tv, timm), each
-    group sorted.
+    group sorted. ``module:`` specs are not listed (any importable factory is one).
 
     Args:
         pattern: e.g. ``"resnet*"``, ``"tv:*"``, ``"*efficientnet_b[01]"``; None lists all.
@@ -141,7 +300,7 @@ def _split(name: str) -> tuple[str | None, str]:
         if source is None:
             raise UnknownModelError(
                 f"unknown model source '{prefix}' in '{name}'; known sources: "
-                f"{', '.join(SOURCES)} (e.g. tv:resnet18), or a bare name"
+                f"{', '.join(SOURCES)} (e.g. tv:resnet18), module:PKG.MOD:FN, or a bare name"
             )
         if not rest:
             raise UnknownModelError(f"model name missing after '{prefix}:'")
@@ -160,12 +319,16 @@ def resolve_name(name: str) -> str:
 
     Raises:
         UnknownModelError: The name or its source is unknown; the message lists close matches.
+        ModelSourceError: A ``module:`` spec that does not import or names no callable.
 
     Example:
         >>> resolve_name("resnet56"), resolve_name("resnet18"), resolve_name("resnet18d")
         ('cifar:resnet56', 'tv:resnet18', 'timm:resnet18d')
     """
     source, bare = _split(name)
+    if source == "module":
+        _module_factory(bare)  # it imports and names a callable
+        return f"module:{bare}"
     if source is not None:
         if not _has(source, bare):
             raise _unknown(bare, (source,))
@@ -256,6 +419,8 @@ _BUILDERS: dict[str, Callable[[str, int | None, bool], nn.Module]] = {
     "cifar": _build_cifar,
     "tv": _build_tv,
     "timm": _build_timm,
+    "registered": lambda name, n, pre: _build_factory(f"registered:{name}", _REGISTERED[name], n, pre),
+    "module": lambda spec, n, pre: _build_factory(f"module:{spec}", _module_factory(spec), n, pre),
 }
 
 
@@ -266,11 +431,12 @@ def create_model(
     pretrained: bool = False,
     checkpoint: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
-    """Creates a model by name from the CIFAR zoo, torchvision or timm.
+    """Creates a model by name: a registered factory, the CIFAR zoo, torchvision, timm or a module.
 
     Args:
-        name: Qualified (``cifar:resnet20``, ``tv:resnet18``, ``timm:resnet18``) or bare name;
-            bare names resolve in the order cifar, tv, timm (see the module docstring).
+        name: Qualified (``cifar:resnet20``, ``tv:resnet18``, ``timm:resnet18``,
+            ``registered:mynet``), ``module:PKG.MOD:FN``, or a bare name; bare names resolve in
+            the order registered, cifar, tv, timm (see the module docstring).
         num_classes: Outputs of the classifier; None keeps the source's default (10 for the
             CIFAR zoo, 1000 for torchvision and timm).
         pretrained: Start from the source's published weights (needs network access once).
@@ -286,6 +452,8 @@ def create_model(
         ConfigError: Invalid ``num_classes``, pretrained weights that cannot be fetched, or a
             checkpoint path that does not exist.
         CheckpointMismatchError: The checkpoint does not fit the model.
+        ModelSourceError: A ``module:`` spec or factory that gives no model (see
+            :func:`register_model`).
 
     Example:
         >>> model = create_model("resnet18", num_classes=10)  # torchvision, random weights

@@ -49,7 +49,7 @@ def user_errors(func: F) -> F:
 def models_command(
     pattern: Annotated[str | None, typer.Argument(help="fnmatch pattern, e.g. 'resnet*' or 'timm:efficientnet*'")] = None,
 ) -> None:
-    """List the models that `nd decouple` can build (cifar:, tv:, timm:)."""
+    """List the models that `nd decouple` can build (registered:, cifar:, tv:, timm:; your own: module:PKG.MOD:FN)."""
     from nd_plugin.adapters import list_models
 
     names = list_models(pattern)

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "NDError",
     "UnknownModelError",
+    "ModelSourceError",
     "NothingToGateError",
     "UntraceableModelError",
     "InputShapeError",
@@ -33,6 +34,11 @@ class UnknownModelError(NDError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ModelSourceError(NDError, ValueError):
+    """A model source that cannot give a model: a ``module:`` spec that does not import or names no
+    callable, a factory that returns no ``nn.Module``, a name registered twice."""
 
 
 class NothingToGateError(NDError, ValueError):

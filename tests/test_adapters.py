@@ -74,7 +74,7 @@ def test_unknown_name_without_candidates() -> None:
 
 
 def test_unknown_prefix_lists_sources() -> None:
-    with pytest.raises(UnknownModelError, match="known sources: cifar, tv, timm"):
+    with pytest.raises(UnknownModelError, match="known sources: registered, cifar, tv, timm .*, module:PKG.MOD:FN"):
         resolve_name("hub:resnet18")
 
 
@@ -356,3 +356,146 @@ def test_public_resnet20_accuracy_on_shared_jpeg_cifar10(
     accuracy = _top1(model, test)
     print(f"ResNet-20 top-1 on the shared JPEG CIFAR-10 test split: {accuracy:.2%}")
     assert accuracy >= 0.80
+
+
+# ------------------------------------------------------------------ open registry: your own models
+USER_MODULE = '''
+from torch import nn
+
+VALUE = 3
+
+
+def make_net(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
+    )
+
+
+def not_a_module(num_classes: int = 10):
+    return 42
+
+
+def no_classes() -> nn.Module:
+    return make_net()
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A module of factories written into tmp_path and put on sys.path; its (unique) name."""
+    import sys
+
+    name = f"nd_user_nets_{abs(hash(tmp_path)) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    (tmp_path / f"{name}_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for mod in (name, f"{name}_broken"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    return name
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """An empty registry of factories for the test (the process-wide one is put back after)."""
+    from nd_plugin.adapters import registry as reg
+
+    fresh: dict = {}
+    monkeypatch.setattr(reg, "_REGISTERED", fresh)
+    return fresh
+
+
+def _tiny(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+
+def test_register_model_by_name_first_in_the_lookup(registry: dict) -> None:
+    from nd_plugin.adapters import register_model, unregister_model
+
+    assert register_model("my_tiny", _tiny) is _tiny
+    register_model("resnet20")(_tiny)  # as a decorator; a registered name comes before the CIFAR zoo
+    assert resolve_name("my_tiny") == "registered:my_tiny" and resolve_name("resnet20") == "registered:resnet20"
+    assert resolve_name("cifar:resnet20") == "cifar:resnet20"
+    assert create_model("registered:my_tiny", num_classes=4)[-1].out_features == 4
+    assert create_model("my_tiny")[-1].out_features == 10  # num_classes omitted: the factory's default
+    assert list_models("registered:*") == ["registered:my_tiny", "registered:resnet20"]
+    assert list_models("my_t*") == ["registered:my_tiny"]
+    assert unregister_model("resnet20") is _tiny and resolve_name("resnet20") == "cifar:resnet20"
+    with pytest.raises(UnknownModelError, match="no model named 'resnet20' is registered"):
+        unregister_model("resnet20")
+
+
+@pytest.mark.parametrize(
+    "name, factory, match",
+    [("my_tiny", _tiny, "a model named 'my_tiny' is already registered .*choose another name"),
+     ("a:b", _tiny, "without ':'"), ("", _tiny, "non-empty"), ("ok", 3, "needs a callable")],
+    ids=["duplicate", "colon", "empty", "not-callable"],
+)  # fmt: skip
+def test_register_model_bad_input(registry: dict, name: str, factory: object, match: str) -> None:
+    from nd_plugin.adapters import register_model
+    from nd_plugin.errors import ModelSourceError
+
+    register_model("my_tiny", _tiny)
+    with pytest.raises(ModelSourceError, match=match):
+        register_model(name, factory)  # type: ignore[arg-type]
+    assert registry == {"my_tiny": _tiny}  # nothing replaced
+
+
+def test_module_spec_builds_the_users_network(user_module: str) -> None:
+    spec = f"module:{user_module}:make_net"
+    assert resolve_name(spec) == spec
+    model = create_model(spec, num_classes=4)
+    assert isinstance(model, nn.Sequential) and model[-1].out_features == 4
+
+
+@pytest.mark.parametrize(
+    "suffix, match",
+    [(":make_net", "cannot import module '.*_missing' \\(ModuleNotFoundError"),
+     ("_broken:make_net", "cannot import module '.*_broken' \\(RuntimeError: boom at import\\)"),
+     (":nothing_here", "has no attribute 'nothing_here'; its callables: make_net, no_classes, not_a_module"),
+     (":VALUE", "'VALUE' is a int, not a callable"),
+     (":not_a_module", "not_a_module returned a int, not an nn.Module"),
+     (":no_classes", "no_classes takes no 'num_classes' argument; a factory is called as factory\\(num_classes=K\\)"),
+     ("", "is not of the form module:PKG.MOD:FN")],
+    ids=["no-module", "import-raises", "no-attribute", "not-callable", "not-a-module", "no-num-classes", "malformed"],
+)  # fmt: skip
+def test_module_spec_bad_input_is_one_typed_error(user_module: str, suffix: str, match: str) -> None:
+    from nd_plugin.errors import ModelSourceError
+
+    spec = f"module:{user_module}{'_missing' if suffix == ':make_net' else ''}{suffix}"
+    with pytest.raises(ModelSourceError, match=match) as info:
+        create_model(spec, num_classes=3)
+    assert isinstance(info.value, NDError) and "\n" not in str(info.value)
+
+
+def test_module_spec_is_found_in_the_current_directory(user_module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as for the `nd` script
+    monkeypatch.chdir(tmp_path)
+    assert create_model(f"module:{user_module}:make_net", num_classes=2)[-1].out_features == 2
+
+
+def test_cli_decouple_trains_a_module_spec_and_models_lists_registered(
+    user_module: str, registry: dict, tmp_path: Path
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from nd_plugin.adapters import register_model
+    from nd_plugin.cli._app import app
+
+    spec, out = f"module:{user_module}:make_net", tmp_path / "run"
+    args = ["decouple", spec, "--data", "synthetic:32", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model"] == spec
+    bad = CliRunner().invoke(app, ["decouple", f"module:{user_module}:not_a_module", "--data", "synthetic:32", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "not an nn.Module" in bad.output and "Traceback" not in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    register_model("my_tiny", _tiny)
+    listed = CliRunner().invoke(app, ["models", "registered:*"])
+    assert listed.exit_code == 0 and listed.output.split() == ["registered:my_tiny"]
