@@ -493,6 +493,9 @@ def test_cli_decouple_trains_a_module_spec_and_models_lists_registered(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["model"] == spec
+    from nd_plugin.run import open_run
+
+    assert open_run(out).build_model().site_names  # the later commands rebuild it from the spec
     bad = CliRunner().invoke(app, ["decouple", f"module:{user_module}:not_a_module", "--data", "synthetic:32", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "not an nn.Module" in bad.output and "Traceback" not in bad.output
     assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
