@@ -111,7 +111,7 @@ def recalibrate_bn(
     the layers after a gate drift. This runs ``batches`` batches with the gates (and everything
     else) in eval mode and only the BatchNorms in training mode, and sets each BatchNorm's
     statistics to the population mean and variance of those batches: fvcore's
-    ``fvcore.nn.update_bn_stats`` (precise BN) does the estimation. The model's training mode,
+    ``fvcore.nn.update_bn_stats`` (precise BN) does the estimation. Every module's training mode,
     the BatchNorms' momenta and their buffer tensors (so CUDA graphs and DDP keep them) are kept.
 
     Only what fvcore handles is re-estimated: ``nn.BatchNorm1d/2d/3d`` (and subclasses such as
@@ -148,7 +148,7 @@ def recalibrate_bn(
     if batches == 0:
         raise DataError("recalibrate_bn got an empty loader; pass the training data.")
     device = torch.device(device) if device is not None else None
-    was_training = dm.training
+    modes = [(m, m.training) for m in dm.modules()]
     buffers = [(m.running_mean, m.running_var, m.momentum) for m in norms]
     dm.eval()
     try:
@@ -161,5 +161,6 @@ def recalibrate_bn(
     finally:
         for m, (mean, var, momentum) in zip(norms, buffers):
             m.running_mean, m.running_var, m.momentum = mean, var, momentum
-        dm.train(was_training)
+        for m, training in modes:
+            m.training = training
     return norms

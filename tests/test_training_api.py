@@ -151,8 +151,10 @@ def test_recalibrate_bn_sets_the_population_statistics_under_eval_gates(dm: nd_p
             reference(x)
     before = [(m.running_mean, m.momentum) for m in norms]
     dm.train()
+    norms[0].eval()  # a user's frozen BatchNorm keeps its mode
     updated = nd_plugin.recalibrate_bn(dm, loader, batches=3)
-    assert set(map(id, updated)) == set(map(id, norms)) and dm.training  # the training mode is kept
+    assert set(map(id, updated)) == set(map(id, norms)) and dm.training  # the training modes are kept
+    assert [m.training for m in norms] == [False, True, True]
     for m, (buffer, momentum), inputs in zip(norms, before, seen):
         assert m.running_mean is buffer and m.momentum == momentum  # the same tensors: CUDA graphs, DDP keep them
         x = torch.cat(inputs).transpose(0, 1).flatten(1)
