@@ -48,8 +48,13 @@ def analyze_command(
     Uses RUN/paths.npz when it holds every input's path; otherwise (or with --data) collects the
     paths on the validation split. The report works offline: open index.html in any browser.
     """
+    from nd_plugin.interpret.tree import TESTS
     from nd_plugin.report import build_report
 
+    if test not in TESTS:
+        raise typer.BadParameter(f"--test must be one of {', '.join(TESTS)}, got {test!r}")
+    if not 0.0 < alpha < 1.0:
+        raise typer.BadParameter(f"--alpha must be between 0 and 1, got {alpha}")
     index = build_report(
         run,
         data=data,

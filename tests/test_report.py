@@ -313,6 +313,13 @@ def test_cli_one_line_errors(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert res.output.strip().endswith("index.html")
     assert json.loads((tmp_path / "rep" / "analysis.json").read_text())["occlusion"]["boxes"]
+    for args, says in ((["--test", "dip"], "--test must be one of"), (["--alpha", "1.5"], "--alpha must be between 0 and 1")):
+        res = CliRunner().invoke(app, ["analyze", str(good), "--no-figures", "--quiet", *args])
+        assert res.exit_code == 2 and "Traceback" not in res.output and says in res.output, res.output
+    res = CliRunner().invoke(app, ["analyze", str(good), "--out", str(tmp_path / "hop"), "--no-figures", "--quiet",
+                                   "--test", "hopkins", "--occlusion-images", "0"])
+    tree = json.loads((tmp_path / "hop" / "analysis.json").read_text())["decision_tree"]
+    assert res.exit_code == 0 and tree["test"]["name"] == "hopkins" and tree["test"]["threshold"] == 0.75
 
 
 # ----------------------------------------------------------------------------------- in a browser
