@@ -431,3 +431,16 @@ def test_cluster_test_too_few_rows_untested() -> None:
     t = cluster_test(np.eye(5, dtype=bool), min_samples=20)
     assert not t.reject and np.isnan(t.p_value) and t.reason == "5 inputs, fewer than the 20 the test needs"
     assert cluster_test(np.ones((50, 4), bool)).reason == "no filter varies over the group's inputs"
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 256])
+def test_occlusion_batches_across_images_change_nothing(batch_size: int) -> None:
+    torch.manual_seed(0)
+    imgs = torch.randn(3, 2, 8, 8)
+    ref = occlusion_concepts(_TinyGated(), imgs, patch=3, fill=-2.0, batch_size=1000)
+    oc = occlusion_concepts(_TinyGated(), imgs, patch=3, fill=-2.0, batch_size=batch_size)
+    assert (oc.occluded == ref.occluded).all() and (oc.base == ref.base).all()
+    assert oc.occluded.shape == (3, len(grid_boxes(8, 8, 3)), 4) and oc.occluded_pred.shape == (3, len(grid_boxes(8, 8, 3)))
+    # each copy is its own image with its own patch: image 1's copies equal a one-image run of image 1
+    one = occlusion_concepts(_TinyGated(), imgs[1:2], patch=3, fill=-2.0)
+    assert (one.occluded[0] == oc.occluded[1]).all()

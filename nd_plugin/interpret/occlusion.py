@@ -3,7 +3,7 @@
 Black patches are laid over an image (a grid, or given boxes); every occluded copy goes through
 the decoupled model, and a filter is *silenced* by a patch when its gate is on for the image and
 off for the occluded copy. A filter's concept region is the union of the patches that silence it.
-Occluded copies are batched: one forward pass per ``batch_size`` patches.
+Occluded copies of all images are batched together: one forward pass per ``batch_size`` copies.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def occlusion_concepts(
     boxes: Sequence[Sequence[int]] | np.ndarray | None = None,
     *,
     fill: float | Sequence[float] = 0.0,
-    batch_size: int = 64,
+    batch_size: int = 256,
     device: torch.device | str | None = None,
 ) -> OcclusionConcepts:
     """Records which filters turn off when parts of each image are blacked out.
@@ -273,7 +273,7 @@ def occlusion_concepts(
         boxes: explicit patches ``(top, left, bottom, right)`` in pixels, e.g. eyes, nose, mouth.
         fill: the occluder's value in the model's input space, one per channel or one for all;
             black for a model normalised with ``mean``/``std`` is ``-mean / std``.
-        batch_size: occluded copies per forward pass.
+        batch_size: occluded copies per forward pass (copies of several images share a batch).
         device: where to run (default: the model's device).
 
     Returns:
@@ -308,23 +308,25 @@ def occlusion_concepts(
         raise InputShapeError(f"fill has {fill_t.shape[0]} values but the images have {c} channels")
     was_training = dm.training
     dm.eval()
-    base, occluded, base_pred, occ_pred = [], [], [], []
+    images = images.to(device)
+    n_img, n_box = images.shape[0], len(box_arr)
     try:
-        for img in images.to(device):
-            logits, path = dm(img[None], return_path=True)
-            base.append(torch.cat(list(path.values()), 1)[0] > 0.5)
-            base_pred.append(int(logits.argmax(1)))
-            paths_b, preds_b = [], []
-            for start in range(0, len(box_arr), batch_size):
-                chunk = box_arr[start : start + batch_size]
-                batch = img[None].repeat(len(chunk), 1, 1, 1)
-                for j, (t, l, b, r) in enumerate(chunk):
-                    batch[j, :, t:b, l:r] = fill_t
-                logits, path = dm(batch, return_path=True)
-                paths_b.append(torch.cat(list(path.values()), 1) > 0.5)
-                preds_b.append(logits.argmax(1))
-            occluded.append(torch.cat(paths_b))
-            occ_pred.append(torch.cat(preds_b))
+        logits, path = dm(images, return_path=True)
+        base = torch.cat(list(path.values()), 1) > 0.5
+        base_pred = logits.argmax(1)
+        # every (image, patch) copy, in batches of batch_size across images (small batches are slow on a CPU)
+        paths_b, preds_b = [], []
+        for start in range(0, n_img * n_box, batch_size):
+            pairs = range(start, min(start + batch_size, n_img * n_box))
+            batch = images[[k // n_box for k in pairs]].clone()
+            for j, k in enumerate(pairs):
+                t, l, b, r = box_arr[k % n_box]
+                batch[j, :, t:b, l:r] = fill_t
+            logits, path = dm(batch, return_path=True)
+            paths_b.append(torch.cat(list(path.values()), 1) > 0.5)
+            preds_b.append(logits.argmax(1))
+        occluded = torch.cat(paths_b).reshape(n_img, n_box, -1)
+        occ_pred = torch.cat(preds_b).reshape(n_img, n_box)
     finally:
         dm.train(was_training)
     sites = getattr(dm, "gate_sites", None)
@@ -335,8 +337,8 @@ def occlusion_concepts(
         sizes=sizes,
         image_size=(h, w),
         boxes=box_arr,
-        base=torch.stack(base).cpu().numpy(),
-        occluded=torch.stack(occluded).cpu().numpy(),
-        base_pred=np.array(base_pred),
-        occluded_pred=torch.stack(occ_pred).cpu().numpy(),
+        base=base.cpu().numpy(),
+        occluded=occluded.cpu().numpy(),
+        base_pred=base_pred.cpu().numpy(),
+        occluded_pred=occ_pred.cpu().numpy(),
     )
