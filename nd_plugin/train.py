@@ -30,6 +30,7 @@ from nd_plugin.decoupled import DecoupledModel, wrap
 from nd_plugin.distributed import PhaseDDP, distributed_cleanup, init_distributed, reduce_path_stats
 from nd_plugin.errors import TrainingError
 from nd_plugin.losses import DecouplingLoss, LossTerms
+from nd_plugin.optim import param_groups, recalibrate_bn
 from nd_plugin.paths import PathStats
 from nd_plugin.run import (
     CONFIG, FORMAT, PATHS, SUMMARY, Run, atomic_write_text, check_new_out, hold_run, prepare_out, save_checkpoint, write_metrics,
@@ -165,22 +166,11 @@ class Trainer:
             mi_init=config.mi_init,
             mi_scope=config.mi_scope,
         ).to(self.device)
-        gate_params = [p for n, p in self.dm.named_parameters() if ".acm." in f".{n}"]
-        gate_ids = {id(p) for p in gate_params}
-        model_params = [p for p in self.dm.parameters() if id(p) not in gate_ids]
-        self.optimizer = torch.optim.SGD(
-            [
-                {"params": model_params, "lr": config.lr, "weight_decay": config.weight_decay, "base_lr": config.lr},
-                {
-                    "params": gate_params + list(self.loss_fn.parameters()),
-                    "lr": config.acm_lr,
-                    "weight_decay": config.gate_weight_decay,
-                    "base_lr": config.acm_lr,
-                },
-            ],
-            lr=config.lr,
-            momentum=config.momentum,
+        groups = param_groups(
+            self.dm, self.loss_fn, lr=config.lr, acm_lr=config.acm_lr,
+            weight_decay=config.weight_decay, gate_weight_decay=config.gate_weight_decay,
         )
+        self.optimizer = torch.optim.SGD([{**g, "base_lr": g["lr"]} for g in groups], lr=config.lr, momentum=config.momentum)
         self._ddp = PhaseDDP(self.dm, self.loss_fn, self.dist, self.device, config.lambda_m)
         self.net: nn.Module = self.dm  # the phase's DDP wrapper under torchrun (set per epoch)
         self.start_epoch = 0
@@ -342,36 +332,13 @@ class Trainer:
                 "checkpoint is kept. Lower --lr or the λs and rerun with --resume."
             )
 
-    @torch.no_grad()
     def recalibrate_bn(self, epoch: int) -> None:
-        """Re-estimates BatchNorm statistics with eval-time gates (hard, noise-free).
-
-        Training sees noisy, partly soft gates; evaluation sees hard ones, so the running statistics
-        of the layers after a gate drift. A few batches with the gates in eval mode fix that.
-        """
-        if self.cfg.bn_recalibrate <= 0:
-            return
-        norms = [m for m in self.dm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not norms:
-            return
-        saved = [(m.momentum, m.training) for m in norms]
-        self.dm.eval()
-        try:
-            for m in norms:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average
-                m.train()
-            loader = self._loader("train", 10_000 + epoch, shuffle=True)
-            for step, (x, _y) in enumerate(loader):
-                if step >= self.cfg.bn_recalibrate:
-                    break
-                with self._autocast():
-                    self.dm(self._to_device(x, _y)[0])
-        finally:
-            for m, (momentum, training) in zip(norms, saved):
-                m.momentum = momentum
-                m.train(training)
-        self.dist.average([buf for m in norms for buf in (m.running_mean, m.running_var)])
+        """BatchNorm statistics re-estimated with eval-time gates (:func:`nd_plugin.recalibrate_bn`), averaged over ranks."""
+        if self.cfg.bn_recalibrate > 0:
+            with self._autocast():
+                loader = self._loader("train", 10_000 + epoch, shuffle=True)
+                norms = recalibrate_bn(self.dm, loader, batches=self.cfg.bn_recalibrate, device=self.device)
+            self.dist.average([buf for m in norms for buf in (m.running_mean, m.running_var)])
 
     def evaluate(self, epoch: int = 0) -> PathStats:
         """Validation pass collecting path statistics (all-reduced across ranks).
