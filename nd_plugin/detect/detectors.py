@@ -95,6 +95,9 @@ class PathDetector:
             of small clean variance are where attacks show; 1e-6 measured better than 1e-3).
         k: neighbours of ``"knn"``.
         knn_per_class: clean soft paths kept per class for ``"knn"``.
+        classifier_samples: fit inputs (a seeded subsample) the per-layer ``"pathclf"``
+            classifiers are trained on (the multinomial fits dominate the cost of fitting 50,000
+            inputs otherwise).
         holdout: fraction of the fit inputs used only for standardisation and weights.
         seed: seed of the held-out split and the kNN subsample.
 
@@ -122,6 +125,7 @@ class PathDetector:
         ridge: float = 1e-6,
         k: int = 10,
         knn_per_class: int = 256,
+        classifier_samples: int = 10000,
         holdout: float = 0.2,
         seed: int = 0,
     ) -> None:
@@ -133,7 +137,7 @@ class PathDetector:
             raise ConfigError(f"holdout must be in (0, 1), got {holdout!r}.")
         self.method, self.combine = method, combine
         self.smoothing, self.ridge, self.k, self.knn_per_class = float(smoothing), float(ridge), int(k), int(knn_per_class)
-        self.holdout, self.seed = float(holdout), int(seed)
+        self.holdout, self.seed, self.classifier_samples = float(holdout), int(seed), int(classifier_samples)
         self.site_names: list[str] = []
         self.arrays: dict[str, np.ndarray] = {}
         self.meta: dict[str, str] = {}
@@ -204,6 +208,7 @@ class PathDetector:
             a.update({f"mi_w_{l}": np.asarray(w, dtype=np.float64) for l, w in enumerate(mi_weights)})
         y = labels[train]
         counts_n = np.bincount(y, minlength=k).astype(np.float64)
+        clf_rows = np.sort(np.random.default_rng(self.seed + 1).permutation(len(train))[: self.classifier_samples])
         for l in range(len(self.site_names)):
             g = probe.gates[l][train].astype(np.float64)
             cc = np.zeros((k, g.shape[1]))
@@ -221,7 +226,7 @@ class PathDetector:
                 [rng.permutation(np.flatnonzero(y == c))[: self.knn_per_class] for c in range(k)]
             ).astype(np.int64)
             a[f"knn_x_{l}"], a[f"knn_y_{l}"] = white[keep].astype(np.float32), y[keep]
-            a[f"clf_w_{l}"], a[f"clf_b_{l}"] = self._fit_classifier(white, y, k)
+            a[f"clf_w_{l}"], a[f"clf_b_{l}"] = self._fit_classifier(white[clf_rows], y[clf_rows], k)
         zt = np.concatenate([z[train] for z in probe.z], axis=1).astype(np.float64)
         mu = np.zeros((k, zt.shape[1]))
         np.add.at(mu, y, zt)
@@ -474,6 +479,7 @@ class PathDetector:
         header = {
             "method": self.method, "combine": self.combine, "smoothing": self.smoothing, "ridge": self.ridge,
             "k": self.k, "knn_per_class": self.knn_per_class, "holdout": self.holdout, "seed": self.seed,
+            "classifier_samples": self.classifier_samples,
             "site_names": self.site_names, "meta": meta, "format": 1,
         }
         tmp = path.with_name(path.name + ".tmp.npz")
@@ -492,6 +498,7 @@ class PathDetector:
         det = cls(
             header["method"], header["combine"], smoothing=header["smoothing"], ridge=header["ridge"], k=header["k"],
             knn_per_class=header["knn_per_class"], holdout=header["holdout"], seed=header["seed"],
+            classifier_samples=header.get("classifier_samples", 10000),
         )
         det.site_names, det.arrays, det.meta = list(header["site_names"]), arrays, dict(header.get("meta", {}))
         if dm is not None:
