@@ -47,7 +47,7 @@ import torch
 import torchvision
 from torch import nn
 
-from nd_plugin.errors import ConfigError, ModelSourceError, UnknownModelError
+from nd_plugin.errors import CheckpointMismatchError, ConfigError, ModelSourceError, UnknownModelError
 
 from .checkpoint import load_checkpoint
 from .cifar import CIFAR_MODELS
@@ -386,7 +386,13 @@ def _build_cifar(name: str, num_classes: int | None, pretrained: bool) -> nn.Mod
     except Exception as e:  # network, hash or file errors: one clear line
         raise _pretrained_error(f"cifar:{name}", e) from e
     state = obj.get("state_dict", obj)
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
+    result = model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointMismatchError(
+            f"the published weights of cifar:{name} do not fit the model (missing {len(result.missing_keys)} keys, "
+            f"e.g. {result.missing_keys[:2]}; unexpected {len(result.unexpected_keys)}, e.g. {result.unexpected_keys[:2]}); "
+            "report this, and use --weights PATH meanwhile"
+        )
     if num_classes is not None and num_classes != 10:
         _replace_head(model, num_classes)
     return model

@@ -19,15 +19,47 @@ averaged over the recorded inputs exactly; without them the two layers are *assu
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ExpectedFlops", "count_flops", "expected_flops", "flops_by_module", "flops_summary"]
+__all__ = ["ExpectedFlops", "count_flops", "expected_flops", "flops_by_module", "flops_summary", "uncounted_ops"]
+
+
+# element-wise, pooling and shape ops: fvcore counts none of them, by the convention that a model's
+# FLOPs are its multiply-adds; anything else it cannot count is reported
+_NEGLIGIBLE = re.compile(
+    r"aten::(add|sub|mul|div|neg|relu|relu6|gelu|silu|sigmoid|tanh|hardtanh|hardswish|hardsigmoid|clamp|"
+    r"mean|sum|max|min|amax|pad|constant_pad_nd|max_pool\dd|avg_pool\dd|adaptive_avg_pool\dd|"
+    r"adaptive_max_pool\dd|softmax|log_softmax|dropout|feature_dropout|gt|lt|ge|le|eq|where|real|"
+    r"contiguous|view|reshape|flatten|cat|stack|expand|expand_as|repeat|slice|select|index_select|"
+    r"rsub|exp|sqrt|rsqrt|pow|abs|floor_divide|fill_|zeros_like|ones_like|to|type_as)_?$"
+)
+_logger = logging.getLogger(__name__)
+
+
+def uncounted_ops(analysis: Any) -> dict[str, int]:
+    """The ops fvcore met but could not count, less those that cost no multiply-adds.
+
+    Example:
+        >>> from fvcore.nn import FlopCountAnalysis
+        >>> class Spectral(nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.fft.fft(x).real + x.mean()
+        >>> a = FlopCountAnalysis(Spectral(), (torch.randn(1, 8),))
+        >>> a.unsupported_ops_warnings(False)  # doctest: +ELLIPSIS
+        <...>
+        >>> _ = a.total()
+        >>> uncounted_ops(a)
+        {'aten::fft_fft': 1}
+    """
+    return {op: n for op, n in analysis.unsupported_ops().items() if not _NEGLIGIBLE.match(op)}
 
 
 def _analysis(model: nn.Module, inputs: torch.Tensor):
@@ -65,9 +97,18 @@ def flops_by_module(model: nn.Module, input_size: Sequence[int]) -> dict[str, in
         try:
             with warnings.catch_warnings():  # fvcore's tracer calls the deprecated torch.jit.script
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-                return dict(_analysis(model, _example(model, input_size)).by_module())
+                analysis = _analysis(model, _example(model, input_size))
+                counts = dict(analysis.by_module())
+                missed = uncounted_ops(analysis)
         finally:
             logger.setLevel(level)
+        if missed:
+            _logger.warning(
+                "FLOPs of %s are a lower bound: fvcore cannot count %s",
+                type(model).__name__,
+                ", ".join(f"{op} (x{n})" for op, n in sorted(missed.items())),
+            )
+        return counts
     finally:
         model.train(was_training)
 

@@ -502,3 +502,18 @@ def test_cli_decouple_trains_a_module_spec_and_models_lists_registered(
     register_model("my_tiny", _tiny)
     listed = CliRunner().invoke(app, ["models", "registered:*"])
     assert listed.exit_code == 0 and listed.output.split() == ["registered:my_tiny"]
+
+
+@pytest.mark.parametrize("drop, extra", [(True, False), (False, True)])
+def test_published_cifar_weights_that_do_not_fit_are_refused(monkeypatch: pytest.MonkeyPatch, drop: bool, extra: bool) -> None:
+    from nd_plugin.adapters import create_model
+    from nd_plugin.errors import CheckpointMismatchError
+
+    state = {f"module.{k}": v for k, v in create_model("cifar:resnet20").state_dict().items()}
+    if drop:
+        state.pop("module.linear.weight")
+    if extra:
+        state["module.extra.weight"] = torch.zeros(1)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: {"state_dict": state})
+    with pytest.raises(CheckpointMismatchError, match="do not fit"):
+        create_model("cifar:resnet20", pretrained=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,23 @@ def test_flops_summary_orders_models() -> None:
     assert summary["original"] == original
     assert summary["decoupled"] > summary["original"]  # the ACMs cost a little
     assert summary["compact_expected"] < summary["compact_static"]
+
+
+def test_ops_fvcore_cannot_count_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    class Spectral(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.conv(x)).flatten(1)
+            return torch.fft.fft(y).real + y.mean()
+
+    with caplog.at_level(logging.WARNING, logger="nd_plugin.flops"):
+        flops = count_flops(Spectral(), (3, 6, 6))
+    assert flops == 4 * 3 * 9 * 16  # the conv alone
+    assert "lower bound" in caplog.text and "aten::fft_fft (x1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nd_plugin.flops"):
+        count_flops(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1)), (3, 6, 6))
+    assert caplog.text == ""  # element-wise and pooling ops cost no multiply-adds: nothing to report
