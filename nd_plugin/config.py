@@ -99,7 +99,7 @@ class TrainConfig:
     pretrained: bool = False
     device: str = "auto"
     seed: int = 0
-    schedule: str = "step"
+    schedule: str = "cosine"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     noise_std: float = 1.0
@@ -111,7 +111,7 @@ class TrainConfig:
     cuda_graphs: bool = True
     compile: bool = False
     hard_share: float = 0.5
-    acm_init: str = "open"
+    acm_init: str = "kaiming"
     mi_init: str = "kaiming"
     mi_scope: str = "all"
     gate_weight_decay: float = 0.0
