@@ -41,11 +41,9 @@ Example:
 from __future__ import annotations
 
 import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -57,9 +55,7 @@ from .errors import DataError
 __all__ = [
     "DataBundle",
     "TensorImageDataset",
-    "ImageFileDataset",
     "load_data",
-    "load_image_folder",
     "data_root",
     "KNOWN_SPECS",
     "IMAGENET_MEAN",
@@ -223,44 +219,6 @@ class TensorImageDataset(Dataset):
         return (x - self.mean) / self.std, int(self.targets[index])
 
 
-class ImageFileDataset(Dataset):
-    """Images read from files per item (for image folders of large images).
-
-    Args:
-        samples: ``(path, label)`` pairs.
-        transform: Maps a PIL RGB image to a tensor.
-        classes: Class names.
-
-    Example:
-        >>> from PIL import Image
-        >>> Image.new("RGB", (8, 8), "red").save(tmp / "a.jpg")
-        >>> ds = ImageFileDataset([(str(tmp / "a.jpg"), 0)], transform=lambda im: im.size, classes=["red"])
-        >>> ds[0], len(ds)
-        (((8, 8), 0), 1)
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[tuple[str, int]],
-        transform: Callable[[Any], torch.Tensor],
-        classes: list[str] | None = None,
-    ) -> None:
-        self.samples = list(samples)
-        self.targets = [t for _, t in self.samples]
-        self.transform = transform
-        self.classes = classes
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        path, target = self.samples[index]
-        with Image.open(path) as im:
-            return self.transform(im.convert("RGB")), target
-
-
 def data_root() -> Path:
     """Where downloadable data sets live: ``$ND_DATA_DIR`` or ``~/.cache/nd-plugin/data``.
 
@@ -387,181 +345,6 @@ def _cifar(name: str, image_size: int | None, train_augment: bool, download: boo
     )
 
 
-def _scan_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted subfolders) and ``(file, label)`` pairs of one class-folder root."""
-    class_dirs = sorted(
-        (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-        key=lambda d: d.name,
-    )
-    if not class_dirs:
-        raise DataError(
-            f"empty ImageFolder: {root} has no class subfolders (expected {root}/<class>/<image>)"
-        )
-    classes = [d.name for d in class_dirs]
-    samples = []
-    for label, d in enumerate(class_dirs):
-        for dirpath, _, files in sorted(os.walk(d, followlinks=True)):
-            samples += [
-                (os.path.join(dirpath, f), label)
-                for f in sorted(files)
-                if f.lower().endswith(_IMG_EXTENSIONS) and not f.startswith(".")
-            ]
-    if not samples:
-        raise DataError(
-            f"empty ImageFolder: no images ({', '.join(_IMG_EXTENSIONS)}) in the class folders "
-            f"of {root}"
-        )
-    return classes, samples
-
-
-def _decode_all(
-    samples: Sequence[tuple[str, int]], size: tuple[int, int], desc: str
-) -> torch.Tensor:
-    """Decodes images into one ``(N, 3, H, W)`` uint8 tensor, resizing those of another size."""
-    from PIL import Image
-    from rich.progress import Progress
-    from rich.console import Console
-
-    h, w = size
-    out = np.empty((len(samples), h, w, 3), dtype=np.uint8)
-
-    def decode(i: int) -> None:
-        with Image.open(samples[i][0]) as im:
-            im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            out[i] = np.asarray(im)
-
-    console = Console(file=sys.stderr)
-    with Progress(console=console, transient=True, disable=len(samples) < 2000) as progress, \
-            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        task = progress.add_task(desc, total=len(samples))
-        for _ in pool.map(decode, range(len(samples)), chunksize=256):
-            progress.advance(task)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
-
-def _folder_datasets(
-    splits: Sequence[tuple[Sequence[tuple[str, int]], bool]],
-    classes: list[str],
-    image_size: int | None,
-) -> tuple[list[Dataset], tuple[int, int]]:
-    """Builds one dataset per ``(samples, augment)``: in memory for small images, else files."""
-    from PIL import Image
-
-    with Image.open(splits[0][0][0][0]) as im:
-        native = (im.height, im.width)
-    size = _checked_size(image_size)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    out: list[Dataset] = []
-    if max(native) <= _SMALL_IMAGE_PX:
-        stored = native if size is None or max(size) > _SMALL_IMAGE_PX else size
-        for samples, augment in splits:
-            x = _decode_all(samples, stored, f"decoding {len(samples)} images")
-            aug = dict(pad=4, flip=True) if augment else {}
-            out.append(
-                TensorImageDataset(
-                    x, [t for _, t in samples], mean, std,
-                    size=size or native, classes=classes, **aug,
-                )
-            )
-        return out, size or native
-    from torchvision import transforms as T
-
-    side = size[0] if size else 224
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = T.Compose([T.RandomResizedCrop(side), T.RandomHorizontalFlip(), *norm])
-    eval_tf = T.Compose([T.Resize(round(side / 0.875)), T.CenterCrop(side), *norm])
-    for samples, augment in splits:
-        out.append(ImageFileDataset(samples, train_tf if augment else eval_tf, classes))
-    return out, (side, side)
-
-
-def _existing_dir(path_str: str | os.PathLike[str]) -> Path:
-    if not str(path_str):
-        raise DataError("imagefolder needs a path: imagefolder:PATH")
-    path = Path(path_str).expanduser()
-    if not path.exists():
-        raise DataError(f"image folder not found: {path}")
-    if not path.is_dir():
-        raise DataError(f"image folder is not a directory: {path}")
-    return path
-
-
-def load_image_folder(
-    path: str | os.PathLike[str], *, image_size: int | None = None, augment: bool = False
-) -> Dataset:
-    """Loads one class-folder root (``PATH/<class>/<image>``) as a single dataset, without a split.
-
-    Use it to evaluate on a held-out folder, e.g. the ``test/`` folder of a data set trained
-    with ``imagefolder:DIR/train``. Small images (<= 64 px) are decoded once into memory.
-
-    Args:
-        path: The class-folder root.
-        image_size: Side of the images yielded (default: the files' own size when <= 64 px,
-            else 224).
-        augment: Apply training augmentation.
-
-    Returns:
-        A dataset yielding ``(normalised float tensor, int label)``; its ``classes`` attribute
-        lists the class names (sorted folder names, as in torchvision's ``ImageFolder``).
-
-    Raises:
-        DataError: The folder is missing, or has no class folders or no images.
-
-    Example:
-        >>> from PIL import Image
-        >>> for cls in ("cat", "dog"):
-        ...     (tmp / cls).mkdir()
-        ...     Image.new("RGB", (32, 32)).save(tmp / cls / "0.jpg")
-        >>> test = load_image_folder(tmp)
-        >>> len(test), test.classes, test[0][0].shape
-        (2, ['cat', 'dog'], torch.Size([3, 32, 32]))
-    """
-    root = _existing_dir(path)
-    classes, samples = _scan_class_folders(root)
-    (dataset,), _ = _folder_datasets([(samples, augment)], classes, image_size)
-    return dataset
-
-
-def _imagefolder(path_str: str, image_size: int | None, train_augment: bool) -> DataBundle:
-    path = _existing_dir(path_str)
-    val_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
-    if (path / "train").is_dir() and val_dir is not None:
-        classes, train_samples = _scan_class_folders(path / "train")
-        val_classes, val_raw = _scan_class_folders(val_dir)
-        unknown = sorted(set(val_classes) - set(classes))
-        if unknown:
-            raise DataError(
-                f"classes in {val_dir} missing from {path / 'train'}: {', '.join(unknown[:5])}"
-            )
-        index = {c: i for i, c in enumerate(classes)}
-        val_samples = [(f, index[val_classes[t]]) for f, t in val_raw]
-    else:
-        root = path / "train" if (path / "train").is_dir() else path
-        classes, samples = _scan_class_folders(root)
-        tr, va = _stratified_split([t for _, t in samples], 0.1)
-        if len(va) == 0:
-            raise DataError(
-                f"too few images in {root} to split off a validation set (need >= 2 per class)"
-            )
-        train_samples = [samples[i] for i in tr]
-        val_samples = [samples[i] for i in va]
-    (train, val), size = _folder_datasets(
-        [(train_samples, train_augment), (val_samples, False)], classes, image_size
-    )
-    return DataBundle(
-        train=train,
-        val=val,
-        num_classes=len(classes),
-        classes=classes,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        input_size=(3, *size),
-        name=f"imagefolder:{path}",
-    )
-
-
 def load_data(
     spec: str,
     *,
@@ -601,6 +384,8 @@ def load_data(
     if kind in ("cifar10", "cifar100") and not sep:
         return _cifar(kind, image_size, train_augment, download)
     if kind == "imagefolder":
+        from .image_folder import _imagefolder
+
         return _imagefolder(arg, image_size, train_augment)
     if kind == "synthetic":
         n = _SYNTHETIC_DEFAULT_N
@@ -614,3 +399,12 @@ def load_data(
         return _synthetic(n, image_size)
     hint = " (for a folder of images write imagefolder:PATH)" if os.path.isdir(spec) else ""
     raise DataError(f"unknown data set '{spec}'{hint}; known: {', '.join(KNOWN_SPECS)}")
+
+
+def __getattr__(name: str) -> Any:
+    # the image-folder readers live in nd_plugin.image_folder (which imports this module)
+    if name in ("ImageFileDataset", "load_image_folder"):
+        from . import image_folder
+
+        return getattr(image_folder, name)
+    raise AttributeError(f"module 'nd_plugin.data' has no attribute {name!r}")
