@@ -86,7 +86,7 @@ def plot_decision_tree(tree: DecisionTree):
         >>> from nd_plugin.interpret import decision_tree
         >>> rng = np.random.default_rng(0)
         >>> fig = plot_decision_tree(decision_tree(rng.random((60, 8)) < 0.5, np.arange(60) % 2))
-        >>> fig.axes[0].get_title().splitlines()[1]
+        >>> " ".join(fig.axes[0].get_title().splitlines()[1:])
         'no split: no layer showed two groups at alpha = 0.01 (smallest p = 0.7, at layer0; 1 layer tested)'
     """
     xs = _tree_layout(tree)
