@@ -33,8 +33,19 @@ from nd_plugin.losses import DecouplingLoss, LossTerms
 from nd_plugin.optim import param_groups, recalibrate_bn
 from nd_plugin.paths import PathStats
 from nd_plugin.run import (
-    CONFIG, FORMAT, PATHS, SUMMARY, Run, atomic_write_text, check_new_out, hold_run, prepare_out, save_checkpoint, write_metrics,
+    CONFIG,
+    FORMAT,
+    PATHS,
+    SUMMARY,
+    Run,
+    atomic_write_text,
+    check_new_out,
+    hold_run,
+    prepare_out,
+    save_checkpoint,
+    write_metrics,
 )
+from nd_plugin.steps import _compiled, _GraphedStep, eager_step
 
 __all__ = ["TrainConfig", "Trainer", "decouple", "preset", "resolve_device"]
 
@@ -403,92 +414,6 @@ class Trainer:
             f"kl {r.train['l_kl']:.4f} s {r.train['l_s']:.2f}) train-acc {r.train['top1']:.3f} | "
             f"val top-1 {r.val_top1:.4f} density {r.val_density:.3f} | {r.seconds:.0f}s"
         )
-
-
-def eager_step(
-    compute: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, set_to_none: bool = True
-) -> Any:
-    """Forward, loss and backward of one batch, op by op: ``compute(x, y)`` returns ``(terms, ...)``.
-
-    The caller runs ``optimizer.step()``. ``set_to_none=False`` zeroes the old gradients in place
-    (a CUDA graph's gradient buffers must survive an eager step).
-    """
-    out = compute(x, y)
-    optimizer.zero_grad(set_to_none=set_to_none)
-    out[0].total.backward()
-    return out
-
-
-def _compiled(fn: Any) -> Any:
-    """``torch.compile(fn)``; a failed compilation becomes a :class:`TrainingError` saying what to do."""
-    compiled = torch.compile(fn)
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return compiled(*args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrainingError(
-                f"torch.compile could not compile the training step ({reason}); "
-                "rerun without --compile (and --resume to keep the finished epochs)."
-            ) from exc
-
-    return call
-
-
-class _GraphedStep:
-    """Forward, losses and backward of a decoupling step, captured once as a CUDA graph.
-
-    The first ``warmup`` calls run eagerly on a side stream (as CUDA-graph capture requires); the
-    next call captures the step on static input buffers, and every later call copies its batch in
-    and replays the graph. The gradients land in the same ``.grad`` tensors every time, so the
-    caller runs ``optimizer.step()`` eagerly after each call (the learning rate may change). A batch
-    of another shape runs eagerly; a failed capture raises :class:`TrainingError`.
-    """
-
-    def __init__(self, compute: Any, optimizer: torch.optim.Optimizer, warmup: int = 3) -> None:
-        self.compute = compute
-        self.optimizer = optimizer
-        self.warmup = warmup
-        self.side = torch.cuda.Stream()
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.outputs: Any = None
-
-    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.static = (x.clone(), y.clone())
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        # thread-local: the data loader's pin-memory thread keeps calling CUDA during the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.outputs = self.compute(*self.static)
-            self.outputs[0].total.backward()
-        self.graph = graph
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Any:
-        if self.static is not None and (x.shape, y.shape) != (self.static[0].shape, self.static[1].shape):
-            return eager_step(self.compute, self.optimizer, x, y, set_to_none=False)
-        if self.graph is None and self.warmup > 0:
-            self.warmup -= 1
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                out = eager_step(self.compute, self.optimizer, x, y)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return out
-        if self.graph is None:
-            try:
-                self._capture(x, y)
-            except Exception as exc:  # a failed capture leaves the CUDA RNG unusable: stop cleanly
-                raise TrainingError(
-                    f"CUDA-graph capture of the training step failed ({str(exc).splitlines()[0]}); "
-                    "rerun with --no-cuda-graphs (and --resume to keep the finished epochs)."
-                ) from exc
-        assert self.static is not None and self.graph is not None
-        self.static[0].copy_(x)
-        self.static[1].copy_(y)
-        self.graph.replay()
-        return self.outputs
 
 
 # ------------------------------------------------------------------------------------ decouple

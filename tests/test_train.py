@@ -231,7 +231,7 @@ def test_graphed_step_updates_parameters_like_the_eager_step(compiled: bool) -> 
     from nd_plugin import wrap
     from nd_plugin.adapters import create_model
     from nd_plugin.losses import LossTerms
-    from nd_plugin.train import _GraphedStep
+    from nd_plugin.steps import _GraphedStep
 
     torch.manual_seed(0)
     dm = wrap(create_model("cifar:resnet20", num_classes=10), torch.zeros(1, 3, 32, 32)).cuda().train()
