@@ -362,7 +362,9 @@ def test_path_scores_all_class_mi_and_features(dm, clean):
     k = 3
     mi = [np.random.default_rng(l).normal(size=(k, g.shape[1])) for l, g in enumerate(probe.gates)]
     det = PathDetector(knn_per_class=32, k=3).fit_probe(probe, dm.site_names, mi_weights=mi)
-    raw = lambda m: det._overall(probe, m, probe.preds)
+    def raw(m: str) -> np.ndarray:
+        return det._overall(probe, m, probe.preds)
+
     assert (raw("joint_min") <= raw("joint") + 1e-9).all() and (raw("joint_margin") >= -1e-9).all()
     feats = det.path_features(probe)
     L = len(dm.site_names)
@@ -486,8 +488,9 @@ def test_run_detection_without_checkpoint(dm, tmp_path):
 
 
 def test_cli_one_line_errors(dm, tmp_path):
-    from nd_plugin.cli._app import app
     from typer.testing import CliRunner
+
+    from nd_plugin.cli._app import app
 
     runner = CliRunner()
     bare = _fake_run(tmp_path / "bare", dm, checkpoint=False) if (tmp_path / "bare").mkdir() is None else None
