@@ -107,8 +107,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     trainer.cfg.epochs = 2
     trainer.start_epoch = 1  # as --resume would
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = 1e38
+    for group in trainer.optimizer.param_groups:  # the schedule sets lr from base_lr every step
+        group["lr"] = group["base_lr"] = 1e38
     with pytest.raises(TrainingError, match="non-finite loss at epoch 2"):
         trainer.fit()
     kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
