@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def _doctest_objects() -> dict[str, Any]:
     import numpy as np

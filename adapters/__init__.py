@@ -14,11 +14,23 @@ from .cifar import (
     CIFAR_MODELS,
     CifarResNet,
     CifarVGG,
+)
+from .cifar import (
     resnet20 as cifar_resnet20,
+)
+from .cifar import (
     resnet32 as cifar_resnet32,
+)
+from .cifar import (
     resnet44 as cifar_resnet44,
+)
+from .cifar import (
     resnet56 as cifar_resnet56,
+)
+from .cifar import (
     resnet110 as cifar_resnet110,
+)
+from .cifar import (
     vgg16_bn as cifar_vgg16_bn,
 )
 from .registry import (

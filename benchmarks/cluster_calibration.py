@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _suite import git_state
 
+from _suite import git_state
 from nd_plugin.interpret.calibration import kmeans_agreement, score_tree, structure_free_paths, two_group_paths
 from nd_plugin.interpret.copula import GaussianCopula
 from nd_plugin.run import atomic_write_text
@@ -125,7 +125,7 @@ def run_null(name: str, draws: int, n: int, seed0: int, tree: dict[str, Any], **
 def run_power(name: str, draws: int, n: int, seed0: int, tree: dict[str, Any], **gen: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     lo, hi = sum(SIZES[:PART]), sum(SIZES[: PART + 1])
-    found, agree, tested, false, sep_found = [], [], 0, 0, []
+    found, agree, tested, false, _sep_found = [], [], 0, 0, []
     for s in range(draws):
         rng = np.random.default_rng(seed0 + s)
         x, g = two_group_paths(n, SIZES, PART, seed=rng, **gen)

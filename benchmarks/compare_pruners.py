@@ -63,14 +63,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table, write_json
-
 import nd_plugin
+from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table, write_json
 from nd_plugin.adapters import create_model
-from nd_plugin.tracing import find_sites
 from nd_plugin.flops import count_flops
 from nd_plugin.pruning import DecouplingImportance
 from nd_plugin.run import open_run
+from nd_plugin.tracing import find_sites
 from nd_plugin.train import Trainer, seed_everything
 
 PRUNERS: dict[str, tuple[str, Callable[[], tp.importance.Importance]]] = {

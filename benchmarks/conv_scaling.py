@@ -51,9 +51,9 @@ def measure(channels: int, side: int, repeats: int) -> dict[str, float]:
     row: dict[str, float] = {"channels": channels, "side": side}
     with torch.inference_mode():
         for name, (xi, wi, bi) in cases.items():
-            row[f"conv2d_{name}_us"] = median_us(lambda: F.conv2d(xi, wi, bi, 1, 1), repeats)
+            row[f"conv2d_{name}_us"] = median_us(lambda: F.conv2d(xi, wi, bi, 1, 1), repeats)  # noqa: B023
             row[f"onednn_{name}_us"] = median_us(
-                lambda: torch.mkldnn_convolution(xi, wi, bi, [1, 1], [1, 1], [1, 1], 1), repeats
+                lambda: torch.mkldnn_convolution(xi, wi, bi, [1, 1], [1, 1], [1, 1], 1), repeats  # noqa: B023
             )
     for lib in ("conv2d", "onednn"):
         for name in ("half_out", "half_in"):

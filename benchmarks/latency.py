@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 import nd_plugin
+from _suite import git_state
 from nd_plugin.flops import count_flops, expected_flops
 from nd_plugin.pruning import dynamic_runtime, fold_batchnorm, prune
 from nd_plugin.pruning.plan import plain_copy
 from nd_plugin.pruning.synthetic import synthetic_gates
-
-from _suite import git_state
 
 SIZES = {"resnet18": 224, "tv:resnet18": 224}
 

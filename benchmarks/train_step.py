@@ -32,13 +32,12 @@ import time
 from typing import Any
 
 import torch
-from _suite import git_state
 
 import nd_plugin
+from _suite import git_state
 from nd_plugin.adapters import create_model
 from nd_plugin.losses import DecouplingLoss
 from nd_plugin.steps import _GraphedStep, eager_step
-
 
 # operators that launch no kernel of their own: views, allocation, metadata
 _NO_KERNEL = frozenset(

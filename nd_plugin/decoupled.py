@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from nd_plugin.tracing import SiteInfo, build_graph, find_sites
 from nd_plugin.errors import ConfigError, InputShapeError, NothingToGateError
 from nd_plugin.gates import ACM_INITS, GatedSite
 from nd_plugin.paths import GateRecorder, PathStats
+from nd_plugin.tracing import SiteInfo, build_graph, find_sites
 
 __all__ = ["DecoupledModel", "ForwardOutput", "wrap"]
 

@@ -30,8 +30,8 @@ from torch import nn
 
 from nd_plugin.errors import ExportError
 from nd_plugin.optim import gate_parameters
-from nd_plugin.run import atomic_dir, load_tensors, read_json, weights_mismatch
 from nd_plugin.pruning import CompactModel, PruneRecord, apply_record, check_tolerance, prune
+from nd_plugin.run import atomic_dir, load_tensors, read_json, weights_mismatch
 
 __all__ = ["FORMAT", "check_export_dir", "export", "load", "measure_latency", "prune_run"]
 

@@ -28,12 +28,12 @@ import numpy as np
 from nd_plugin.errors import DataError, InputShapeError
 from nd_plugin.interpret import (
     ClassPaths,
-    concept_consistency,
     DecisionTree,
     FilterStates,
     OcclusionConcepts,
     PathDistribution,
     class_paths,
+    concept_consistency,
     decision_tree,
     filter_states,
     occlusion_concepts,
@@ -77,8 +77,9 @@ def plot_filter_states(fs: FilterStates):
         last layer (the layer the seed's Fig. A shows), silent and energetic bars in their own colours.
 
     Example:
-        >>> fig = plot_filter_states(filter_states(stats))  # doctest: +SKIP
-        >>> fig.savefig("filter_states.png")  # doctest: +SKIP
+        >>> from nd_plugin.interpret import filter_states
+        >>> fig = plot_filter_states(filter_states(stats))
+        >>> fig.savefig(tmp / "filter_states.png")
     """
     names = list(fs.names)
     height = max(4.0, 0.16 * len(names) + 1.5)

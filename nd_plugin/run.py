@@ -41,7 +41,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from nd_plugin.errors import NDError, RunDirError

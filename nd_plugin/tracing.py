@@ -173,7 +173,7 @@ def find_sites(
     names = {m: n for n, m in model.named_modules()}
     shapes = _output_shapes(model, example_inputs)  # dict order = execution order
     uses: dict[nn.Module, int] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+    for _name, module in model.named_modules(remove_duplicate=False):
         uses[module] = uses.get(module, 0) + 1
     dg = dg or build_graph(model, example_inputs)
     stems = _stem_convs(dg)

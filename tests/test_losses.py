@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_wrap import TinyNet
 
 import nd_plugin
 from nd_plugin.errors import ConfigError
 from nd_plugin.losses import DecouplingLoss
-
-from test_wrap import TinyNet
 
 
 def _loss(**kw: float) -> DecouplingLoss:

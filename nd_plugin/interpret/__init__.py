@@ -4,16 +4,17 @@ Every analysis is a pure function of path statistics (or of a model and images, 
 returning a small dataclass with ``to_dict()`` for JSON; figures live in :mod:`nd_plugin.report`.
 
 Example:
-    >>> from nd_plugin.interpret import filter_states, class_paths, decision_tree  # doctest: +SKIP
-    >>> stats = dm.paths(val_loader, raw=True, classes=classes)  # doctest: +SKIP
-    >>> filter_states(stats).shares  # doctest: +SKIP
-    {'silent': 0.35, 'dynamic': 0.30, 'energetic': 0.35}
+    >>> from nd_plugin.interpret import filter_states
+    >>> stats = dm.paths(val_loader, raw=True)
+    >>> shares = filter_states(stats).shares
+    >>> all(0.2 < shares[s] < 0.45 for s in ("silent", "dynamic", "energetic"))
+    True
 """
 
 from .classes import ClassPaths, class_paths, eta_squared
+from .cluster_test import ClusterTest, cluster_test
 from .distribution import PathDistribution, path_distribution
 from .hopkins import hopkins
-from .cluster_test import ClusterTest, cluster_test
 from .occlusion import ConceptConsistency, OcclusionConcepts, concept_consistency, grid_boxes, occlusion_concepts
 from .states import DYNAMIC, ENERGETIC, SILENT, FilterStates, LayerStates, filter_states
 from .tree import DecisionTree, TreeNode, decision_tree

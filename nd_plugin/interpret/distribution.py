@@ -136,9 +136,9 @@ def path_distribution(
         ValueError: the statistics have no raw paths.
 
     Example:
-        >>> pd = path_distribution(stats)  # doctest: +SKIP
-        >>> pd.distinct, pd.mean_hamming_within < pd.mean_hamming_between  # doctest: +SKIP
-        (9874, True)
+        >>> pd = path_distribution(stats)
+        >>> 1 <= pd.distinct <= stats.n
+        True
     """
     from sklearn.decomposition import PCA
 

@@ -21,9 +21,9 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from nd_plugin.tracing import build_graph
 from nd_plugin.gates import GatedSite
 from nd_plugin.pruning.importance import node_label
+from nd_plugin.tracing import build_graph
 
 __all__ = ["Consumer", "SitePlan", "DynamicPlan", "analyse", "fusable_norms", "plain_copy"]
 
@@ -147,7 +147,7 @@ def _plan_site(
     group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
     consumers: list[Consumer] = []
     reasons: list[str] = []
-    for dep, idxs in group:
+    for dep, _idxs in group:
         module = dep.target.module
         label = names.get(module, node_label(dep.target.name))
         if module is conv:

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nd_plugin.tracing import build_graph
 from nd_plugin.gates import GatedSite
 from nd_plugin.pruning.plan import DynamicPlan, analyse, fusable_norms
+from nd_plugin.tracing import build_graph
 
 __all__ = ["DynamicRuntime", "dynamic_runtime", "fold_batchnorm", "fold_pairs"]
 

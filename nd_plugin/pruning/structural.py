@@ -27,12 +27,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from nd_plugin.tracing import SiteInfo, build_graph
 from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.errors import ConfigError, StatsMismatchError
 from nd_plugin.gates import GatedSite
 from nd_plugin.paths import PathStats
 from nd_plugin.pruning.importance import DecouplingImportance
+from nd_plugin.tracing import SiteInfo, build_graph
 
 __all__ = ["CompactModel", "FixedSite", "PruneRecord", "apply_record", "check_tolerance", "prune"]
 

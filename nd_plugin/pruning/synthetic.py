@@ -43,7 +43,7 @@ def synthetic_gates(
         acm.fc2.weight[kind != 2] = 0
         acm.fc2.bias.copy_(torch.where(kind == 0, -1e4, torch.where(kind == 1, 1e4, 0.0)))
         logits: list[torch.Tensor] = []
-        with ForwardHooks([acm], lambda _m, _i, out: logits.append(out)):
+        with ForwardHooks([acm], lambda _m, _i, out: logits.append(out)):  # noqa: B023
             dm(x)
         ordered = logits[0].sort(dim=0).values
         half = len(ordered) // 2
