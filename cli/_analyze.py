@@ -1,6 +1,6 @@
 """``nd analyze``: filter states, class paths, decision tree, occlusion concepts and an HTML report.
 
-Thin: :func:`nd_plugin.report.build_report` does the work. Register with
+Thin: :func:`nd_plugin.commands.analyze.build_report` does the work. Register with
 ``app.command("analyze")(user_errors(analyze_command))``.
 """
 
@@ -48,8 +48,8 @@ def analyze_command(
     Uses RUN/paths.npz when it holds every input's path; otherwise (or with --data) collects the
     paths on the validation split. The report works offline: open index.html in any browser.
     """
+    from nd_plugin.commands.analyze import build_report
     from nd_plugin.interpret.tree import TESTS
-    from nd_plugin.report import build_report
 
     if test not in TESTS:
         raise typer.BadParameter(f"--test must be one of {', '.join(TESTS)}, got {test!r}")

@@ -1,4 +1,4 @@
-"""The typer application. Commands only parse options and call the Python API."""
+"""The typer application. Commands only parse options and call the commands layer (:mod:`nd_plugin.commands`)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ def decouple_command(
     quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
 ) -> None:
     """Train decoupling gates and write a run directory (config, checkpoint, metrics, paths, summary)."""
-    from nd_plugin.train import TrainConfig, decouple
+    from nd_plugin.commands.decoupling import decouple
+    from nd_plugin.config import TrainConfig
 
     if sites not in ("internal", "all"):
         raise typer.BadParameter("--sites must be 'internal' or 'all'")

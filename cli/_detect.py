@@ -1,4 +1,4 @@
-"""``nd detect``: adversarial-sample detection from calculation paths (thin; the API does the work).
+"""``nd detect``: adversarial-sample detection from calculation paths (thin: :func:`nd_plugin.commands.detect.run_detection` does the work).
 
 Registered in ``nd_plugin.cli._app`` as ``app.command("detect")(user_errors(detect_command))``.
 """
@@ -37,7 +37,7 @@ def detect_command(
     supervised detectors fit a logistic regression on 5% of them, choose their hyperparameter on
     5%, and are tested on 90%, over --seeds splits. Reports AUROC (mean ± std) and TPR at 5% FPR.
     """
-    from nd_plugin.detect import run_detection
+    from nd_plugin.commands.detect import run_detection
     from nd_plugin.errors import ConfigError
 
     source = None

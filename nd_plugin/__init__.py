@@ -31,13 +31,13 @@ _LAZY = {
     "CompactModel": "nd_plugin.pruning",
     "DecouplingImportance": "nd_plugin.pruning",
     "prune": "nd_plugin.pruning",
-    "Run": "nd_plugin.run",
-    "open_run": "nd_plugin.run",
+    "Run": "nd_plugin.commands.rundir",
+    "open_run": "nd_plugin.commands.rundir",
     "param_groups": "nd_plugin.optim",
     "recalibrate_bn": "nd_plugin.optim",
     "TrainConfig": "nd_plugin.config",
     "Trainer": "nd_plugin.train",
-    "decouple": "nd_plugin.train",
+    "decouple": "nd_plugin.commands.decoupling",
 }
 
 

@@ -6,7 +6,9 @@ the report run headless through matplotlib's default selection (``MPLBACKEND`` i
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,35 +97,35 @@ def detection_figures(
     return files
 
 
-def detection_section_html(run_dir: str | Path | None) -> str:
-    """An HTML section with the detection tables of a run (every ``RUN/detect/*/detect.json``), or ``""``.
+def detection_section_html(results: Sequence[Mapping[str, Any]]) -> str:
+    """An HTML section with the tables of ``nd detect`` results (``detect.json`` records), or ``""``.
 
     One table per attack: each detector's AUROC (mean ± std over the 5 / 5 / 90 splits) and TPR at
-    5% FPR, and the transfer rows when the file has them.
+    5% FPR, and the transfer rows when the record has them. A run's records:
+    ``open_run(RUN).detections()``.
 
     Example:
-        >>> detection_section_html("/nonexistent")
+        >>> detection_section_html([])
         ''
+        >>> m = {"auroc": 0.9, "auroc_std": 0.01, "tpr_at_5fpr": 0.5}
+        >>> page = detection_section_html([{"attack": "fgsm", "eps": 0.03, "successful": 5, "correct": 9, "detectors": {"path": m}}])
+        >>> "<td>path</td><td>0.900 ± 0.010</td><td>0.500</td>" in page
+        True
     """
     import html
-    import json
 
-    if run_dir is None:
-        return ""
-    files = sorted(Path(run_dir).glob("detect/*/detect.json"))
     parts = []
-    for file in files:
+    for d in results:
         try:
-            d = json.loads(file.read_text(encoding="utf-8"))
             blocks = [("", d["detectors"])] + ([(f" (fitted on {d['transfer']['fitted_on']})", d["transfer"]["detectors"])] if d.get("transfer") else [])
             rows = "".join(
                 f"<tr><td>{html.escape(name)}{html.escape(suffix)}</td><td>{m['auroc']:.3f} ± {m.get('auroc_std', 0.0):.3f}</td>"
                 f"<td>{m['tpr_at_5fpr']:.3f}</td></tr>"
                 for suffix, dets in blocks for name, m in dets.items()
             )
-        except (OSError, ValueError, KeyError, TypeError):
+            head = f"{d['attack'].upper()} ε={d['eps']:.4g}: {d['successful']} of {d['correct']} correctly classified inputs attacked successfully"
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue  # an old or partial detect.json: not shown
-        head = f"{d['attack'].upper()} ε={d['eps']:.4g}: {d['successful']} of {d['correct']} correctly classified inputs attacked successfully"
         parts.append(f"<h3>{html.escape(head)}</h3><table><tr><th>detector</th><th>AUROC</th><th>TPR at 5% FPR</th></tr>{rows}</table>")
     if not parts:
         return ""

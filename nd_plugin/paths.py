@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from nd_plugin._hooks import HookOwner
+from nd_plugin.errors import ConfigError
+from nd_plugin.files import atomic_savez
 from nd_plugin.gates import GatedSite
 
-__all__ = ["GateRecorder", "PathStats"]
+__all__ = ["GateRecorder", "PathStats", "check_tolerance"]
 
 
 class GateRecorder(HookOwner):
@@ -204,10 +206,7 @@ class PathStats:
             arrays["paths_packed"] = np.packbits(self.paths.astype(bool), axis=1)
             arrays["labels"] = self.labels
             arrays["preds"] = self.preds
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
+        atomic_savez(path, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PathStats:
@@ -230,3 +229,21 @@ class PathStats:
                 labels=z["labels"] if "labels" in z else None,
                 preds=z["preds"] if "preds" in z else None,
             )
+
+
+def check_tolerance(tolerance: float, *, upper: float = 0.5) -> float:
+    """Returns ``tolerance`` as a float, or raises ConfigError when it is outside ``[0, upper)``.
+
+    A filter on for at most ``tolerance`` of the inputs counts as silent and one on for at least
+    ``1 - tolerance`` as energetic, so the two classes overlap from 0.5 on: ``upper`` is 0.5 for a
+    tolerance (pruning and interpretation alike) and 1 for an on-frequency threshold.
+    """
+    try:
+        value = float(tolerance)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tolerance must be a number in [0, {upper:g}), got {tolerance!r}.") from None
+    if not 0.0 <= value < upper:
+        raise ConfigError(
+            f"tolerance must be in [0, {upper:g}) (fraction of inputs a filter may be on and still count as silent), got {value}."
+        )
+    return value

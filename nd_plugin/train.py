@@ -3,21 +3,22 @@
 Training has up to two phases. Without pretrained weights (the usual case offline) the plain model
 is first trained for ``warmup_epochs`` with every gate forced open and cross-entropy alone, as the
 paper fine-tunes an already trained network; then the gates are trained with the decoupling
-losses for ``epochs``. Every epoch ends with a validation pass that collects path statistics, a
-line in ``metrics.jsonl`` and an atomic checkpoint, so ``--resume`` continues with the next epoch.
+losses for ``epochs``. Every epoch ends with a validation pass that collects path statistics and
+a call of ``on_epoch_end``; with a run directory that writes a line in ``metrics.jsonl`` and an
+atomic checkpoint (:mod:`nd_plugin.commands.rundir`), so ``--resume`` continues with the next epoch.
+:func:`~nd_plugin.commands.decoupling.decouple` (``nd decouple``) runs the whole thing on a run
+directory; ``nd_plugin.train.decouple`` is the same function.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import platform
 import random
 import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,28 +27,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from nd_plugin.config import TrainConfig, lr_factor, preset, resolve_device
-from nd_plugin.decoupled import DecoupledModel, wrap
-from nd_plugin.distributed import PhaseDDP, distributed_cleanup, init_distributed, reduce_path_stats
+from nd_plugin.decoupled import DecoupledModel
+from nd_plugin.distributed import PhaseDDP, init_distributed, reduce_path_stats
 from nd_plugin.errors import TrainingError
 from nd_plugin.losses import DecouplingLoss, LossTerms
 from nd_plugin.optim import param_groups, recalibrate_bn
 from nd_plugin.paths import PathStats
-from nd_plugin.run import (
-    CONFIG,
-    FORMAT,
-    PATHS,
-    SUMMARY,
-    Run,
-    atomic_write_text,
-    check_new_out,
-    hold_run,
-    prepare_out,
-    save_checkpoint,
-    write_metrics,
-)
 from nd_plugin.steps import _compiled, _GraphedStep, eager_step
 
-__all__ = ["TrainConfig", "Trainer", "decouple", "preset", "resolve_device"]
+__all__ = ["TrainConfig", "Trainer", "decouple", "preset", "resolve_device"]  # noqa: F822 - decouple: __getattr__
+
+
+def __getattr__(name: str) -> Any:
+    if name == "decouple":  # moved to the commands layer; loaded here on first use (no import cycle)
+        from nd_plugin.commands.decoupling import decouple
+
+        return decouple
+    raise AttributeError(f"module 'nd_plugin.train' has no attribute {name!r}")
+
 
 def seed_everything(seed: int) -> None:
     """Seeds torch, NumPy and ``random``, as :func:`decouple` does before it builds a model."""
@@ -73,23 +70,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _versions() -> dict[str, str]:
-    import timm
-    import torch_pruning
-    import torchvision
-
-    from nd_plugin import __version__
-
-    return {
-        "nd_plugin": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
-        "python": platform.python_version(),
-    }
 
 
 @dataclass
@@ -126,21 +106,26 @@ class EpochResult:
 
 
 class Trainer:
-    """Trains a :class:`DecoupledModel` with the decoupling losses and writes a run directory.
+    """Trains a :class:`DecoupledModel` with the decoupling losses.
 
     Args:
         dm: the wrapped model.
         data: a :class:`nd_plugin.data.DataBundle`.
-        config: the resolved :class:`TrainConfig`.
-        out: the run directory (only rank 0 writes).
+        config: the options; ``None`` fields get their defaults (:meth:`TrainConfig.resolved`).
+        out: a run directory to keep resumable: after each epoch the checkpoint and
+            ``metrics.jsonl`` are written there (rank 0 only), by
+            :func:`nd_plugin.commands.rundir.epoch_writer`; ``None``: nothing is written.
         progress: show progress bars (rank 0 only).
+        on_epoch_end: called as ``on_epoch_end(trainer, epoch)`` on rank 0 after each epoch
+            (``trainer.state_dict(epoch)`` and ``trainer.history`` are up to date); replaces the
+            writer that ``out`` sets.
 
     Example:
         >>> from nd_plugin.adapters import create_model
         >>> from nd_plugin.data import load_data
         >>> data = load_data("synthetic:64")
         >>> cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", epochs=1, warmup_epochs=0, batch_size=32).resolved()
-        >>> dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, *data.input_size))
+        >>> dm = nd_plugin.wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, *data.input_size))
         >>> stats = Trainer(dm, data, cfg, out=tmp, progress=False).fit()
         >>> stats.n, sorted(p.name for p in tmp.iterdir())[:2]
         (10, ['checkpoint.pt', 'metrics.jsonl'])
@@ -154,10 +139,16 @@ class Trainer:
         out: str | os.PathLike | None = None,
         *,
         progress: bool = True,
+        on_epoch_end: Callable[[Trainer, int], None] | None = None,
     ) -> None:
+        config = config.resolved()
         self.cfg = config
         self.data = data
-        self.out = Path(out) if out is not None else None
+        if on_epoch_end is None and out is not None:
+            from nd_plugin.commands.rundir import epoch_writer
+
+            on_epoch_end = epoch_writer(out, config.model)
+        self.on_epoch_end = on_epoch_end
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -391,17 +382,11 @@ class Trainer:
             self.history.append(result)
             if self.dist.main:
                 self._log(result)
-                if self.out is not None:
-                    # the checkpoint carries the history; metrics.jsonl is rewritten from it, so a
-                    # kill between the two writes leaves nothing that --resume cannot repair
-                    save_checkpoint(self.out, self.state_dict(epoch), self.cfg.model)  # the last two kept
-                    self._write_metrics()
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(self, epoch)
         if stats is None:  # nothing left to train (a finished run resumed): evaluate once
             stats = self.evaluate(self.total_epochs)
         return stats
-
-    def _write_metrics(self) -> None:
-        write_metrics(self.out, [r.to_dict() for r in self.history], self.cfg.model)
 
     def _log(self, r: EpochResult) -> None:
         if not self.progress:
@@ -414,124 +399,3 @@ class Trainer:
             f"kl {r.train['l_kl']:.4f} s {r.train['l_s']:.2f}) train-acc {r.train['top1']:.3f} | "
             f"val top-1 {r.val_top1:.4f} density {r.val_density:.3f} | {r.seconds:.0f}s"
         )
-
-
-# ------------------------------------------------------------------------------------ decouple
-def decouple(
-    config: TrainConfig,
-    out: str | os.PathLike,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    data: Any = None,
-) -> dict[str, Any]:
-    """Builds the model, wraps it, trains it and writes the run directory. What ``nd decouple`` runs.
-
-    Args:
-        config: the options (``None`` fields get the model's defaults).
-        out: the run directory.
-        resume: continue from ``out/checkpoint.pt`` (options are read from ``out/config.json``).
-        overwrite: start again in a directory that holds a run of the same model.
-        progress: show progress and the per-epoch log (rank 0).
-        data: an already loaded :class:`~nd_plugin.data.DataBundle` for ``config.data`` (saves
-            decoding it again when several runs share it); loaded from ``config.data`` when omitted.
-
-    Returns:
-        The summary (also written to ``summary.json``).
-
-    Example:
-        >>> cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", ratio=0.6, epochs=1, warmup_epochs=0, batch_size=32)
-        >>> summary = decouple(cfg, tmp / "r20", progress=False)
-        >>> sorted(summary)[:3], (tmp / "r20" / "paths.npz").is_file()
-        (['density', 'filter_states', 'flops'], True)
-    """
-    from nd_plugin.adapters import create_model, resolve_name
-    from nd_plugin.data import load_data
-
-    out = Path(out)
-    config.validate()
-    config = TrainConfig(**{**asdict(config), "model": resolve_name(config.model)})
-    if resume:
-        saved = prepare_out(out, config.model, resume=True)
-        names = {f.name for f in fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names} | {"device": config.device})
-    cfg = config.resolved()
-    device = resolve_device(cfg.device)
-    with distributed_cleanup(), ExitStack() as held:
-        main = int(os.environ.get("RANK", "0")) == 0
-        if main and not resume:  # refuse a bad --out before any work
-            check_new_out(out, cfg.model, overwrite)
-        seed_everything(cfg.seed)
-        data = data if data is not None else load_data(cfg.data)
-        model = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.weights)
-        example = torch.zeros(1, *data.input_size)
-        dm = wrap(
-            model,
-            example,
-            sites=cfg.sites,
-            reduction=cfg.reduction,
-            noise_std=cfg.noise_std,
-            init_bias=cfg.gate_bias,
-            hard_share=cfg.hard_share,
-            acm_init=cfg.acm_init,
-        )
-        if main:  # everything the run needs exists: only now hold and touch the directory
-            held.enter_context(hold_run(out))
-            if not resume:
-                prepare_out(out, cfg.model, overwrite=overwrite)
-        trainer = Trainer(dm, data, cfg, out, progress=progress)
-        if resume:  # the newest good checkpoint (a damaged latest one falls back to the one before)
-            state, note = Run(out).resume_state(trainer.dm.state_dict(), trainer.device)
-            trainer.load_state_dict(state)
-            if main:
-                write_metrics(out, state.get("history", []), cfg.model)
-                from rich.console import Console
-
-                Console(stderr=True).print(note, highlight=False, soft_wrap=True)
-        elif main:
-            atomic_write_text(
-                out / CONFIG,
-                json.dumps(
-                    {
-                        "format": FORMAT,
-                        "model": cfg.model,
-                        "data": cfg.data,
-                        "num_classes": data.num_classes,
-                        "classes": list(data.classes),
-                        "input_size": list(data.input_size),
-                        "mean": list(data.mean),
-                        "std": list(data.std),
-                        "sites": dm.site_names,
-                        "sites_mode": cfg.sites,
-                        "reduction": cfg.reduction,
-                        "noise_std": cfg.noise_std,
-                        "warmup": (
-                            f"{cfg.warmup_epochs} plain epochs before decoupling (no pretrained weights)"
-                            if cfg.warmup_epochs
-                            else "none (trained weights given)"
-                        ),
-                        "train": asdict(cfg),
-                        "world_size": trainer.dist.world,
-                        "device": str(device),
-                        "versions": _versions(),
-                    },
-                    indent=2,
-                ),
-            )
-            if progress and cfg.warmup_epochs:
-                from rich.console import Console
-
-                Console(stderr=True).print(
-                    f"no pretrained weights: training the plain model for {cfg.warmup_epochs} warm-up epoch(s) "
-                    f"with gates open, then decoupling for {cfg.epochs} epoch(s)"
-                )
-        stats = trainer.fit()
-        summary: dict[str, Any] = {}
-        if trainer.dist.main:
-            stats.save(out / PATHS)
-            from nd_plugin.summary import summarize
-
-            summary = {"model": cfg.model, **summarize(dm.cpu().eval(), stats, data)}
-            atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
-        return summary

@@ -457,9 +457,10 @@ def test_run_detection_end_to_end(tiny_run):
     for f in res.figures:
         assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all((tiny_run / f).is_file() for f in ("detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"))
+    from nd_plugin import open_run
     from nd_plugin.detect_figures import detection_section_html
 
-    page = detection_section_html(tiny_run)  # what the report shows
+    page = detection_section_html(open_run(tiny_run).detections())  # what the report shows
     lee = res.detectors["mahalanobis_lee"]
     assert f"<td>mahalanobis_lee</td><td>{lee['auroc']:.3f} ± {lee['auroc_std']:.3f}</td>" in page
     assert "lid (fitted on fgsm-eps0.3)" in page and page.count("<tr><td>") == len(DETECTORS) + 4

@@ -17,8 +17,9 @@ with the clean paths of the class the input ends up in. The package:
 - :mod:`~nd_plugin.detect.metrics`: AUROC / TPR at 5% FPR and Lee's 5 / 5 / 90 protocol;
 - :mod:`~nd_plugin.detect.protocol`: fit, attack, featurise and evaluate every detector
   (:data:`DETECTORS`) on objects;
-- :mod:`~nd_plugin.detect.workflow`: :func:`run_detection`, what ``nd detect`` does on a run
-  directory. Figures are drawn by :mod:`nd_plugin.detect_figures`.
+- :mod:`~nd_plugin.detect.workflow`: :class:`DetectionResult`, what ``nd detect`` measures.
+  Figures are drawn by :mod:`nd_plugin.detect_figures`; :func:`run_detection`, what ``nd detect``
+  does on a run directory, is :mod:`nd_plugin.commands.detect`'s (re-exported here).
 
 Scores follow one convention: higher means "more likely adversarial".
 
@@ -76,10 +77,18 @@ from nd_plugin.detect.workflow import (
     DetectionResult,
     attack_and_probe,
     mi_weights_of,
-    run_detection,
 )
 
-__all__ = [
+
+def __getattr__(name: str):
+    if name == "run_detection":  # the commands layer's; loaded on first use (it imports this package)
+        from nd_plugin.commands.detect import run_detection
+
+        return run_detection
+    raise AttributeError(f"module 'nd_plugin.detect' has no attribute {name!r}")
+
+
+__all__ = [  # noqa: F822 - run_detection: __getattr__
     "ATTACKS",
     "DETECTORS",
     "LEE_MAGNITUDES",

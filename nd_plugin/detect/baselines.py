@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from nd_plugin.detect.features import (
     run_pooled,
 )
 from nd_plugin.errors import DetectionError, RunDirError
+from nd_plugin.files import atomic_savez
 
 __all__ = ["LEE_MAGNITUDES", "LID_KS", "LeeMahalanobis", "MahalanobisDetector", "lid_scores", "msp_score"]
 
@@ -105,13 +105,10 @@ class MahalanobisDetector:
         """Writes the fitted baseline to ``.npz`` (no pickle), atomically."""
         if self.means is None:
             raise DetectionError("the Mahalanobis detector is not fitted.")
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(
-            tmp, feature_layer=np.array(self.feature_layer), ridge=np.array(self.ridge),
+        atomic_savez(
+            path, feature_layer=np.array(self.feature_layer), ridge=np.array(self.ridge),
             means=self.means, scale=self.scale, white=self.white,
         )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, dm: nn.Module | None = None) -> MahalanobisDetector:
@@ -247,7 +244,7 @@ class LeeMahalanobis:
         if not self.means:
             raise DetectionError("this LeeMahalanobis is not fitted.")
         arrays = {f"mean_{l}": m for l, m in enumerate(self.means)} | {f"precision_{l}": p for l, p in enumerate(self.precisions)}
-        _save_npz(path, layers=np.array(self.layers), **arrays)
+        atomic_savez(path, layers=np.array(self.layers), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LeeMahalanobis:
@@ -326,9 +323,3 @@ def _class_means(f: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     mu[cnt == 0] = f.mean(0)
     return mu
 
-
-def _save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)

@@ -15,6 +15,7 @@ from torch import nn
 from nd_plugin.detect.features import Probe, _ProbeHooks, collect_probe
 from nd_plugin.detect.metrics import _auroc
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
+from nd_plugin.files import atomic_savez
 
 __all__ = ["PathDetector", "PathScore"]
 
@@ -482,9 +483,7 @@ class PathDetector:
             "classifier_samples": self.classifier_samples,
             "site_names": self.site_names, "meta": meta, "format": 1,
         }
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, header=np.array(json.dumps(header)), **self.arrays)
-        os.replace(tmp, path)
+        atomic_savez(path, header=np.array(json.dumps(header)), **self.arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike, dm: nn.Module | None = None) -> PathDetector:
