@@ -82,7 +82,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         >>> sd["conv1.weight"].shape
         torch.Size([16, 3, 3, 3])
     """
-    from nd_plugin.run import load_tensors
+    from nd_plugin.files import load_tensors
 
     path = os.fspath(path)
     if not os.path.isfile(path):

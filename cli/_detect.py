@@ -38,6 +38,7 @@ def detect_command(
     5%, and are tested on 90%, over --seeds splits. Reports AUROC (mean ± std) and TPR at 5% FPR.
     """
     from nd_plugin.commands.detect import run_detection
+    from nd_plugin.commands.rundir import DETECT_JSON
     from nd_plugin.errors import ConfigError
 
     source = None
@@ -60,7 +61,7 @@ def detect_command(
     if res.transfer:
         typer.echo(f"fitted on {res.transfer['fitted_on']}, tested on {res.attack}:")
         _table(res.transfer["detectors"])
-    typer.echo(f"wrote {Path(res.out_dir) / 'detect.json'}")
+    typer.echo(f"wrote {Path(res.out_dir) / DETECT_JSON}")
 
 
 def _table(detectors: dict) -> None:

@@ -54,10 +54,27 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """The RNG states of torch, NumPy and ``random``, as tensors and plain numbers (``weights_only`` loads them).
+
+    NumPy's legacy state is kept whole: the key, the position in it and the cached Gaussian, so
+    that :func:`_set_rng_state` continues the stream exactly where it was.
+
+    Example:
+        >>> np.random.seed(0); _ = np.random.rand(3), np.random.randn()
+        >>> state, expected = _rng_state(), np.random.rand(4)
+        >>> _ = np.random.rand(100); _set_rng_state(state)
+        >>> bool((np.random.rand(4) == expected).all())
+        True
+    """
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos),
+        "numpy_gauss": [int(has_gauss), float(gauss)],
+        "python": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss": gauss_next,
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -65,9 +82,12 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what :func:`_rng_state` returned (checkpoints without NumPy's position: at a fresh key)."""
     torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    has_gauss, gauss = state.get("numpy_gauss", (0, 0.0))
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(state.get("numpy_pos", 624)), int(has_gauss), float(gauss)))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), state.get("python_gauss")))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
