@@ -86,7 +86,11 @@ def test_analysis_json_has_every_number(report: Path) -> None:
     assert sum(fs["shares"].values()) == pytest.approx(1.0)
     cp = a["class_paths"]
     assert len(cp["means"]) == 10 and len(cp["means"][0]) == a["paths"]["num_filters"]
-    assert 0.0 <= cp["statistic"]["eta2"] <= 1.0
+    # η² from its definition (classes.py): Σ_f Σ_k n_k (p_kf − p_f)² / Σ_f N p_f (1 − p_f), p_f the overall rate
+    p_kf, n_k = np.array(cp["means"]), np.array(a["paths"]["class_n"], dtype=float)
+    p_f = n_k @ p_kf / n_k.sum()
+    eta2 = (n_k[:, None] * (p_kf - p_f) ** 2).sum() / (n_k.sum() * p_f * (1 - p_f)).sum()
+    assert cp["statistic"]["eta2"] == pytest.approx(eta2, rel=1e-4) and 0.0 < eta2 < 1.0
     assert cp["statistic"]["permutation_p"] is not None
     tree = a["decision_tree"]
     assert tree["nodes"][0]["size"] == 40 and tree["test"]["name"] == "copula" and tree["test"]["alpha"] == 0.01
@@ -99,8 +103,9 @@ def test_analysis_json_has_every_number(report: Path) -> None:
     assert len(occ["images"]) == 8 and len(occ["boxes"]) == 49
     assert a["meta"]["occlusion_groups"] == {"class0": 4, "class1": 4}
     assert set(occ["concept_consistency"]) == {"class0", "class1"}
-    for cc in occ["concept_consistency"].values():
-        assert all(0 <= t["consistency"] <= 1 for t in cc["top"])
+    for cc in occ["concept_consistency"].values():  # consistency: the share of the class's images where the concept is localised
+        assert len(cc["images"]) == 4 and cc["top"]
+        assert all(t["consistency"] == pytest.approx(t["localised"] / 4) and t["localised"] <= 4 for t in cc["top"])
     assert a["meta"]["occlusion_patch"] == 8
     assert a["timings_s"]["total"] > 0
 
