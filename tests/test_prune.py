@@ -206,10 +206,10 @@ def test_coupled_channels_go_only_when_silent_everywhere() -> None:
         assert compact.record.kept[info.name] == list(range(info.channels))
 
 
-def test_tolerance_must_be_in_unit_interval() -> None:
+def test_tolerance_must_be_below_one_half() -> None:
     dm, stats, _ = decoupled("tiny")
-    for bad in (-0.1, 1.0, 2):
-        with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+    for bad in (-0.1, 0.5, 1.0, 2):
+        with pytest.raises(ConfigError, match=r"\[0, 0.5\)"):
             prune(dm, stats, tolerance=bad)
 
 

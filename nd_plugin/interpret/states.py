@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nd_plugin.paths import PathStats
+from nd_plugin.paths import PathStats, check_tolerance
 
 from ._common import jsonable
 
@@ -142,7 +142,8 @@ def filter_states(stats: PathStats, tolerance: float = 0.0, *, bins: int = 20) -
         A :class:`FilterStates`, also a mapping ``{layer: (silent, dynamic, energetic)}``.
 
     Raises:
-        ValueError: ``tolerance`` outside ``[0, 0.5)`` or statistics over no input.
+        ConfigError: ``tolerance`` outside ``[0, 0.5)`` (a ``ValueError``).
+        ValueError: statistics over no input.
 
     Example:
         >>> fs = filter_states(stats)  # a third of each layer's filters in each state (synthetic gates)
@@ -150,8 +151,7 @@ def filter_states(stats: PathStats, tolerance: float = 0.0, *, bins: int = 20) -
         >>> sorted(fs.shares), round(sum(fs.shares.values()), 6)
         (['dynamic', 'energetic', 'silent'], 1.0)
     """
-    if not 0.0 <= tolerance < 0.5:
-        raise ValueError(f"tolerance must be in [0, 0.5) (a fraction of the inputs), got {tolerance}")
+    tolerance = check_tolerance(tolerance)
     if stats.n <= 0:
         raise ValueError("path statistics over no input: nothing to classify")
     if bins < 1:

@@ -16,9 +16,14 @@ from nd_plugin.pruning.structural import (
     FixedSite,
     PruneRecord,
     apply_record,
+    check_round_to,
     check_tolerance,
+    coupled_sites,
+    keep_count,
+    mix_records,
     plan_record,
     prune,
+    static_record,
 )
 
 __all__ = [
@@ -30,7 +35,12 @@ __all__ = [
     "FixedSite",
     "PruneRecord",
     "apply_record",
+    "check_round_to",
     "check_tolerance",
+    "coupled_sites",
+    "keep_count",
+    "mix_records",
     "plan_record",
     "prune",
+    "static_record",
 ]

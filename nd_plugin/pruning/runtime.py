@@ -8,8 +8,8 @@ which each dynamic layer
 3. hands the narrow result on; each consumer convolves with the matching *input* channels of its
    weight only (see :mod:`nd_plugin.pruning.plan` for when a layer can stay narrow).
 
-Batches of more than one input run full width with the gates as masks (different inputs take
-different paths). Every norm that follows a conv is folded into it first. Weight slices are cached
+Batches of more than one input compute the filters active for any of their inputs, with the
+gates as masks (different inputs take different paths). Every norm that follows a conv is folded into it first. Weight slices are cached
 per on/off pattern of the gates (an LRU of ``cache_size`` entries per layer, keyed by the pattern's
 bytes, so a hit needs no ``nonzero`` either): paths recur, so most calls skip the gather;
 ``cache_size=0`` gathers on every call. At batch size 1 the ACM is a spatial sum and two ``addmm``.
@@ -228,13 +228,26 @@ class DynamicConv(nn.Module):
         return out.new_zeros(1, self.out_channels, *out.shape[2:]).index_copy_(1, index, out)
 
     def _batched(self, x: torch.Tensor, in_index: torch.Tensor | None) -> torch.Tensor:
-        """Batches of several inputs: full-width conv, gates as masks."""
+        """Batches of several inputs: the filters active for any input of the batch, gates as masks."""
         fc1 = self.fc1_weight if in_index is None else self.fc1_weight.index_select(1, in_index)
         z = F.linear(F.relu(F.linear(x.mean(dim=(2, 3)), fc1, self.fc1_bias)), self.fc2_weight, self.fc2_bias)
+        on = z > 0
+        union = on.any(0)
         weight = self.weight if in_index is None else self.weight.index_select(1, in_index)
-        out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if bool(union.all()):
+            out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            self.state.sets[self.name] = None
+            return out * on.to(out.dtype)[:, :, None, None]
+        index = union.nonzero().flatten()
+        if index.numel() == 0:  # no filter on anywhere: one (masked) filter keeps shapes valid
+            index = torch.zeros(1, dtype=torch.long, device=x.device)
+        out = F.conv2d(x, weight.index_select(0, index), self.bias.index_select(0, index), self.stride, self.padding, self.dilation, self.groups)
+        out = out * on.index_select(1, index).to(out.dtype)[:, :, None, None]
+        if self.narrow:
+            self.state.sets[self.name] = (_pattern_key(union), index)
+            return out
         self.state.sets[self.name] = None
-        return out * (z > 0).to(out.dtype)[:, :, None, None]
+        return out.new_zeros(out.shape[0], self.out_channels, *out.shape[2:]).index_copy_(1, index, out)
 
 
 class NarrowInputConv(nn.Module):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +30,24 @@ from torch import nn
 from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.errors import ConfigError, StatsMismatchError
 from nd_plugin.gates import GatedSite
-from nd_plugin.paths import PathStats
+from nd_plugin.paths import PathStats, check_tolerance
 from nd_plugin.pruning.importance import DecouplingImportance
 from nd_plugin.tracing import SiteInfo, build_graph
 
-__all__ = ["CompactModel", "FixedSite", "PruneRecord", "apply_record", "check_tolerance", "prune"]
+__all__ = [
+    "CompactModel",
+    "FixedSite",
+    "PruneRecord",
+    "apply_record",
+    "check_round_to",
+    "check_tolerance",
+    "coupled_sites",
+    "keep_count",
+    "mix_records",
+    "plan_record",
+    "prune",
+    "static_record",
+]
 
 
 class FixedSite(nn.Module):
@@ -176,19 +189,6 @@ class CompactModel(DecoupledModel):
             labels=stats.labels,
             preds=stats.preds,
         )
-
-
-def check_tolerance(tolerance: float) -> float:
-    """Returns ``tolerance`` as a float, or raises ConfigError when it is outside ``[0, 1)``."""
-    try:
-        value = float(tolerance)
-    except (TypeError, ValueError):
-        raise ConfigError(f"tolerance must be a number in [0, 1), got {tolerance!r}.") from None
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(
-            f"tolerance must be in [0, 1) (fraction of inputs a filter may be on and still count as silent), got {value}."
-        )
-    return value
 
 
 def check_stats(stats: PathStats, sites: Sequence[str], channels: Mapping[str, int] | Sequence[int]) -> None:
@@ -342,6 +342,152 @@ def prune(
     return apply_record(dm, record, inplace=True, dg=dg)
 
 
+def _group_removal(
+    dm: DecoupledModel, stats: PathStats, dg: tp.DependencyGraph, choose: Callable[[torch.Tensor], set[int]]
+) -> tuple[dict[str, list[int]], list[list[str]]]:
+    """Original filter indices to remove per gated layer, decided group by group.
+
+    ``choose`` maps a group's :class:`DecouplingImportance` score (on-frequency per root channel)
+    to the root channels to remove; every gated conv of the group loses the matching channels.
+    Also returns the gated layers of each coupled group (a layer alone unless channels are shared).
+    """
+    imp = DecouplingImportance(stats)
+    convs = _gated_convs(dm.model, dm.site_names)
+    removed: dict[str, list[int]] = {}
+    groups: list[list[str]] = []
+    for name in dm.site_names:
+        if name in removed:
+            continue
+        conv = dm.model.get_submodule(name).conv
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+        drop = choose(imp(group))
+        members = []
+        for i, (dep, dep_idxs) in enumerate(group):
+            other = convs.get(dep.target.module)
+            if other is None or not dg.is_out_channel_pruning_fn(dep.handler):
+                continue
+            roots = group[i].root_idxs
+            removed[other] = sorted(int(d) for d, r in zip(dep_idxs, roots) if int(r) in drop)
+            members.append(other)
+        groups.append(sorted(set(members) | {name}, key=dm.site_names.index))
+    return removed, groups
+
+
+def check_round_to(round_to: int) -> int:
+    """Returns ``round_to`` as an int, or raises ConfigError unless it is a positive integer."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"round_to must be a positive integer (channel block, e.g. 8 or 16), got {round_to!r}.")
+    return round_to
+
+
+def keep_count(frequency: torch.Tensor, threshold: float, round_to: int = 1) -> int:
+    """How many channels a static layer keeps: those on more often than ``threshold``, rounded.
+
+    The count is rounded to the nearest multiple of ``round_to`` (halves up), never below one block
+    (or one channel) and never above the layer's width.
+
+    Example:
+        >>> keep_count(torch.tensor([0.0, 0.2, 0.6, 0.9, 1.0]), 0.5)
+        3
+        >>> keep_count(torch.tensor([0.9] * 13 + [0.1] * 3), 0.5, round_to=8)
+        16
+        >>> keep_count(torch.tensor([0.9] * 11 + [0.1] * 5), 0.5, round_to=8)
+        8
+    """
+    width = frequency.numel()
+    n = int((frequency > threshold).sum())
+    if round_to > 1:
+        n = int((n + round_to // 2) // round_to * round_to)
+        n = max(n, min(round_to, width))
+    return min(max(n, 1), width)
+
+
+def static_record(
+    dm: DecoupledModel,
+    stats: PathStats,
+    *,
+    threshold: float = 0.5,
+    round_to: int = 1,
+    dg: tp.DependencyGraph | None = None,
+) -> PruneRecord:
+    """A record with every gate dropped: the static compact model for engines that cannot skip.
+
+    Each gated layer keeps its filters that were on for more than ``threshold`` of the inputs (the
+    most frequently on first, rounded to ``round_to`` channels, e.g. 8 or 16 for the engine's
+    blocks) and computes them for every input. With ``threshold=0.5`` each kept or removed filter
+    agrees with the gated model on most inputs; silent filters always go, energetic ones always stay.
+
+    Args:
+        dm: the decoupled model.
+        stats: its path statistics.
+        threshold: on-frequency a filter must exceed to be kept, in ``[0, 1)``.
+        round_to: channel block of the kept counts.
+        dg: a dependency graph already built on ``dm.model``.
+
+    Returns:
+        A :class:`PruneRecord` whose ``static`` lists every gated layer (``tolerance`` holds the threshold).
+
+    Example:
+        >>> record = static_record(dm, stats, round_to=8)
+        >>> record.dynamic, sorted({len(k) % 8 for k in record.kept.values()})
+        ([], [0])
+    """
+    threshold = check_tolerance(threshold, upper=1.0)
+    round_to = check_round_to(round_to)
+    check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
+    dg = _with_graph(dm, dg)
+
+    def weakest(score: torch.Tensor) -> set[int]:
+        order = sorted(range(score.numel()), key=lambda i: (-float(score[i]), i))
+        return set(order[keep_count(score, threshold, round_to) :])
+
+    removed, _ = _group_removal(dm, stats, dg, weakest)
+    return PruneRecord(
+        tolerance=threshold,
+        sites=list(dm.site_names),
+        original_channels={s.name: s.channels for s in dm.gate_sites},
+        kept={name: [i for i in range(dm.gate_sites[k].channels) if i not in set(removed.get(name, ()))] for k, name in enumerate(dm.site_names)},
+        static=list(dm.site_names),
+        reduction=_infer_reduction(dm),
+    )
+
+
+def coupled_sites(dm: DecoupledModel, stats: PathStats, *, dg: tp.DependencyGraph | None = None) -> list[list[str]]:
+    """Gated layers that share channels (torch-pruning groups), each list in path order.
+
+    A per-layer deployment decision must treat each list as one unit.
+    """
+    _, groups = _group_removal(dm, stats, _with_graph(dm, dg), lambda score: set())
+    return groups
+
+
+def mix_records(dynamic: PruneRecord, static: PruneRecord, static_sites: Sequence[str]) -> PruneRecord:
+    """Takes the ``static_sites`` from ``static`` and every other gated layer from ``dynamic``.
+
+    Both records must be of the same model; a coupled group must be wholly in ``static_sites`` or
+    wholly out of it (see :func:`coupled_sites`).
+    """
+    if dynamic.sites != static.sites or dynamic.original_channels != static.original_channels:
+        raise StatsMismatchError("the two prune records describe different gated layers; make both from one model.")
+    chosen = set(static_sites)
+    unknown = chosen - set(dynamic.sites)
+    if unknown:
+        raise ConfigError(f"static_sites names layers the model does not gate: {sorted(unknown)}.")
+    kept = {s: list(static.kept[s] if s in chosen else dynamic.kept[s]) for s in dynamic.sites}
+    statics = [s for s in dynamic.sites if s in chosen or s in set(dynamic.static)]
+    return dataclasses.replace(dynamic, kept=kept, static=statics)
+
+
+def _with_graph(dm: DecoupledModel, dg: tp.DependencyGraph | None) -> tp.DependencyGraph:
+    if dg is not None:
+        return dg
+    was_training = dm.training
+    try:
+        return _graph(dm)
+    finally:
+        dm.train(was_training)
+
+
 def plan_record(
     dm: DecoupledModel, stats: PathStats, tolerance: float = 0.0, *, dg: tp.DependencyGraph | None = None
 ) -> PruneRecord:
@@ -358,31 +504,14 @@ def plan_record(
     """
     tolerance = check_tolerance(tolerance)
     check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
-    if dg is None:
-        was_training = dm.training
-        try:
-            dg = _graph(dm)
-        finally:
-            dm.train(was_training)
-    imp = DecouplingImportance(stats)
-    convs = _gated_convs(dm.model, dm.site_names)
-    removed: dict[str, list[int]] = {}
-    for name in dm.site_names:
-        if name in removed:
-            continue
-        conv = dm.model.get_submodule(name).conv
-        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
-        score = imp(group)
-        silent = (score <= tolerance).nonzero().flatten()
-        if silent.numel() == score.numel():  # a layer keeps at least one filter
-            silent = silent[silent != int(torch.argmax(score))]
-        silent_set = set(silent.tolist())
-        for i, (dep, dep_idxs) in enumerate(group):
-            other = convs.get(dep.target.module)
-            if other is None or not dg.is_out_channel_pruning_fn(dep.handler):
-                continue
-            roots = group[i].root_idxs
-            removed[other] = sorted(int(d) for d, r in zip(dep_idxs, roots) if int(r) in silent_set)
+    dg = _with_graph(dm, dg)
+    def silent(score: torch.Tensor) -> set[int]:
+        drop = (score <= tolerance).nonzero().flatten()
+        if drop.numel() == score.numel():  # a layer keeps at least one filter
+            drop = drop[drop != int(torch.argmax(score))]
+        return set(drop.tolist())
+
+    removed, _ = _group_removal(dm, stats, dg, silent)
     counts = {name: stats.counts[stats.layer_slice(name)] for name in dm.site_names}
     kept = {name: [i for i in range(len(counts[name])) if i not in set(removed.get(name, ()))] for name in dm.site_names}
     energetic_at = (1.0 - tolerance) * stats.n

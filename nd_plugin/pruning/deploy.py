@@ -1,0 +1,258 @@
+"""Per-layer deployment decision: skip filters at run time only where it pays, by measured cost.
+
+A dynamic layer's gate saves the filters it turns off, but costs its ACM, the weight gather and,
+at the small inputs where PyTorch's CPU conv runs through im2col, saves less than the FLOPs say.
+:func:`plan_deployment` measures, per gated layer on the engine at hand (eager torch, batch 1):
+
+- the *dynamic* unit: the layer in the :func:`~nd_plugin.pruning.dynamic_runtime` (ACM, active
+  filters only) plus the layers that read its channels (narrow inputs);
+- the *static* unit: the same layers in the static compact model, where the gate is dropped and
+  the filters on for more than half of the inputs stay for every input
+  (:func:`~nd_plugin.pruning.static_record`);
+
+and keeps the gate only where the dynamic unit is faster. Coupled layers (shared channels) are
+decided together. The result is a :class:`DeployPlan`: the mixed record for the eager runtime,
+the static record for engines that cannot skip per input, and one :class:`LayerDecision` per
+layer saying what was chosen and why.
+
+Example:
+    >>> plan = plan_deployment(dm, stats, x[:4], repeats=2)
+    >>> {d.mode for d in plan.decisions} <= {"dynamic", "static"}
+    True
+    >>> plan.decisions[0].site
+    'layer1.0.conv1'
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nd_plugin._hooks import HookOwner
+from nd_plugin.decoupled import DecoupledModel
+from nd_plugin.paths import PathStats
+from nd_plugin.pruning.runtime import DynamicRuntime, dynamic_runtime
+from nd_plugin.pruning.structural import (
+    PruneRecord,
+    _graph,
+    apply_record,
+    coupled_sites,
+    mix_records,
+    plan_record,
+    static_record,
+)
+
+__all__ = ["DeployPlan", "LayerDecision", "UnitTimer", "plan_deployment"]
+
+
+@dataclass
+class LayerDecision:
+    """How one gated layer is deployed in the eager runtime.
+
+    Attributes:
+        site: the gated layer.
+        mode: ``"dynamic"`` (gate kept, inactive filters skipped) or ``"static"`` (gate dropped).
+        dynamic_ms: median batch-1 time of its dynamic unit (None when there was no gate left to time).
+        static_ms: median batch-1 time of its static unit.
+        kept_dynamic: filters the dynamic layer keeps (silent ones removed).
+        kept_static: filters the static layer keeps.
+        reason: why, in words.
+    """
+
+    site: str
+    mode: str
+    dynamic_ms: float | None
+    static_ms: float
+    kept_dynamic: int
+    kept_static: int
+    reason: str
+
+
+@dataclass
+class DeployPlan:
+    """What :func:`plan_deployment` decided.
+
+    Attributes:
+        record: the eager runtime's record (decided layers static, the others dynamic).
+        static: the fully static record (ONNX, ``torch.export``: engines that cannot skip per input).
+        decisions: one :class:`LayerDecision` per gated layer, in path order.
+        threads: CPU threads the units were timed with.
+    """
+
+    record: PruneRecord
+    static: PruneRecord
+    decisions: list[LayerDecision] = field(default_factory=list)
+    threads: int = 1
+
+    @property
+    def dynamic_sites(self) -> list[str]:
+        """Layers that keep their gate."""
+        return [d.site for d in self.decisions if d.mode == "dynamic"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dictionary (for ``prune.json``)."""
+        return {
+            "threads": self.threads,
+            "dynamic_sites": self.dynamic_sites,
+            "decisions": [asdict(d) for d in self.decisions],
+        }
+
+
+class UnitTimer(HookOwner):
+    """Times groups ("units") of submodules of one model during the ``with`` block.
+
+    Each forward call of a listed module adds its wall time to its unit's running total; call
+    :meth:`lap` after each model call to close one sample. Units must not nest.
+
+    Args:
+        model: the model the module names refer to.
+        units: unit name -> module names.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> with UnitTimer(net, {"first": ["0"], "rest": ["1", "2"]}) as timer:
+        ...     for _ in range(3):
+        ...         _ = net(torch.randn(1, 4))
+        ...         timer.lap()
+        >>> sorted(timer.medians()), len(timer.samples["first"])
+        (['first', 'rest'], 3)
+    """
+
+    def __init__(self, model: nn.Module, units: Mapping[str, Sequence[str]]) -> None:
+        super().__init__()
+        self.model = model
+        self.units = {u: list(names) for u, names in units.items()}
+        self.samples: dict[str, list[float]] = {u: [] for u in self.units}
+        self._current: dict[str, float] = dict.fromkeys(self.units, 0.0)
+        self._start: dict[int, float] = {}
+
+    def register(self) -> None:
+        for unit, names in self.units.items():
+            for name in names:
+                module = self.model.get_submodule(name)
+                self.keep(module.register_forward_pre_hook(self._pre))
+                self.keep(module.register_forward_hook(self._post(unit)))
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        self._start[id(module)] = time.perf_counter()
+
+    def _post(self, unit: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._current[unit] += time.perf_counter() - self._start.pop(id(module))
+
+        return hook
+
+    def lap(self) -> None:
+        """Closes one sample of every unit."""
+        for unit, total in self._current.items():
+            self.samples[unit].append(total)
+        self._current = dict.fromkeys(self.units, 0.0)
+
+    def medians(self) -> dict[str, float]:
+        """Median seconds per unit over the samples."""
+        return {u: statistics.median(s) if s else 0.0 for u, s in self.samples.items()}
+
+
+def _units(runtime: DynamicRuntime, groups: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+    """Each coupled group's layers plus the plain layers that read their channels."""
+    sites = {s for g in groups for s in g}
+    units = {}
+    for group in groups:
+        names = list(group)
+        for site in group:
+            site_plan = runtime.plan.sites.get(site)
+            for consumer in site_plan.consumers if site_plan is not None else ():
+                owner = consumer.name.removesuffix(".conv")
+                if owner not in sites and consumer.name not in names:
+                    names.append(consumer.name)
+        units[group[0]] = names
+    return units
+
+
+@torch.no_grad()
+def _time_pair(
+    models: Sequence[nn.Module], units: Mapping[str, Sequence[str]], inputs: Sequence[torch.Tensor], repeats: int
+) -> list[dict[str, float]]:
+    timers = [UnitTimer(m.model, units) for m in models]
+    try:
+        for t in timers:
+            t.__enter__()
+        for x in inputs[:2]:  # warm-up: caches fill, kernels are chosen
+            for m in models:
+                m(x)
+        for t in timers:
+            t.samples = {u: [] for u in t.units}
+            t._current = dict.fromkeys(t.units, 0.0)
+        for i in range(repeats):
+            x = inputs[i % len(inputs)]
+            for m, t in zip(models, timers):
+                m(x)
+                t.lap()
+        return [t.medians() for t in timers]
+    finally:
+        for t in timers:
+            t.close()
+
+
+def plan_deployment(
+    dm: DecoupledModel,
+    stats: PathStats,
+    inputs: torch.Tensor,
+    *,
+    tolerance: float = 0.0,
+    threshold: float = 0.5,
+    round_to: int = 1,
+    repeats: int = 20,
+    margin: float = 0.0,
+) -> DeployPlan:
+    """Decides, per gated layer, whether the eager runtime keeps its gate, by measured batch-1 cost.
+
+    Args:
+        dm: the decoupled model.
+        stats: its path statistics.
+        inputs: real inputs ``(N, C, H, W)``; each is timed at batch 1.
+        tolerance: the dynamic record's tolerance (see :func:`~nd_plugin.prune`).
+        threshold: on-frequency above which a static layer keeps a filter.
+        round_to: channel block of the static layers.
+        repeats: timed batch-1 calls per model (alternating dynamic and static).
+        margin: a gate stays only when its unit is faster than the static one by this fraction.
+
+    Returns:
+        The :class:`DeployPlan`.
+    """
+    dg = _graph(dm)
+    dynamic = plan_record(dm, stats, tolerance, dg=dg)
+    static = static_record(dm, stats, threshold=threshold, round_to=round_to, dg=dg)
+    groups = coupled_sites(dm, stats, dg=dg)
+    rt_dynamic = dynamic_runtime(apply_record(dm, dynamic))
+    rt_static = dynamic_runtime(apply_record(dm, static))
+    gated = [g for g in groups if any(s not in set(dynamic.static) for s in g)]
+    units = _units(rt_dynamic, gated)
+    singles = [inputs[i : i + 1] for i in range(len(inputs))]
+    t_dyn, t_stat = _time_pair([rt_dynamic, rt_static], units, singles, repeats) if units else ({}, {})
+    decisions: list[LayerDecision] = []
+    to_static: list[str] = []
+    for group in groups:
+        head = group[0]
+        for site in group:
+            n_dyn, n_stat = len(dynamic.kept[site]), len(static.kept[site])
+            if head not in units:
+                decisions.append(
+                    LayerDecision(site, "static", None, 0.0, n_dyn, n_dyn, "every remaining filter energetic: no gate")
+                )
+                continue
+            d, s = t_dyn[head] * 1e3, t_stat[head] * 1e3
+            if d < s * (1.0 - margin):
+                reason = f"skipping pays: {d:.3f} ms gated vs {s:.3f} ms static"
+                decisions.append(LayerDecision(site, "dynamic", d, s, n_dyn, n_stat, reason))
+            else:
+                reason = f"gate costs more than it saves: {d:.3f} ms gated vs {s:.3f} ms static"
+                decisions.append(LayerDecision(site, "static", d, s, n_dyn, n_stat, reason))
+                to_static.append(site)
+    return DeployPlan(mix_records(dynamic, static, to_static), static, decisions, torch.get_num_threads())
