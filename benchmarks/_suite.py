@@ -67,6 +67,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="results file (default: <out-dir>/<script>.json)")
     parser.add_argument("--progress", action="store_true", help="show nd_plugin's per-epoch progress and log")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a finished run directory under --out-dir whose configuration is the same (no retraining)",
+    )
+    parser.add_argument(
         "--set",
         default="",
         metavar="FIELD:VALUE[,...]",
@@ -283,13 +288,29 @@ class Suite:
             log(f"  {name}: same configuration as {same.name}, reused")
             return same
         out = self.out_dir / re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name).strip("_")
+        previous = self._finished(out, cfg) if getattr(self.args, "reuse", False) else None
+        if previous is not None:
+            log(f"  {name}: finished run {out} has the same configuration, reused")
+            return self._row(name, cfg, previous, out, seconds=0.0)
         log(
             f"  {name}: λm={cfg.lambda_m:g} λk={cfg.lambda_k:g} λs={cfg.lambda_s:g} R={cfg.ratio:g} "
             f"epochs={cfg.warmup_epochs}+{cfg.epochs} ..."
         )
         t = time.perf_counter()
         summary = decouple(cfg, out, overwrite=True, progress=self.args.progress, data=self.data)
-        seconds = time.perf_counter() - t
+        return self._row(name, cfg, summary, out, seconds=time.perf_counter() - t)
+
+    @staticmethod
+    def _finished(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+        """The summary of a finished run in ``out`` made with ``cfg``, else None."""
+        try:
+            config = json.loads((out / "config.json").read_text())
+            summary = json.loads((out / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if run_key(config.get("train", {})) == run_key(asdict(cfg)) else None
+
+    def _row(self, name: str, cfg: TrainConfig, summary: dict[str, Any], out: Path, seconds: float) -> Row:
         states = summary["filter_states"]
         flops = summary.get("flops") or {}
         row = Row(

@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
+import json
 import math
 import time
 from collections.abc import Callable
@@ -67,7 +68,8 @@ import nd_plugin
 from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table, write_json
 from nd_plugin.adapters import create_model
 from nd_plugin.flops import count_flops
-from nd_plugin.pruning import DecouplingImportance
+from nd_plugin.pruning import DecouplingImportance, apply_record, static_record
+from nd_plugin.pruning.plan import plain_copy
 from nd_plugin.run import open_run
 from nd_plugin.tracing import find_sites
 from nd_plugin.train import Trainer, seed_everything
@@ -124,7 +126,12 @@ def prunable_scope(model: nn.Module, example: torch.Tensor, scope: str) -> set[s
 
 
 def tp_prune(
-    model: nn.Module, importance: tp.importance.Importance, ratio: float, example: torch.Tensor, scope: set[str] | None
+    model: nn.Module,
+    importance: tp.importance.Importance,
+    ratio: float,
+    example: torch.Tensor,
+    scope: set[str] | None,
+    round_to: int | None = None,
 ) -> nn.Module:
     """A pruned copy of ``model``: tp's standard pruner, global pruning, one shot.
 
@@ -134,6 +141,7 @@ def tp_prune(
         ratio: tp's global ``pruning_ratio``.
         example: one input batch for tracing.
         scope: names of the convs that may lose filters (None: all but the last linear layer).
+        round_to: tp's channel rounding (None: none).
 
     Returns:
         The pruned copy (eval mode, same device as ``model``).
@@ -149,7 +157,13 @@ def tp_prune(
         ignored = [m for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in scope]
     if ratio > 0:
         pruner = tp.pruner.BasePruner(
-            pruned, example, importance=importance, global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored
+            pruned,
+            example,
+            importance=importance,
+            global_pruning=True,
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+            round_to=round_to,
         )
         pruner.step()
     try:
@@ -173,6 +187,7 @@ def match_flops(
     tol: float = 0.02,
     max_ratio: float = 0.95,
     max_iter: int = 25,
+    round_to: int | None = None,
 ) -> tuple[nn.Module, float, int]:
     """Bisects tp's global pruning ratio until the pruned model's static FLOPs are within ``tol`` of ``target``.
 
@@ -188,6 +203,7 @@ def match_flops(
         tol: relative tolerance.
         max_ratio: largest pruning ratio tried.
         max_iter: bisection steps at most.
+        round_to: tp's channel rounding (None: none).
 
     Returns:
         ``(pruned model, pruning ratio, its FLOPs)``: the closest to ``target`` found (check the
@@ -198,7 +214,7 @@ def match_flops(
 
     def attempt(ratio: float) -> int:
         nonlocal best
-        pruned = tp_prune(model, importance, ratio, example, scope)
+        pruned = tp_prune(model, importance, ratio, example, scope, round_to)
         flops = count_flops(pruned, input_size)
         err = abs(flops / target - 1.0)
         if best is None or err < best[0]:
@@ -245,19 +261,32 @@ def finetune(model: nn.Module, suite: Suite, progress: bool, epochs: int | None 
     return float(Trainer(dm, suite.data, cfg, out=None, progress=progress).fit().accuracy)
 
 
-def decoupled_importance(row: Row, n: int, batch_size: int) -> tuple[nn.Module, DecouplingImportance]:
-    """The plain network of a decoupling run and a :class:`DecouplingImportance` from its paths.
+def training_paths(row: Row, n: int, batch_size: int) -> tuple[nd_plugin.DecoupledModel, nd_plugin.PathStats]:
+    """A decoupling run's model and its path statistics on ``n`` *training* images.
 
-    The on-frequencies are counted on ``n`` *training* images (the validation split stays unseen
-    by the pruning decision).
+    The validation split stays unseen by the pruning decisions made from them.
     """
     run = open_run(row.run_dir)
     dm = run.build_model().eval()
     data = run.data()
     subset = torch.utils.data.Subset(data.train, range(min(n, len(data.train))))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
-    stats = dm.paths(loader, num_classes=data.num_classes)
+    return dm, dm.paths(loader, num_classes=data.num_classes)
+
+
+def decoupled_importance(dm: nd_plugin.DecoupledModel, stats: nd_plugin.PathStats) -> tuple[nn.Module, DecouplingImportance]:
+    """The plain network of a decoupling run and a :class:`DecouplingImportance` from its paths."""
     return dm.unwrapped().eval(), DecouplingImportance(stats)
+
+
+def decoupled_static(dm: nd_plugin.DecoupledModel, stats: nd_plugin.PathStats, round_to: int = 1) -> nn.Module:
+    """The run's own static compact network: every gate dropped, filters on for > half the inputs kept.
+
+    Unlike ``decoupling_importance`` the kept set is the decoupled model's (no FLOPs matching) and
+    the weights are its trained ones, norms included (:func:`nd_plugin.pruning.static_record`).
+    """
+    compact = apply_record(dm, static_record(dm, stats, round_to=round_to))
+    return plain_copy(compact.model).train()
 
 
 def targets_from(runs: list[Row], original: float, factors: list[float], tol: float) -> list[tuple[str, float]]:
@@ -323,13 +352,19 @@ def verdicts(results: list[Result], margin: float = 0.005) -> list[dict[str, Any
     """Per FLOPs target: the better of decoupling and ``decoupling_importance`` against the best tp pruner.
 
     A target is what the torch-pruning rows were matched to (a decoupling run's expected FLOPs or a
-    fixed ``T``x). ``beats_by_margin`` says whether the better decoupled row is at least ``margin``
+    fixed ``T``x); ``decoupling_importance`` and ``decoupling_static`` rows count there when their
+    FLOPs are at most 2% above it. ``beats_by_margin`` says whether the better decoupled row is at least ``margin``
     (0.5 points) above the best tp row at that target.
     """
     out = []
     for of in dict.fromkeys(r.target_of for r in results if r.family in PRUNERS):
         tps = [r for r in results if r.family in PRUNERS and r.target_of == of]
-        ours = [r for r in results if (r.family == "decoupling" and r.method == of) or (r.family == "decoupling_importance" and r.target_of == of)]
+        ours = [
+            r
+            for r in results
+            if (r.family == "decoupling" and r.method == of)
+            or (r.family in ("decoupling_importance", "decoupling_static") and r.target_of == of and r.flops <= r.target * 1.02)
+        ]
         if not ours:
             continue
         best_tp, best = max(tps, key=lambda r: r.top1), max(ours, key=lambda r: r.top1)
@@ -400,6 +435,10 @@ def plot(results: list[Result] | list[dict[str, Any]]):
             ax.plot([static, r.reduction], [100 * r.top1] * 2, ":", color="C3", lw=1)
             ax.plot([static], [100 * r.top1], "o", mfc="none", color="C3")
         ax.plot([], [], "o", mfc="none", color="C3", label="decoupling (static)")
+    for fam, marker, color in (("decoupling_importance", "P", "C4"), ("decoupling_static", "X", "C5")):
+        pts = sorted((r.reduction, 100 * r.top1) for r in rows if r.family == fam)
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, ls="none", color=color, label=f"{fam} (static)")
     for r in rows:
         if r.family == "fine-tuned":
             ax.axhline(100 * r.top1, ls="--", color="gray", lw=1, label=f"fine-tuned, unpruned ({100 * r.top1:.1f}%)")
@@ -430,6 +469,12 @@ def main() -> None:
         "the rest fine-tunes the pruned model, so the budget equals every other row's); 0 skips the family",
     )
     p.add_argument("--di-images", type=int, default=10_000, help="training images whose paths rank the filters")
+    p.add_argument(
+        "--static-rows",
+        action="store_true",
+        help="decoupling_static rows: after the same short decoupling run, its own static compact model "
+        "(gates dropped, filters on for > half the training inputs kept), fine-tuned for the rest of the budget",
+    )
     args = p.parse_args()
     if args.ratio is not None:
         p.error("use --ratios here")
@@ -441,6 +486,13 @@ def main() -> None:
     original = count_flops(plain, data.input_size)
     log(f"[compare_pruners] {args.model}: {fmt_flops(original)} FLOPs per input")
     results: list[Result] = []
+    if args.reuse and suite.json_path.is_file():  # rows measured by an earlier call with these options
+        earlier = json.loads(suite.json_path.read_text())
+        results = [Result(**r) for r in earlier.get("results", [])]
+        log(f"[compare_pruners] --reuse: {len(results)} rows from {suite.json_path} kept, not rerun")
+
+    def done(method: str, target_of: str | None = None) -> bool:
+        return any(r.method == method and (target_of is None or r.target_of == target_of) for r in results)
 
     def save() -> None:
         payload = {
@@ -455,7 +507,7 @@ def main() -> None:
         }
         write_json(suite.json_path, payload)
 
-    if not args.no_baseline:
+    if not args.no_baseline and not done("fine-tuned (unpruned)"):
         log("fine-tuned, unpruned:")
         t = time.perf_counter()
         top1 = finetune(copy.deepcopy(plain), suite, args.progress)
@@ -468,6 +520,8 @@ def main() -> None:
     for ratio in args.ratios:
         row = suite.run(f"decoupling R={ratio:g}", ratio=ratio, sites=args.sites)
         runs.append(row)
+        if done(row.name):
+            continue
         results.append(
             Result(
                 row.name,
@@ -489,6 +543,8 @@ def main() -> None:
     for key in args.pruners:
         label, make = PRUNERS[key]
         for of, target in targets:
+            if done(label, of):
+                continue
             t = time.perf_counter()
             pruned, ratio, flops = match_flops(plain, make(), target, data.input_size, scope=scope, tol=args.tol)
             matched = abs(flops / target - 1) <= args.tol
@@ -507,20 +563,36 @@ def main() -> None:
     if 0 < di_epochs < args.epochs:
         log(f"decoupling_importance: {di_epochs} decoupling + {args.epochs - di_epochs} fine-tuning epochs")
         for ratio, full in zip(args.ratios, runs):
-            t = time.perf_counter()
+            di_name, static_name = f"decoupling_importance R={ratio:g}", f"decoupling_static R={ratio:g}"
+            want_di, want_static = not done(di_name), args.static_rows and not done(static_name)
+            if not (want_di or want_static):
+                continue
             short = suite.run(f"decoupling R={ratio:g} ({di_epochs} ep, for importance)", ratio=ratio, sites=args.sites, epochs=di_epochs)
-            network, importance = decoupled_importance(short, args.di_images, args.batch_size)
+            dm_short, train_stats = training_paths(short, args.di_images, args.batch_size)
             # the FLOPs that this ratio's full decoupling run reached (or the nearest target kept)
             of, target = min(targets, key=lambda t: abs(math.log(t[1] / float(full.flops_expected))))
-            pruned, pr, flops = match_flops(network, importance, target, data.input_size, scope=scope, tol=args.tol)
-            matched = abs(flops / target - 1) <= args.tol
-            log(f"  R={ratio:g} -> {of}: ratio {pr:.3f} gives {fmt_flops(flops)} ({flops / target - 1:+.1%}); fine-tuning ...")
-            top1 = finetune(pruned, suite, args.progress, epochs=args.epochs - di_epochs)
-            name = f"decoupling_importance R={ratio:g}"
-            elapsed = time.perf_counter() - t
-            results.append(Result(name, "decoupling_importance", flops, flops, original / flops, top1, target, of, pr, matched, elapsed))
-            log(f"  top-1 {top1:.4f}")
-            save()
+            if want_di:
+                t = time.perf_counter()
+                network, importance = decoupled_importance(dm_short, train_stats)
+                pruned, pr, flops = match_flops(network, importance, target, data.input_size, scope=scope, tol=args.tol)
+                matched = abs(flops / target - 1) <= args.tol
+                log(f"  R={ratio:g} -> {of}: ratio {pr:.3f} gives {fmt_flops(flops)} ({flops / target - 1:+.1%}); fine-tuning ...")
+                top1 = finetune(pruned, suite, args.progress, epochs=args.epochs - di_epochs)
+                elapsed = time.perf_counter() - t
+                results.append(Result(di_name, "decoupling_importance", flops, flops, original / flops, top1, target, of, pr, matched, elapsed))
+                log(f"  top-1 {top1:.4f}")
+                save()
+            if want_static:
+                t = time.perf_counter()
+                static = decoupled_static(dm_short, train_stats)
+                flops = count_flops(static, data.input_size)
+                matched = flops <= target * (1 + args.tol)
+                log(f"  {static_name}: its own static model, {fmt_flops(flops)} ({flops / target - 1:+.1%} of {of}); fine-tuning ...")
+                top1 = finetune(static, suite, args.progress, epochs=args.epochs - di_epochs)
+                elapsed = time.perf_counter() - t
+                results.append(Result(static_name, "decoupling_static", flops, flops, original / flops, top1, target, of, None, matched, elapsed))
+                log(f"  top-1 {top1:.4f}")
+                save()
 
     save()
     print()

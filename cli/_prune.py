@@ -1,6 +1,6 @@
-"""``nd prune``: remove silent filters, keep dynamic gates, measure, export.
+"""``nd prune``: remove silent filters, decide per layer which gates pay, measure every engine, export.
 
-Thin: :func:`nd_plugin.export.prune_run` does the work. Register with
+Thin: :func:`nd_plugin.commands.pruning.prune_run` does the work. Register with
 ``app.command("prune")(user_errors(prune_command))``.
 """
 
@@ -51,7 +51,54 @@ def print_prune_table(result: dict[str, Any]) -> None:
     if "checks" in result:
         caption += "; export checks: " + ", ".join(f"{c['format']} {'ok' if c['ok'] else 'FAILED'}" for c in result["checks"])
     table.caption = caption
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    print_decisions(result, console)
+    print_engines(result, console)
+
+
+def print_decisions(result: dict[str, Any], console: Any) -> None:
+    """Per gated layer: dynamic or static in the eager runtime, and the measured reason."""
+    from rich.table import Table
+
+    decisions = result.get("deployment", {}).get("decisions", [])
+    if not decisions:
+        return
+    table = Table(title=f"per-layer decision (batch 1, {result['deployment'].get('threads')} threads)")
+    for col in ("layer", "runs", "filters", "why"):
+        table.add_column(col)
+    for d in decisions:
+        kept = d["kept_dynamic"] if d["mode"] == "dynamic" else d["kept_static"]
+        table.add_row(d["site"], d["mode"], str(kept), d["reason"])
+    console.print(table)
+
+
+def print_engines(result: dict[str, Any], console: Any) -> None:
+    """Dense vs compact latency in each engine measured, and the accuracy of each form."""
+    from rich.table import Table
+
+    engines = result.get("engines", {})
+    if not engines:
+        return
+    acc = result.get("accuracy", {})
+    table = Table(title=f"dense vs compact per engine ({result['latency_ms'].get('threads')} threads, medians)")
+    for col in ("engine", "batch", "form", "dense", "compact", "speed-up", "top-1"):
+        table.add_column(col, justify="left" if col in ("engine", "form") else "right")
+    for row in engines.values():
+        form = "dynamic runtime" if row["engine"] == "eager" else "static compact"
+        top1 = acc.get("eager" if row["engine"] == "eager" else "static")
+        table.add_row(
+            row["engine"],
+            str(row["batch"]),
+            form,
+            f"{row['dense_ms']:.2f} ms",
+            f"{row['compact_ms']:.2f} ms",
+            f"{row['speedup']:.2f}x",
+            f"{top1:.2%}" if top1 is not None else "",
+        )
+    if "gated" in acc:
+        table.caption = f"gated model top-1 {acc['gated']:.2%} on {acc['inputs']} validation images"
+    console.print(table)
 
 
 def prune_command(
@@ -62,24 +109,33 @@ def prune_command(
     ] = None,
     tolerance: Annotated[
         float,
-        typer.Option(help="a filter on for at most this fraction of inputs is silent (removed), for at least 1 - it energetic (gate dropped); in [0, 1)"),
+        typer.Option(help="a filter on for at most this fraction of inputs is silent (removed), for at least 1 - it energetic (gate dropped); in [0, 0.5)"),
     ] = 0.0,
+    engine: Annotated[
+        str,
+        typer.Option("--engine", help="comma-separated engines to measure and export for: eager, onnx (ort), compile"),
+    ] = "eager,onnx",
+    round_to: Annotated[int, typer.Option(help="channel block of static layers (8 or 16 suit oneDNN and ONNX Runtime)")] = 1,
+    keep_gates: Annotated[bool, typer.Option("--keep-gates", help="keep every dynamic gate (no per-layer decision)")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace a non-empty --export directory")] = False,
     check_inputs: Annotated[int, typer.Option(help="validation inputs used to check the compact and exported models")] = 64,
     repeats: Annotated[int, typer.Option(help="batch-1 calls per model for the median latency")] = 10,
     threads: Annotated[int | None, typer.Option(help="CPU threads for the latency measurement")] = None,
 ) -> None:
-    """Remove silent filters for good, drop energetic gates, keep dynamic ones; measure and export.
+    """Remove silent filters for good; keep a gate only where skipping pays; measure and export.
 
-    Writes RUN/prune.json (and, with --export, the export directory); prints params, FLOPs and
-    batch-1 latency of the original and the compact model.
+    Writes RUN/prune.json (and, with --export, the export directory); prints params, FLOPs, the
+    per-layer decision, and dense vs compact latency in each engine.
     """
-    from nd_plugin.export import prune_run
+    from nd_plugin.commands.pruning import prune_run
 
     result = prune_run(
         run,
         export,
         tolerance=tolerance,
+        engines=[e for e in engine.split(",") if e.strip()],
+        round_to=round_to,
+        keep_gates=keep_gates,
         force=force,
         check_inputs=check_inputs,
         latency_repeats=repeats,

@@ -1,15 +1,18 @@
-"""Export of compact models: weights + manifest, ``torch.export`` program, ONNX; and ``nd prune``.
+"""Export of compact models: weights + manifest, ``torch.export`` program, ONNX.
 
 An export directory holds::
 
-    manifest.json   what to rebuild: model name, classes, input size, gated layers, prune record
-    weights.pt      the compact state dict (tensors only: ``torch.load(..., weights_only=True)``)
-    model.pt2       ``torch.export`` program of the compact model (gates as masks)
+    manifest.json   what to rebuild: model name, classes, input size, prune records, which form
+                    each engine gets
+    weights.pt      the eager compact state dict (tensors only: ``torch.load(..., weights_only=True)``)
+    static.pt       the static compact model's state dict (every gate dropped)
+    model.pt2       ``torch.export`` program of the static compact model
     model.onnx      the same as ONNX (opset of the installed exporter)
-    prune.json      FLOPs, parameters, latency, and the result of every export check
+    prune.json      FLOPs, parameters, latency per engine, and the result of every export check
 
-:func:`load` rebuilds the compact model from ``manifest.json`` and ``weights.pt`` without
-unpickling any class. Every exported form is compared with the eager compact model on real inputs
+:func:`load` rebuilds either compact model from ``manifest.json`` and its weights without
+unpickling any class (``nd prune``, which writes these directories, is
+:func:`nd_plugin.commands.pruning.prune_run`). Every exported form is compared with the eager compact model on real inputs
 before the directory appears; a directory is written under a temporary name next to the target
 and renamed at the end, so a failed export leaves nothing behind.
 """
@@ -29,15 +32,15 @@ import torch
 from torch import nn
 
 from nd_plugin.errors import ExportError
-from nd_plugin.optim import gate_parameters
-from nd_plugin.pruning import CompactModel, PruneRecord, apply_record, check_tolerance, prune
-from nd_plugin.run import atomic_dir, load_tensors, read_json, weights_mismatch
+from nd_plugin.files import atomic_dir, load_tensors, read_json, weights_mismatch
+from nd_plugin.pruning import CompactModel, PruneRecord, apply_record
 
-__all__ = ["FORMAT", "check_export_dir", "export", "load", "measure_latency", "prune_run"]
+__all__ = ["FORMAT", "check_export_dir", "export", "load", "measure_latency"]
 
 FORMAT = "nd-plugin-compact/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
+STATIC_WEIGHTS = "static.pt"
 PROGRAM = "model.pt2"
 ONNX = "model.onnx"
 PRUNE_JSON = "prune.json"
@@ -101,6 +104,7 @@ def export(
     directory: str | os.PathLike,
     inputs: torch.Tensor,
     *,
+    static: CompactModel | None = None,
     model_spec: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     force: bool = False,
@@ -108,10 +112,16 @@ def export(
 ) -> dict[str, Any]:
     """Writes a compact model's export directory and checks every form against the eager model.
 
+    ``torch.export`` and ONNX cannot skip filters per input. Given ``static`` (the compact model with
+    every gate dropped, :func:`~nd_plugin.pruning.static_record`), ``model.pt2`` and ``model.onnx``
+    hold that model, ``static.pt`` its weights, and the manifest's ``engines`` says which form each
+    file is; without it they hold ``compact`` with its gates as masks (full width).
+
     Args:
-        compact: the compact model.
+        compact: the compact model (the eager runtime's form).
         directory: target directory (created; must be absent or empty unless ``force``).
         inputs: real inputs ``(N, C, H, W)`` for the checks.
+        static: the static compact model for the engines that cannot skip.
         model_spec: how :func:`load` rebuilds the architecture: ``{"name": registry name,
             "num_classes": K, "sites": ..., "noise_std": ...}``; without a name, ``load`` needs the
             base model passed in.
@@ -134,29 +144,45 @@ def export(
     target = check_export_dir(directory, force)
     with atomic_dir(target) as tmp:  # the export appears complete or not at all
         compact = compact.eval()
-        net = _frozen(compact)
+        with torch.no_grad():
+            eager_reference = _frozen(compact)(inputs)
+        fixed = (static if static is not None else compact).eval()
+        net = _frozen(fixed)
         with torch.no_grad():
             reference = net(inputs)
         checks: list[dict[str, Any]] = []
         spec = dict(model_spec or {})
         spec.setdefault("input_size", list(compact.input_size))
+        form = "static compact model (gates dropped)" if static is not None else "compact model, gates as masks (full width)"
         manifest = {
             "format": FORMAT,
             "model": spec,
             "prune": compact.record.to_dict(),
             "dynamic": [s.name for s in compact.gate_sites],
             "files": {},
+            "engines": {
+                "eager": f"nd_plugin.load(DIR): {len(compact.gate_sites)} gated layers skip filters per input (dynamic_runtime)",
+                "pt2": form + ": torch.export cannot skip filters per input",
+                "onnx": form + ": ONNX cannot skip filters per input",
+            },
             "versions": {"torch": torch.__version__},
         }
+        if static is not None:
+            manifest["static"] = static.record.to_dict()
         if "weights" in formats:
-            state = {k: v.detach().cpu().contiguous() for k, v in compact.state_dict().items()}
-            torch.save(state, tmp / WEIGHTS)
-            manifest["files"]["weights"] = WEIGHTS
+            forms = [(WEIGHTS, compact, "eager", eager_reference)]
+            if static is not None:
+                forms.append((STATIC_WEIGHTS, static, "static", reference))
+            for file, model, which, _ in forms:
+                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                torch.save(state, tmp / file)
+                manifest["files"]["weights" if which == "eager" else "static"] = file
             _write_json(tmp / MANIFEST, manifest)
             if spec.get("name"):
-                rebuilt = load(tmp)
-                with torch.no_grad():
-                    checks.append(_check("weights+manifest", reference, rebuilt.model(inputs)))
+                for _, _, which, ref in forms:
+                    rebuilt = load(tmp, form=which)
+                    with torch.no_grad():
+                        checks.append(_check(f"weights+manifest ({which})", ref, rebuilt.model(inputs)))
         if "pt2" in formats:
             example = inputs[:2] if len(inputs) > 1 else inputs.expand(2, *inputs.shape[1:])  # batch 1 would be specialised
             program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
@@ -193,7 +219,13 @@ def export(
     return result
 
 
-def load(directory: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> CompactModel:
+def load(
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    form: str = "eager",
+) -> CompactModel:
     """Rebuilds an exported compact model from ``manifest.json`` and ``weights.pt``.
 
     The architecture comes from the registry name in the manifest (or ``model``, the unwrapped
@@ -205,6 +237,8 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None, device
         directory: an export directory.
         model: the base (unwrapped, unpruned) network, when the manifest names none.
         device: where to put the model.
+        form: ``"eager"`` (the runtime's model, dynamic layers gated) or ``"static"`` (every gate
+            dropped: what ``model.pt2`` / ``model.onnx`` hold, when the export has it).
 
     Returns:
         The :class:`~nd_plugin.pruning.CompactModel`, in eval mode.
@@ -226,10 +260,15 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None, device
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ExportError(f"{file} is not an nd-plugin compact-model manifest (format {found!r}, expected {FORMAT!r}); {fix}.")
+    if form not in ("eager", "static"):
+        raise ExportError(f"form must be 'eager' or 'static', got {form!r}.")
+    if form == "static" and "static" not in manifest:
+        raise ExportError(f"{file} has no static form; export with `nd prune RUN --export DIR` (which writes it).")
     try:
         spec = dict(manifest["model"])
-        record = PruneRecord.from_dict(manifest["prune"])
-        weights = directory / manifest["files"].get("weights", WEIGHTS)
+        record = PruneRecord.from_dict(manifest["prune" if form == "eager" else "static"])
+        key, default = ("weights", WEIGHTS) if form == "eager" else ("static", STATIC_WEIGHTS)
+        weights = directory / manifest["files"].get(key, default)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ExportError(f"{file} is damaged (field {exc} missing or malformed); {fix}.") from None
     if model is None:
@@ -254,104 +293,9 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None, device
     return compact.to(device).eval()
 
 
-def prune_run(
-    run_dir: str | os.PathLike,
-    export_dir: str | os.PathLike | None = None,
-    *,
-    tolerance: float = 0.0,
-    force: bool = False,
-    check_inputs: int = 64,
-    latency_repeats: int = 10,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """``nd prune``: prunes a run's model with its path statistics, measures it, optionally exports.
+def __getattr__(name: str) -> Any:
+    if name == "prune_run":  # moved to the commands layer
+        from nd_plugin.commands.pruning import prune_run
 
-    Args:
-        run_dir: a run directory with ``checkpoint.pt`` and ``paths.npz``.
-        export_dir: where to export (None: measure only, write ``RUN/prune.json``).
-        tolerance: see :func:`nd_plugin.prune`.
-        force: replace a non-empty ``export_dir``.
-        check_inputs: validation inputs used for the equality and export checks.
-        latency_repeats: batch-1 calls per model for the median latency.
-        threads: ``torch.set_num_threads`` for the latency measurement (None: leave as is).
-
-    Returns:
-        The content of ``prune.json`` (also written to ``RUN/prune.json``).
-
-    Raises:
-        ConfigError: tolerance outside ``[0, 1)``.
-        RunDirError: no run, no checkpoint, or no ``paths.npz`` (the message says how to make it).
-        ExportError: ``export_dir`` not empty without ``force``; an export check failed.
-    """
-    from nd_plugin.flops import count_flops, expected_flops
-    from nd_plugin.pruning.plan import plain_copy
-    from nd_plugin.pruning.runtime import dynamic_runtime, fold_batchnorm
-    from nd_plugin.run import atomic_write_text, open_run
-
-    tolerance = check_tolerance(tolerance)
-    if export_dir is not None:
-        check_export_dir(export_dir, force)
-    run = open_run(run_dir)
-    stats = run.stats()
-    cfg = run.config
-    dm = run.build_model()
-    compact = prune(dm, stats, tolerance)
-    data = run.data()
-    loader = data.loader("val", batch_size=min(check_inputs, 256), shuffle=False)
-    inputs = next(iter(loader))[0][:check_inputs]
-    with torch.no_grad():
-        gated, pruned = dm(inputs), compact(inputs)
-    equality = _check("compact vs gated", gated, pruned)
-    with dm.gates_open():
-        original_flops = count_flops(dm, dm.input_size)
-    exp = expected_flops(compact, stats)
-    rt = dynamic_runtime(compact)
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        singles = [inputs[i : i + 1] for i in range(min(len(inputs), 8))]
-        original = fold_batchnorm(plain_copy(dm.model), inputs[:1], inplace=True)
-        lat_orig = measure_latency(original, singles, latency_repeats)
-        lat_compact = measure_latency(rt, singles, latency_repeats)
-    finally:
-        torch.set_num_threads(previous_threads)
-    orig_params = sum(p.numel() for p in dm.parameters()) - sum(p.numel() for p in gate_parameters(dm))
-    result: dict[str, Any] = {
-        "run": str(run.path),
-        "tolerance": tolerance,
-        "filters": compact.record.summary(),
-        "equality": equality,
-        "params": {"original": orig_params, "compact": _params(compact)},
-        "flops": {
-            "original": original_flops,
-            "compact_static": exp.static,
-            "compact_expected": exp.total,
-            "independence_assumed": exp.independence_assumed,
-            "expected_reduction": original_flops / max(exp.total, 1e-9),
-        },
-        "latency_ms": {
-            "original": lat_orig * 1e3,  # the original network, norms folded like the runtime's
-            "compact_dynamic": lat_compact * 1e3,
-            "speedup": lat_orig / lat_compact,
-            "threads": torch.get_num_threads() if not threads else threads,
-            "repeats": latency_repeats,
-        },
-    }
-    if not equality["ok"]:
-        raise ExportError(
-            f"the compact model differs from the gated model on validation inputs (max rel. error "
-            f"{equality['max_rel_err']:.2e}); were paths.npz collected with this checkpoint?"
-        )
-    if export_dir is not None:
-        spec = {
-            "name": cfg["model"],
-            "num_classes": cfg["num_classes"],
-            "input_size": list(cfg["input_size"]),
-            "noise_std": cfg.get("noise_std", 1.0),
-        }
-        result = export(compact, export_dir, inputs, model_spec=spec, extra=result, force=force)
-        result["export"] = str(export_dir)
-    atomic_write_text(run.path / PRUNE_JSON, json.dumps(result, indent=2) + "\n")
-    return result
-
+        return prune_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,6 +74,17 @@ def test_verdicts_take_the_better_decoupled_row_per_target(cp) -> None:
     assert not cp.verdicts(rows)[0]["beats_by_margin"]  # +0.2 points is not 0.5
 
 
+def test_verdicts_count_static_rows_only_within_the_flops_target(cp) -> None:
+    tp = cp.Result("tp group norm", "group_norm", 20.1e6, 20.1e6, 1.99, 0.838, 20e6, "decoupling R=0.5", 0.5, True)
+    dec = cp.Result("decoupling R=0.5", "decoupling", 20e6, 22e6, 2.0, 0.820)
+    static = cp.Result("decoupling_static R=0.5", "decoupling_static", 20.3e6, 20.3e6, 1.97, 0.850, 20e6, "decoupling R=0.5")
+    (v,) = cp.verdicts([dec, static, tp])
+    assert v["best_decoupled"] == "decoupling_static R=0.5" and v["margin"] == pytest.approx(0.012)
+    static.flops = 20.5e6  # 2.5% above the target: more FLOPs than the rivals, not counted
+    (v,) = cp.verdicts([dec, static, tp])
+    assert v["best_decoupled"] == "decoupling R=0.5" and v["margin"] == pytest.approx(-0.018)
+
+
 def test_decoupling_importance_prunes_the_rarely_on_filters_first(cp) -> None:
     import nd_plugin
     from nd_plugin.adapters import create_model

@@ -14,8 +14,9 @@ from test_prune import TinyNet, decoupled  # noqa: E402
 
 import nd_plugin  # noqa: E402
 from nd_plugin import export as export_mod  # noqa: E402
+from nd_plugin.commands.pruning import prune_run  # noqa: E402
 from nd_plugin.errors import ConfigError, ExportError, RunDirError  # noqa: E402
-from nd_plugin.export import export, load, prune_run  # noqa: E402
+from nd_plugin.export import export, load  # noqa: E402
 from nd_plugin.pruning import prune  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def test_load_by_registry_name(tmp_path: Path) -> None:
     dm, stats, x = decoupled("cifar:resnet20")
     compact = prune(dm, stats)
     result = export(compact, tmp_path / "e", x[:8], model_spec={"name": "cifar:resnet20", "num_classes": 10}, formats=("weights",))
-    assert result["checks"][0]["format"] == "weights+manifest" and result["ok"]
+    assert result["checks"][0]["format"] == "weights+manifest (eager)" and result["ok"]
     rebuilt = nd_plugin.load(tmp_path / "e")
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), compact(x), rtol=1e-5, atol=1e-6)
@@ -75,7 +76,7 @@ def test_failed_check_leaves_nothing(compact_tiny, tmp_path: Path, monkeypatch: 
 
 def _fake_run(tmp_path: Path) -> Path:
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"model": "cifar:resnet20", "num_classes": 10, "input_size": [3, 32, 32]}))
     return run
 
@@ -85,9 +86,9 @@ def test_prune_run_without_paths_says_how_to_make_them(tmp_path: Path) -> None:
         prune_run(_fake_run(tmp_path))
 
 
-@pytest.mark.parametrize("tolerance", [-0.5, 1.0])
-def test_prune_run_tolerance_outside_unit_interval(tmp_path: Path, tolerance: float) -> None:
-    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+@pytest.mark.parametrize("tolerance", [-0.5, 0.5, 1.0])
+def test_prune_run_tolerance_outside_range(tmp_path: Path, tolerance: float) -> None:
+    with pytest.raises(ConfigError, match=r"\[0, 0.5\)"):
         prune_run(_fake_run(tmp_path), tolerance=tolerance)
 
 
@@ -110,3 +111,60 @@ def test_cli_prints_one_line_for_user_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "tolerance" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch cifar:resnet20 run on 64 synthetic images."""
+    pytest.importorskip("nd_plugin.adapters")
+    from nd_plugin import TrainConfig, decouple
+
+    out = tmp_path_factory.mktemp("prune-run") / "run"
+    cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", batch_size=32, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu")
+    decouple(cfg, out, progress=False)
+    return out
+
+
+def test_prune_run_decides_per_layer_and_exports_static_forms(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    result = prune_run(tiny_run, out, latency_repeats=2, round_to=8, engines=["eager", "ort"])
+    decisions = result["deployment"]["decisions"]
+    assert [d["site"] for d in decisions] == json.loads((out / "manifest.json").read_text())["prune"]["sites"]
+    assert all(d["mode"] in ("dynamic", "static") and d["reason"] for d in decisions)
+    assert set(result["engines"]) == {"eager/b1", "onnx/b1"}
+    assert all(c["ok"] for c in result["checks"]) and {c["format"] for c in result["checks"]} >= {"onnx", "torch.export"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "cannot skip" in manifest["engines"]["onnx"] and manifest["static"]["static"] == manifest["static"]["sites"]
+    static = nd_plugin.load(out, form="static")
+    assert list(static.gate_sites) == [] and all(len(k) % 8 == 0 for k in manifest["static"]["kept"].values())
+    program = torch.export.load(out / "model.pt2").module()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(program(x), static(x), rtol=1e-4, atol=1e-4)
+    assert json.loads((tiny_run / "prune.json").read_text())["round_to"] == 8
+
+
+def test_prune_run_tolerance_reports_agreement_instead_of_failing(tiny_run: Path) -> None:
+    result = prune_run(tiny_run, tolerance=0.3, latency_repeats=1, engines=["eager"])
+    assert result["equality"]["strict"] is False and result["equality"]["ok"] is True
+    assert 0.0 <= result["equality"]["same_prediction"] <= 1.0
+
+
+def test_unknown_engine_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown engine 'tensorrt'"):
+        prune_run(_fake_run(tmp_path), engines=["tensorrt"])
+
+
+def test_engine_not_installed_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ExportError, match="needs onnxruntime.*pip install onnxruntime"):
+        prune_run(_fake_run(tmp_path), engines=["ort"])
+    typer_testing = pytest.importorskip("typer.testing")
+    from nd_plugin.cli._app import app
+
+    result = typer_testing.CliRunner().invoke(app, ["prune", str(_fake_run(tmp_path / "cli")), "--engine", "ort"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "onnxruntime" in lines[0]

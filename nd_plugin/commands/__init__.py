@@ -6,6 +6,8 @@
   the run directory;
 - :mod:`~nd_plugin.commands.analyze`: :func:`build_report` (``nd analyze``): analyse a run's paths
   and write its report;
+- :mod:`~nd_plugin.commands.pruning`: :func:`prune_run` (``nd prune``): prune, decide per layer
+  what the runtime skips, measure every engine, export;
 - :mod:`~nd_plugin.commands.detect`: :func:`run_detection` (``nd detect``): fit or load the
   detectors, attack, evaluate, write ``detect.json``.
 
@@ -32,9 +34,10 @@ _LAZY = {
     "decouple": "nd_plugin.commands.decoupling",
     "build_report": "nd_plugin.commands.analyze",
     "run_detection": "nd_plugin.commands.detect",
+    "prune_run": "nd_plugin.commands.pruning",
 }
 
-__all__ = ["Run", "build_report", "decouple", "open_run", "run_detection"]
+__all__ = ["Run", "build_report", "decouple", "open_run", "prune_run", "run_detection"]
 
 
 def __getattr__(name: str) -> Any:

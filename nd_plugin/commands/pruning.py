@@ -1,0 +1,242 @@
+"""``nd prune``: prune a run's model, decide per layer what to skip at run time, measure, export.
+
+:func:`prune_run` reads ``checkpoint.pt`` and ``paths.npz``, and
+
+1. checks the exact compact model (silent filters removed, energetic gates dropped) against the
+   gated one, so statistics from another checkpoint are caught;
+2. decides per gated layer, by measured batch-1 cost, whether the eager runtime keeps its gate
+   (:func:`~nd_plugin.pruning.deploy.plan_deployment`), and builds the static compact model for the
+   engines that cannot skip per input;
+3. measures accuracy, FLOPs, and dense vs compact latency in every requested engine, side by side;
+4. exports (optionally) and writes ``RUN/prune.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from nd_plugin.commands.rundir import open_run
+from nd_plugin.engines import check_engines, engine_runner, side_by_side
+from nd_plugin.errors import ExportError
+from nd_plugin.files import atomic_write_json
+from nd_plugin.paths import check_tolerance
+
+__all__ = ["PRUNE_JSON", "prune_run"]
+
+PRUNE_JSON = "prune.json"
+STRICT_RTOL = 1e-4
+
+
+def _accuracy(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def _agreement(reference: torch.Tensor, got: torch.Tensor, strict: bool) -> dict[str, Any]:
+    err = float((reference - got).abs().max() / reference.abs().max().clamp_min(1e-12))
+    same = float((reference.argmax(1) == got.argmax(1)).float().mean())
+    return {"max_rel_err": err, "same_prediction": same, "strict": strict, "ok": err <= STRICT_RTOL or not strict}
+
+
+def engine_latency(
+    dense: torch.nn.Module,
+    forms: dict[str, torch.nn.Module],
+    inputs: torch.Tensor,
+    *,
+    batch_sizes: Sequence[int] = (1,),
+    repeats: int = 10,
+    threads: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Dense vs compact latency per engine and batch size, called alternately (median ms).
+
+    Args:
+        dense: the original network (norms folded, like the compact forms).
+        forms: engine -> the compact module that engine runs.
+        inputs: real inputs; batch ``b`` uses consecutive slices of ``b``.
+        batch_sizes: batch sizes to time.
+        repeats: timed calls per model.
+        threads: torch (and ONNX Runtime) threads; None leaves torch's setting.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        out: dict[str, dict[str, Any]] = {}
+        for engine, compact in forms.items():
+            for b in batch_sizes:
+                xs = [inputs[i : i + b] for i in range(0, max(len(inputs) - b, 0) + 1, max(b, 1))][:8]
+                fns = {
+                    "dense": engine_runner(engine, dense, xs[0], threads),
+                    "compact": engine_runner(engine, compact, xs[0], threads),
+                }
+                ms = side_by_side(fns, xs, repeats)
+                out[f"{engine}/b{b}"] = {
+                    "engine": engine,
+                    "batch": b,
+                    "dense_ms": ms["dense"],
+                    "compact_ms": ms["compact"],
+                    "speedup": ms["dense"] / ms["compact"],
+                }
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+def prune_run(
+    run_dir: str | os.PathLike,
+    export_dir: str | os.PathLike | None = None,
+    *,
+    tolerance: float = 0.0,
+    force: bool = False,
+    check_inputs: int = 64,
+    latency_repeats: int = 10,
+    threads: int | None = None,
+    engines: Sequence[str] = ("eager", "onnx"),
+    round_to: int = 1,
+    keep_gates: bool = False,
+    accuracy_inputs: int = 2000,
+) -> dict[str, Any]:
+    """``nd prune``: prunes a run's model with its path statistics, measures it, optionally exports.
+
+    Args:
+        run_dir: a run directory with ``checkpoint.pt`` and ``paths.npz``.
+        export_dir: where to export (None: measure only, write ``RUN/prune.json``).
+        tolerance: see :func:`nd_plugin.prune`, in ``[0, 0.5)``.
+        force: replace a non-empty ``export_dir``.
+        check_inputs: validation inputs used for the equality and export checks and the timing.
+        latency_repeats: calls per model for the median latency.
+        threads: CPU threads for the decision and the latency (None: leave as is).
+        engines: engines to measure and export for (``eager``, ``onnx``/``ort``, ``compile``).
+        round_to: channel block of the static layers (8 or 16 suit oneDNN and ONNX Runtime).
+        keep_gates: keep every dynamic layer's gate (skip the per-layer decision).
+        accuracy_inputs: validation images for the accuracy of each form.
+
+    Returns:
+        The content of ``prune.json`` (also written to ``RUN/prune.json``).
+
+    Raises:
+        ConfigError: tolerance outside ``[0, 0.5)``, a bad ``round_to``, an unknown engine.
+        RunDirError: no run, no checkpoint, or no ``paths.npz`` (the message says how to make it).
+        ExportError: an engine is not installed; ``export_dir`` not empty without ``force``; a
+            check failed (nothing is written).
+    """
+    from nd_plugin.export import check_export_dir, export
+    from nd_plugin.flops import count_flops, expected_flops
+    from nd_plugin.optim import gate_parameters
+    from nd_plugin.pruning import apply_record, check_round_to, dynamic_runtime, fold_batchnorm, prune
+    from nd_plugin.pruning.deploy import plan_deployment
+    from nd_plugin.pruning.plan import plain_copy
+
+    tolerance = check_tolerance(tolerance)
+    round_to = check_round_to(round_to)
+    engines = check_engines(engines)
+    if export_dir is not None:
+        check_export_dir(export_dir, force)
+    run = open_run(run_dir)
+    stats = run.stats()
+    cfg = run.config
+    dm = run.build_model()
+    exact = prune(dm, stats, tolerance)
+    data = run.data()
+    loader = data.loader("val", batch_size=256, shuffle=False)
+    batches, seen = [], 0
+    for x, y in loader:
+        batches.append((x, y))
+        seen += len(y)
+        if seen >= max(accuracy_inputs, check_inputs):
+            break
+    inputs = torch.cat([x for x, _ in batches])[:check_inputs]
+    with torch.no_grad():
+        gated = dm(inputs)
+        equality = {"format": "compact vs gated", **_agreement(gated, exact(inputs), strict=tolerance == 0.0)}
+    if not equality["ok"]:
+        raise ExportError(
+            f"the compact model differs from the gated model on validation inputs (max rel. error "
+            f"{equality['max_rel_err']:.2e}); were paths.npz collected with this checkpoint? Rerun `nd analyze {run.path}`."
+        )
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        margin = -math.inf if keep_gates else 0.0
+        plan = plan_deployment(dm, stats, inputs[:8], tolerance=tolerance, round_to=round_to, repeats=latency_repeats, margin=margin)
+    finally:
+        torch.set_num_threads(previous)
+    compact = apply_record(dm, plan.record)
+    static = apply_record(dm, plan.static)
+    with dm.gates_open():
+        original_flops = count_flops(dm, dm.input_size)
+    exp_exact, exp_eager = expected_flops(exact, stats), expected_flops(compact, stats)
+    static_flops = count_flops(static, static.input_size)
+    dense = fold_batchnorm(plain_copy(dm.model), inputs[:1], inplace=True)
+    forms = {"eager": dynamic_runtime(compact)}
+    static_plain = fold_batchnorm(plain_copy(static.model), inputs[:1])
+    forms.update({e: static_plain for e in engines if e != "eager"})
+    forms = {e: forms[e] for e in engines}
+    latency = engine_latency(dense, forms, inputs, repeats=latency_repeats, threads=threads)
+    orig_params = sum(p.numel() for p in dm.parameters()) - sum(p.numel() for p in gate_parameters(dm))
+    eager_key = "eager/b1"
+    result: dict[str, Any] = {
+        "run": str(run.path),
+        "tolerance": tolerance,
+        "round_to": round_to,
+        "filters": compact.record.summary(),
+        "equality": equality,
+        "accuracy": {
+            "inputs": sum(len(y) for _, y in batches),
+            "gated": _accuracy(dm, batches),
+            "eager": _accuracy(compact, batches),
+            "static": _accuracy(static, batches),
+        },
+        "params": {
+            "original": orig_params,
+            "compact": sum(p.numel() for p in compact.parameters()),
+            "static": sum(p.numel() for p in static.parameters()),
+        },
+        "flops": {
+            "original": original_flops,
+            "compact_static": exp_eager.static,
+            "compact_expected": exp_eager.total,
+            "exact_expected": exp_exact.total,
+            "static_model": static_flops,
+            "independence_assumed": exp_eager.independence_assumed,
+            "expected_reduction": original_flops / max(exp_eager.total, 1e-9),
+            "static_reduction": original_flops / max(static_flops, 1e-9),
+        },
+        "deployment": plan.to_dict(),
+        "engines": latency,
+        "latency_ms": {
+            "threads": threads or torch.get_num_threads(),
+            "repeats": latency_repeats,
+            **(
+                {
+                    "original": latency[eager_key]["dense_ms"],
+                    "compact_dynamic": latency[eager_key]["compact_ms"],
+                    "speedup": latency[eager_key]["speedup"],
+                }
+                if eager_key in latency
+                else {}
+            ),
+        },
+    }
+    if export_dir is not None:
+        spec = {
+            "name": cfg["model"],
+            "num_classes": cfg["num_classes"],
+            "input_size": list(cfg["input_size"]),
+            "noise_std": cfg.get("noise_std", 1.0),
+        }
+        formats = ("weights", "pt2", "onnx") if "onnx" in engines else ("weights", "pt2")
+        result = export(compact, export_dir, inputs, static=static, model_spec=spec, extra=result, force=force, formats=formats)
+        result["export"] = str(export_dir)
+    atomic_write_json(run.path / PRUNE_JSON, result)
+    return result
