@@ -37,7 +37,7 @@ import torch_pruning as tp
 from compare_pruners import match_flops, prunable_scope
 
 from _suite import git_state
-from nd_plugin.commands.pruning import _accuracy
+from nd_plugin.commands.pruning import _accuracy, spread_batches
 from nd_plugin.engines import check_engines, engine_runner, side_by_side
 from nd_plugin.flops import count_flops, expected_flops
 from nd_plugin.pruning import apply_record, dynamic_runtime, fold_batchnorm
@@ -47,12 +47,7 @@ from nd_plugin.run import open_run
 
 
 def _val(run, n: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    batches, seen = [], 0
-    for x, y in run.data().loader("val", batch_size=256, shuffle=False):
-        batches.append((x, y))
-        seen += len(y)
-        if seen >= n:
-            break
+    batches = spread_batches(run.data().val, n)
     return torch.cat([x for x, _ in batches]), batches
 
 

@@ -26,7 +26,7 @@ from nd_plugin.errors import ExportError
 from nd_plugin.files import atomic_write_json
 from nd_plugin.paths import check_tolerance
 
-__all__ = ["PRUNE_JSON", "prune_run"]
+__all__ = ["PRUNE_JSON", "engine_latency", "prune_run", "spread_batches"]
 
 PRUNE_JSON = "prune.json"
 STRICT_RTOL = 1e-4
@@ -39,6 +39,14 @@ def _accuracy(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torc
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     return correct / max(total, 1)
+
+
+def spread_batches(dataset: torch.utils.data.Dataset, n: int, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` items spread evenly over ``dataset`` (image folders are sorted by class), in batches."""
+    total = len(dataset)
+    index = torch.linspace(0, total - 1, min(n, total)).round().long().unique().tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, index), batch_size=batch_size, shuffle=False)
+    return [(x, y) for x, y in loader]
 
 
 def _agreement(reference: torch.Tensor, got: torch.Tensor, strict: bool) -> dict[str, Any]:
@@ -147,13 +155,7 @@ def prune_run(
     dm = run.build_model()
     exact = prune(dm, stats, tolerance)
     data = run.data()
-    loader = data.loader("val", batch_size=256, shuffle=False)
-    batches, seen = [], 0
-    for x, y in loader:
-        batches.append((x, y))
-        seen += len(y)
-        if seen >= max(accuracy_inputs, check_inputs):
-            break
+    batches = spread_batches(data.val, max(accuracy_inputs, check_inputs))
     inputs = torch.cat([x for x, _ in batches])[:check_inputs]
     with torch.no_grad():
         gated = dm(inputs)
