@@ -385,11 +385,13 @@ def wrap(
     try:
         with torch.no_grad():
             model(example_inputs)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the input does not fit
-        model.train(was_training)
+    except (RuntimeError, ValueError) as exc:  # what torch raises for shapes that do not fit
         raise InputShapeError(
             f"the model cannot run on example_inputs of shape {tuple(example_inputs.shape)}: {exc}"
         ) from exc
+    finally:  # any other error is a bug in the model's forward and propagates as it is
+        model.train(was_training)
+    model.eval()
     try:
         candidates = find_sites(model, example_inputs)
     finally:

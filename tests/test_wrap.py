@@ -299,3 +299,21 @@ def test_paths_of_a_model_without_gated_layers() -> None:
     empty = nd_plugin.DecoupledModel(dm.model, [], dm.input_size)  # e.g. a compact model with no dynamic layer left
     stats = empty.paths([(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))])
     assert stats.n == 4 and stats.num_filters == 0 and stats.class_n.tolist() == [2, 1, 1]
+
+
+class _BuggyNet(nn.Module):
+    """A conv net whose forward has a bug unrelated to the input's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).meann()  # typo: AttributeError
+
+
+def test_a_bug_in_forward_is_not_reported_as_a_shape_error() -> None:
+    net = _BuggyNet().train()
+    with pytest.raises(AttributeError, match="meann"):
+        nd_plugin.wrap(net, torch.randn(1, 3, 8, 8))
+    assert net.training  # the caller's mode is restored
