@@ -19,7 +19,7 @@ from torch import nn
 
 from nd_plugin.errors import ConfigError
 
-__all__ = ["ACM", "ACM_INITS", "GatedSite", "binarize"]
+__all__ = ["ACM", "ACM_INITS", "GateLinear", "GatedSite", "binarize"]
 
 #: How an ACM starts: ``open`` (``W1 = 0``: every gate open and input-independent) or ``kaiming``
 #: (the authors' release: Kaiming-normal ``W1`` and ``W2``, gates input-dependent from step 0).
@@ -68,6 +68,15 @@ def binarize(z: torch.Tensor, *, training: bool, noise_std: float = 1.0, hard_sh
     return hard
 
 
+class GateLinear(nn.Linear):
+    """A fully connected layer of an :class:`ACM`: an ``nn.Linear`` that tools can tell apart by type.
+
+    Example:
+        >>> isinstance(ACM(16, 32).fc2, GateLinear), isinstance(nn.Linear(2, 2), GateLinear)
+        (True, False)
+    """
+
+
 class ACM(nn.Module):
     """Architecture controlling module: two FC layers on the globally pooled input.
 
@@ -103,8 +112,8 @@ class ACM(nn.Module):
         self.init_bias = init_bias
         self.init = init
         hidden = max(in_channels // reduction, 1)
-        self.fc1 = nn.Linear(in_channels, hidden)
-        self.fc2 = nn.Linear(hidden, out_channels)
+        self.fc1 = GateLinear(in_channels, hidden)
+        self.fc2 = GateLinear(hidden, out_channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

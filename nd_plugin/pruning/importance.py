@@ -10,6 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from nd_plugin.errors import StatsMismatchError
+from nd_plugin.gates import GateLinear
 from nd_plugin.paths import PathStats
 
 __all__ = ["DecouplingImportance", "node_label"]
@@ -37,7 +38,7 @@ class DecouplingImportance(tp.importance.Importance):
     channel scores 0 only when it is silent in every layer of its coupled group, which is exactly
     when it can be removed without changing the model's output. Groups of the wrapped model and of
     its plain network (:meth:`~nd_plugin.DecoupledModel.unwrapped`, for pruning it statically) are
-    both understood. The ACM's own layers (``.acm.``)
+    both understood. The ACM's own layers (:class:`~nd_plugin.gates.GateLinear`)
     and the consumers of the group (input-channel pruning) carry no evidence and are skipped.
 
     Groups that contain no gated conv return ``None``, which torch-pruning's pruners read as
@@ -108,7 +109,7 @@ class DecouplingImportance(tp.importance.Importance):
             if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 continue
             label = node_label(dep.target.name)
-            if ".acm." in f".{label}.":
+            if isinstance(module, GateLinear):  # the ACM's own layers: no evidence about the channels
                 continue
             root_idxs = torch.as_tensor(group[i].root_idxs, dtype=torch.long)
             site = self._site_of(label)
