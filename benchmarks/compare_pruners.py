@@ -571,28 +571,27 @@ def main() -> None:
             dm_short, train_stats = training_paths(short, args.di_images, args.batch_size)
             # the FLOPs that this ratio's full decoupling run reached (or the nearest target kept)
             of, target = min(targets, key=lambda t: abs(math.log(t[1] / float(full.flops_expected))))
+            def fine_tuned(
+                name: str, family: str, model: nn.Module, flops: int, pr: float | None, matched: bool, t: float,
+                target: float = target, of: str = of,
+            ) -> None:
+                top1 = finetune(model, suite, args.progress, epochs=args.epochs - di_epochs)
+                results.append(Result(name, family, flops, flops, original / flops, top1, target, of, pr, matched, time.perf_counter() - t))
+                log(f"  top-1 {top1:.4f}")
+                save()
+
             if want_di:
                 t = time.perf_counter()
                 network, importance = decoupled_importance(dm_short, train_stats)
                 pruned, pr, flops = match_flops(network, importance, target, data.input_size, scope=scope, tol=args.tol)
-                matched = abs(flops / target - 1) <= args.tol
                 log(f"  R={ratio:g} -> {of}: ratio {pr:.3f} gives {fmt_flops(flops)} ({flops / target - 1:+.1%}); fine-tuning ...")
-                top1 = finetune(pruned, suite, args.progress, epochs=args.epochs - di_epochs)
-                elapsed = time.perf_counter() - t
-                results.append(Result(di_name, "decoupling_importance", flops, flops, original / flops, top1, target, of, pr, matched, elapsed))
-                log(f"  top-1 {top1:.4f}")
-                save()
+                fine_tuned(di_name, "decoupling_importance", pruned, flops, pr, abs(flops / target - 1) <= args.tol, t)
             if want_static:
                 t = time.perf_counter()
                 static = decoupled_static(dm_short, train_stats)
                 flops = count_flops(static, data.input_size)
-                matched = flops <= target * (1 + args.tol)
                 log(f"  {static_name}: its own static model, {fmt_flops(flops)} ({flops / target - 1:+.1%} of {of}); fine-tuning ...")
-                top1 = finetune(static, suite, args.progress, epochs=args.epochs - di_epochs)
-                elapsed = time.perf_counter() - t
-                results.append(Result(static_name, "decoupling_static", flops, flops, original / flops, top1, target, of, None, matched, elapsed))
-                log(f"  top-1 {top1:.4f}")
-                save()
+                fine_tuned(static_name, "decoupling_static", static, flops, None, flops <= target * (1 + args.tol), t)
 
     save()
     print()
