@@ -1,36 +1,67 @@
 """ONNX Runtime alone: dense vs static compact, 1 and 2 intra-op threads, spinning on and off.
 
-Usage: ``python benchmarks/ort_threads.py`` (runs ``/tmp/d14/r56`` and the record ResNet-20 run;
-edit the list below). Medians of 40 alternating calls, printed per run and batch size.
+Usage::
+
+    python benchmarks/ort_threads.py RUN [RUN ...]
+
+Medians (ms) of 40 alternating calls per run and batch size (1 and 32), printed one line each.
 """
 
+from __future__ import annotations
+
+import argparse
 import io
 import warnings
+from collections.abc import Callable
 
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from nd_plugin.engines import side_by_side
 from nd_plugin.pruning import apply_record, fold_batchnorm, static_record
 from nd_plugin.pruning.plan import plain_copy
 from nd_plugin.run import open_run
 
-torch.set_num_threads(2)
-for rd in ["/tmp/d14/r56", "/tmp/record/runs/decoupling_R=0.5"]:
-    r = open_run(rd); dm = r.build_model().eval(); st = r.stats()
-    x = torch.stack([r.data().val[i][0] for i in range(0, 2000, 100)])
-    dense = fold_batchnorm(plain_copy(dm.model), x[:1]); stat = fold_batchnorm(plain_copy(apply_record(dm, static_record(dm, st, round_to=8)).model), x[:1])
-    def sess(m, threads, spin):
-        b = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(m, (x[:1],), b, input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}}, dynamo=False)
-        o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1
-        o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        s = ort.InferenceSession(b.getvalue(), o, providers=["CPUExecutionProvider"])
-        return lambda t: s.run(None, {"input": t.numpy()})
-    for bsz in (1, 32):
-        xs = [x[:1]] * 8 if bsz == 1 else [x.repeat(2, 1, 1, 1)[:32]]
-        fns = {f"{n} {t}t spin{int(sp)}": sess(m, t, sp) for n, m in (("dense", dense), ("static", stat)) for t in (1, 2) for sp in (True, False)}
-        ms = side_by_side(fns, xs, 40)
-        print(rd, "b", bsz, {k: round(v, 3) for k, v in ms.items()}, flush=True)
+
+def session(model: nn.Module, example: torch.Tensor, threads: int, spin: bool) -> Callable[[torch.Tensor], object]:
+    """An ORT session of ``model`` with ``threads`` intra-op threads, spinning on or off."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), buffer, input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}}, dynamo=False
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    sess = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return lambda t: sess.run(None, {"input": t.numpy()})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    for run_dir in args.runs:
+        run = open_run(run_dir)
+        dm, stats = run.build_model().eval(), run.stats()
+        val = run.data().val
+        x = torch.stack([val[i][0] for i in range(0, len(val), max(len(val) // 20, 1))][:20])
+        dense = fold_batchnorm(plain_copy(dm.model), x[:1])
+        static = fold_batchnorm(plain_copy(apply_record(dm, static_record(dm, stats, round_to=8)).model), x[:1])
+        for batch in (1, 32):
+            inputs = [x[:1]] * 8 if batch == 1 else [x.repeat(2, 1, 1, 1)[:32]]
+            fns = {
+                f"{name} {threads}t spin{int(spin)}": session(model, x[:1], threads, spin)
+                for name, model in (("dense", dense), ("static", static))
+                for threads in (1, 2)
+                for spin in (True, False)
+            }
+            ms = side_by_side(fns, inputs, 40)
+            print(run_dir, "batch", batch, {k: round(v, 3) for k, v in ms.items()}, flush=True)
+
+
+if __name__ == "__main__":
+    main()
