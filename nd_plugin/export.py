@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,17 +76,13 @@ def _frozen(compact: CompactModel) -> nn.Module:
 
 
 def measure_latency(fn: Callable[[torch.Tensor], Any], inputs: Sequence[torch.Tensor], repeats: int = 20) -> float:
-    """Median seconds of ``fn(x)`` over ``repeats`` calls cycling through ``inputs`` (after 3 warm-ups)."""
-    times = []
-    with torch.inference_mode():
-        for x in inputs[:3]:
-            fn(x)
-        for i in range(repeats):
-            x = inputs[i % len(inputs)]
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn(x)`` over ``repeats`` calls cycling through ``inputs`` (after 3 warm-ups).
+
+    Kept for existing callers; :func:`nd_plugin.engines.side_by_side` times several callables in turn.
+    """
+    from nd_plugin.engines import side_by_side
+
+    return side_by_side({"fn": fn}, list(inputs), repeats)["fn"] / 1e3
 
 
 def _params(module: nn.Module) -> int:

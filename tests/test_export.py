@@ -147,7 +147,6 @@ def test_prune_run_decides_per_layer_and_exports_static_forms(tiny_run: Path, tm
 def test_prune_run_tolerance_reports_agreement_instead_of_failing(tiny_run: Path) -> None:
     result = prune_run(tiny_run, tolerance=0.3, latency_repeats=1, engines=["eager"])
     assert result["equality"]["strict"] is False and result["equality"]["ok"] is True
-    assert 0.0 <= result["equality"]["same_prediction"] <= 1.0
 
 
 def test_unknown_engine_is_a_config_error(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -148,6 +149,11 @@ class UnitTimer(HookOwner):
 
         return hook
 
+    def reset(self) -> None:
+        """Drops the samples taken so far (after a warm-up)."""
+        self.samples = {u: [] for u in self.units}
+        self._current = dict.fromkeys(self.units, 0.0)
+
     def lap(self) -> None:
         """Closes one sample of every unit."""
         for unit, total in self._current.items():
@@ -179,25 +185,19 @@ def _units(runtime: DynamicRuntime, groups: Sequence[Sequence[str]]) -> dict[str
 def _time_pair(
     models: Sequence[nn.Module], units: Mapping[str, Sequence[str]], inputs: Sequence[torch.Tensor], repeats: int
 ) -> list[dict[str, float]]:
-    timers = [UnitTimer(m.model, units) for m in models]
-    try:
-        for t in timers:
-            t.__enter__()
+    with contextlib.ExitStack() as stack:
+        timers = [stack.enter_context(UnitTimer(m.model, units)) for m in models]
         for x in inputs[:2]:  # warm-up: caches fill, kernels are chosen
             for m in models:
                 m(x)
         for t in timers:
-            t.samples = {u: [] for u in t.units}
-            t._current = dict.fromkeys(t.units, 0.0)
+            t.reset()
         for i in range(repeats):
             x = inputs[i % len(inputs)]
             for m, t in zip(models, timers):
                 m(x)
                 t.lap()
         return [t.medians() for t in timers]
-    finally:
-        for t in timers:
-            t.close()
 
 
 def plan_deployment(
