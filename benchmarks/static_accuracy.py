@@ -1,0 +1,55 @@
+"""Accuracy and static FLOPs of static compact models (gates dropped) against the gated model.
+
+Usage::
+
+    python benchmarks/static_accuracy.py RUN [--threads 2]
+
+For thresholds 0.5 / 0 (filters on for more than that share of the inputs kept) and channel
+rounding 1 / 8, prints the top-1 on the run's whole validation split and the static FLOPs reduction
+(docs/notes/prune.md, issue 14).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from nd_plugin.flops import count_flops
+from nd_plugin.pruning import apply_record, static_record
+from nd_plugin.run import open_run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    run = open_run(args.run)
+    dm, stats = run.build_model().eval(), run.stats()
+    loader = run.data().loader("val", batch_size=500, shuffle=False)
+
+    def top1(model: torch.nn.Module) -> float:
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in loader:
+                correct += int((model(x).argmax(1) == y).sum())
+                total += len(y)
+        return correct / total
+
+    with dm.gates_open():
+        dense = count_flops(dm, dm.input_size)
+    out = {"gated": top1(dm)}
+    for threshold, block in ((0.5, 1), (0.5, 8), (0.0, 1), (0.0, 8)):
+        compact = apply_record(dm, static_record(dm, stats, threshold=threshold, round_to=block))
+        out[f"threshold {threshold} round_to {block}"] = {
+            "top1": top1(compact),
+            "static_reduction": dense / count_flops(compact, compact.input_size),
+        }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
