@@ -113,7 +113,7 @@ def prune_command(
     ] = 0.0,
     engine: Annotated[
         str,
-        typer.Option("--engine", help="comma-separated engines to measure and export for: eager, onnx (ort), compile"),
+        typer.Option("--engine", help="comma-separated engines to measure and export for: eager, onnx (ort), compile, aoti (AOTInductor: minutes to compile)"),
     ] = "eager,onnx",
     round_to: Annotated[int, typer.Option(help="channel block of static layers (8 or 16 suit oneDNN and ONNX Runtime)")] = 1,
     keep_gates: Annotated[bool, typer.Option("--keep-gates", help="keep every dynamic gate (no per-layer decision)")] = False,

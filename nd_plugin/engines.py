@@ -4,7 +4,9 @@ An *engine* turns a module into a callable on CPU tensors:
 
 - ``eager``: the module itself (PyTorch's eager kernels);
 - ``compile``: ``torch.compile`` (Inductor; needs a C++ compiler), shapes specialised;
-- ``onnx``: the module exported to ONNX and run by ONNX Runtime (``onnxruntime``).
+- ``onnx``: the module exported to ONNX and run by ONNX Runtime (``onnxruntime``);
+- ``aoti``: AOTInductor, ``torch.export`` compiled ahead of time into a shared library packaged as
+  ``.pt2`` (needs a C++ compiler; compiling takes minutes on a small CPU).
 
 Only ``eager`` can skip filters per input (the dynamic runtime); the other engines get the static
 compact model. :func:`side_by_side` times several callables alternately on the same inputs, so a
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,11 +37,16 @@ from torch import nn
 
 from nd_plugin.errors import ConfigError, ExportError
 
-__all__ = ["ENGINES", "check_engines", "engine_runner", "side_by_side"]
+__all__ = ["ENGINES", "aoti_package", "check_engines", "engine_runner", "side_by_side"]
 
-ENGINES = ("eager", "compile", "onnx")
-_ALIASES = {"torch": "eager", "ort": "onnx", "onnxruntime": "onnx", "inductor": "compile"}
+ENGINES = ("eager", "compile", "onnx", "aoti")
+_ALIASES = {"torch": "eager", "ort": "onnx", "onnxruntime": "onnx", "inductor": "compile", "aotinductor": "aoti", "aot": "aoti"}
 _NEEDS = {"onnx": ("onnxruntime", "pip install onnxruntime")}
+_NEEDS_COMPILER = ("compile", "aoti")
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
 
 
 def check_engines(names: Iterable[str]) -> tuple[str, ...]:
@@ -59,6 +69,8 @@ def check_engines(names: Iterable[str]) -> tuple[str, ...]:
         if name in _NEEDS and importlib.util.find_spec(_NEEDS[name][0]) is None:
             package, fix = _NEEDS[name]
             raise ExportError(f"engine {raw!r} needs {package}, which is not installed; {fix}, or leave it out of --engine.")
+        if name in _NEEDS_COMPILER and _compiler() is None:
+            raise ExportError(f"engine {raw!r} needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX); install one, or leave it out of --engine.")
         if name not in out:
             out.append(name)
     return tuple(out)
@@ -91,12 +103,29 @@ def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int | None)
     return run
 
 
+def aoti_package(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, dynamic_batch: bool = True) -> str:
+    """Compiles ``module`` with AOTInductor into the package ``path`` (a ``.pt2`` zip: no pickles).
+
+    Load it with ``torch._inductor.aoti_load_package(path)``, which returns a callable.
+
+    Args:
+        module: an eval-mode module without parameters that need gradients.
+        example: an input of the shape to compile for (batch at least 2 when ``dynamic_batch``).
+        path: the package file to write.
+        dynamic_batch: compile for any batch size from 1 to 4096 instead of ``example``'s.
+    """
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), (example,), dynamic_shapes=shapes)
+        return str(torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path)))
+
+
 def engine_runner(engine: str, module: nn.Module, example: torch.Tensor, threads: int | None = None) -> Callable[[torch.Tensor], Any]:
     """A callable that runs ``module`` on ``engine`` (``example`` fixes the input shape to export or compile).
 
     Args:
         engine: one of :data:`ENGINES` (or an alias such as ``ort``).
-        module: an eval-mode module.
+        module: an eval-mode module (``aoti``: no parameter may need a gradient).
         example: an input of the shape the callable will see.
         threads: ONNX Runtime's intra-op threads (PyTorch's are ``torch.set_num_threads``).
     """
@@ -109,6 +138,9 @@ def engine_runner(engine: str, module: nn.Module, example: torch.Tensor, threads
         with torch.inference_mode():
             compiled(example)  # compile now, not inside the timing
         return compiled
+    if engine == "aoti":
+        with tempfile.TemporaryDirectory() as tmp:  # the loaded package no longer needs its file
+            return torch._inductor.aoti_load_package(aoti_package(module, example, os.path.join(tmp, "model.pt2"), dynamic_batch=False))
     return _onnx_session(module, example, threads)
 
 

@@ -8,6 +8,8 @@ An export directory holds::
     static.pt       the static compact model's state dict (every gate dropped)
     model.pt2       ``torch.export`` program of the static compact model
     model.onnx      the same as ONNX (opset of the installed exporter)
+    model_aoti.pt2  the same compiled by AOTInductor for this machine (only when asked for: it takes
+                    minutes; ``torch._inductor.aoti_load_package`` loads it)
     prune.json      FLOPs, parameters, latency per engine, and the result of every export check
 
 :func:`load` rebuilds either compact model from ``manifest.json`` and its weights without
@@ -41,6 +43,7 @@ WEIGHTS = "weights.pt"
 STATIC_WEIGHTS = "static.pt"
 PROGRAM = "model.pt2"
 ONNX = "model.onnx"
+AOTI = "model_aoti.pt2"
 PRUNE_JSON = "prune.json"
 CHECK_RTOL = 1e-4
 
@@ -121,7 +124,7 @@ def export(
             base model passed in.
         extra: more results to store in ``prune.json`` (FLOPs, latency, ...).
         force: replace a non-empty ``directory``.
-        formats: which of ``"weights"``, ``"pt2"``, ``"onnx"`` to write.
+        formats: which of ``"weights"``, ``"pt2"``, ``"onnx"``, ``"aoti"`` to write.
 
     Returns:
         The content of ``prune.json``.
@@ -185,6 +188,16 @@ def export(
             loaded = torch.export.load(tmp / PROGRAM).module()
             with torch.no_grad():
                 checks.append(_check("torch.export", reference, loaded(inputs)))
+        if "aoti" in formats:
+            from nd_plugin.engines import aoti_package
+
+            example = inputs[:2] if len(inputs) > 1 else inputs.expand(2, *inputs.shape[1:])
+            aoti_package(net, example, tmp / AOTI)
+            manifest["files"]["aoti"] = AOTI
+            manifest["engines"]["aoti"] = form + ": AOTInductor, compiled for this machine's CPU"
+            compiled = torch._inductor.aoti_load_package(str(tmp / AOTI))
+            with torch.no_grad():
+                checks.append(_check("aotinductor", reference, compiled(inputs)))
         if "onnx" in formats:
             import onnxruntime as ort
 

@@ -167,3 +167,34 @@ def test_engine_not_installed_says_what_to_install(tmp_path: Path, monkeypatch: 
     result = typer_testing.CliRunner().invoke(app, ["prune", str(_fake_run(tmp_path / "cli")), "--engine", "ort"])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "onnxruntime" in lines[0]
+
+
+@pytest.mark.parametrize("raw", ["aoti", "AOTInductor", "aot"])
+def test_aoti_aliases_name_one_engine(raw: str) -> None:
+    from nd_plugin.engines import check_engines
+
+    assert check_engines([raw, "eager"]) == ("aoti", "eager")
+
+
+@pytest.mark.parametrize("engine", ["aoti", "compile"])
+def test_engine_without_a_compiler_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ExportError, match=f"engine '{engine}' needs a C\\+\\+ compiler"):
+        prune_run(_fake_run(tmp_path), engines=[engine])
+
+
+@pytest.mark.slow
+def test_aoti_export_is_checked_and_loads_without_pickles(compact_tiny, tmp_path: Path) -> None:
+    compact, x = compact_tiny
+    out = tmp_path / "export"
+    result = export(compact, out, x, formats=("aoti",))
+    assert [c["format"] for c in result["checks"]] == ["aotinductor"] and result["ok"]
+    runner = torch._inductor.aoti_load_package(str(out / "model_aoti.pt2"))
+    with torch.no_grad():
+        for batch in (1, 3):
+            assert torch.allclose(runner(x[:batch]), compact(x[:batch]), rtol=1e-4, atol=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["aoti"] == "model_aoti.pt2" and "AOTInductor" in manifest["engines"]["aoti"]

@@ -123,7 +123,8 @@ def prune_run(
         check_inputs: validation inputs used for the equality and export checks and the timing.
         latency_repeats: calls per model for the median latency.
         threads: CPU threads for the decision and the latency (None: leave as is).
-        engines: engines to measure and export for (``eager``, ``onnx``/``ort``, ``compile``).
+        engines: engines to measure and export for (``eager``, ``onnx``/``ort``, ``compile``,
+            ``aoti``: AOTInductor, compiled at export, minutes on a small CPU).
         round_to: channel block of the static layers (8 or 16 suit oneDNN and ONNX Runtime).
         keep_gates: keep every dynamic layer's gate (skip the per-layer decision).
         accuracy_inputs: validation images for the accuracy of each form.
@@ -237,7 +238,7 @@ def prune_run(
             "input_size": list(cfg["input_size"]),
             "noise_std": cfg.get("noise_std", 1.0),
         }
-        formats = ("weights", "pt2", "onnx") if "onnx" in engines else ("weights", "pt2")
+        formats = ("weights", "pt2") + tuple(e for e in ("onnx", "aoti") if e in engines)
         result = export(compact, export_dir, inputs, static=static, model_spec=spec, extra=result, force=force, formats=formats)
         result["export"] = str(export_dir)
     atomic_write_json(run.path / PRUNE_JSON, result)
