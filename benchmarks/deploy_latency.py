@@ -98,19 +98,25 @@ def forms_of(run_dir: str, round_to: int, decide_threads: int, acc_images: int) 
     }
 
 
-def measure(forms: dict[str, Any], engines: tuple[str, ...], threads: int, batch: int, repeats: int) -> list[dict[str, Any]]:
-    """One row per engine: median ms of each model, called in turn."""
+def measure(
+    forms: dict[str, Any], engines: tuple[str, ...], threads: int, batch: int, repeats: int, channels_last: bool = False
+) -> list[dict[str, Any]]:
+    """One row per engine: median ms of each model, called in turn (``channels_last``: eager models
+    and inputs in NHWC memory layout, the dense model too)."""
     torch.set_num_threads(threads)
     x = forms["x"]
     xs = [x[i : i + batch] for i in range(0, len(x) - batch + 1, batch)][:8] or [x[:batch]]
     mods, flops = forms["modules"], forms["flops"]
+    if channels_last:
+        xs = [t.contiguous(memory_format=torch.channels_last) for t in xs]
+        mods = {n: m if n == "runtime" else m.to(memory_format=torch.channels_last) for n, m in mods.items()}
     rows = []
     for engine in engines:
         names = ["dense", "runtime", "static", "tp"] if engine == "eager" else ["dense", "static", "tp"]
         fns = {n: engine_runner(engine, mods[n], xs[0], threads) for n in names}
         ms = side_by_side(fns, xs, repeats)
         best = min((n for n in names if n in ("runtime", "static")), key=ms.get)
-        row = {"engine": engine, "threads": threads, "batch": batch, "ms": ms, "decoupled": best}
+        row = {"engine": engine, "threads": threads, "batch": batch, "channels_last": channels_last, "ms": ms, "decoupled": best}
         row["speedup"] = {n: ms["dense"] / ms[n] for n in names if n != "dense"}
         row["flops_reduction"] = {n: flops["dense"] / flops[n] for n in names if n != "dense"}
         row["realised_over_flops"] = {n: row["speedup"][n] / row["flops_reduction"][n] for n in names if n != "dense"}
@@ -133,6 +139,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--acc-images", type=int, default=2000)
+    p.add_argument("--channels-last", action="store_true", help="eager models and inputs in channels-last layout")
     p.add_argument("--out", default="deploy_latency.json")
     args = p.parse_args()
     engines = check_engines(args.engines)
@@ -152,7 +159,7 @@ def main() -> None:
         for threads in args.threads:
             for batch in args.batch:
                 repeats = args.repeats if batch == 1 else max(args.repeats // 3, 5)
-                entry["rows"] += measure(forms, engines, threads, batch, repeats)
+                entry["rows"] += measure(forms, engines, threads, batch, repeats, args.channels_last)
         payload["runs"].append(entry)
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"[deploy_latency] wrote {args.out}")
