@@ -26,7 +26,7 @@ def detect_command(
     batch_size: Annotated[int, typer.Option(help="inputs per forward pass and attack batch")] = 200,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of the input draw and the attack")] = 0,
-    detectors: Annotated[str | None, typer.Option(help="comma-separated detectors (default all): path, path_supervised, path_supervised_raw, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax")] = None,
+    detectors: Annotated[str | None, typer.Option(help="comma-separated detectors (default all): path, path_supervised, path_supervised_raw, path_supervised_full, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax")] = None,
     seeds: Annotated[int, typer.Option(help="repetitions of Lee's 5/5/90 split (mean and std reported)")] = 5,
     transfer_from: Annotated[str | None, typer.Option(help="ATTACK:EPS to fit the supervised detectors on and test on --attack, e.g. fgsm:0.05")] = None,
 ) -> None:

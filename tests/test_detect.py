@@ -37,6 +37,7 @@ from nd_plugin.detect import (
     to_pixels,
 )
 from nd_plugin.detect.features import run_pooled
+from nd_plugin.detect.protocol import SUPERVISED
 from nd_plugin.errors import (
     ConfigError,
     DetectionError,
@@ -391,6 +392,14 @@ def test_path_scores_all_class_mi_and_features(dm, clean):
     assert np.allclose(det._raw(probe, "mi", probe.preds)[:, 0], expect)
     with pytest.raises(DetectionError, match="without the L_mi classifiers"):
         PathDetector().fit_probe(probe, dm.site_names).score_probe(probe, method="mi")
+    # path_supervised_full reads both: the per-layer features, then the raw soft path, nothing else
+    from nd_plugin.detect.protocol import FittedDetectors, detector_features
+
+    fitted = FittedDetectors(path=det, penultimate=None, lee=None, meta={})
+    out = detector_features(fitted, dm, x, probe, std=STD, detectors=["path_supervised_full", "path_supervised_raw"])
+    assert out["path_supervised_full"].shape == (len(probe), L * 2 * k + sum(z.shape[1] for z in probe.z))
+    assert np.array_equal(out["path_supervised_full"][:, : L * 2 * k], feats)
+    assert np.array_equal(out["path_supervised_full"][:, L * 2 * k :], out["path_supervised_raw"])
 
 
 def test_path_preprocessing_moves_paths_towards_a_class(dm, clean):
@@ -462,7 +471,7 @@ def test_run_detection_end_to_end(tiny_run):
     assert res.detectors["mahalanobis_lee"]["auroc"] > 0.9 and res.detectors["path_supervised"]["auroc"] > 0.8
     assert res.detectors["mahalanobis_lee"]["chosen"][0] in (0.0, 0.005)
     assert res.detectors["path_supervised"]["chosen"][0] in (0.0, 0.005)  # preprocessing through the path score
-    assert res.transfer["fitted_on"] == "fgsm-eps0.3" and set(res.transfer["detectors"]) == {"path_supervised", "path_supervised_raw", "mahalanobis_lee", "lid"}
+    assert res.transfer["fitted_on"] == "fgsm-eps0.3" and set(res.transfer["detectors"]) == set(SUPERVISED)
     out = json.loads((tiny_run / "detect" / "pgd-eps0.3" / "detect.json").read_text())
     assert out["detectors"]["lid"] == res.detectors["lid"] and out["detector"]["fit_n"] == "480"
     for f in res.figures:
@@ -474,7 +483,7 @@ def test_run_detection_end_to_end(tiny_run):
     page = detection_section_html(open_run(tiny_run).detections())  # what the report shows
     lee = res.detectors["mahalanobis_lee"]
     assert f"<td>mahalanobis_lee</td><td>{lee['auroc']:.3f} ± {lee['auroc_std']:.3f}</td>" in page
-    assert "lid (fitted on fgsm-eps0.3)" in page and page.count("<tr><td>") == len(DETECTORS) + 4
+    assert "lid (fitted on fgsm-eps0.3)" in page and page.count("<tr><td>") == len(DETECTORS) + len(SUPERVISED)
     # a second run reuses the saved detectors (same data, same fit_n): same numbers
     again = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, figures=False, out=tiny_run / "o",
                           detectors=["path", "mahalanobis_lee"], **kw)

@@ -130,7 +130,7 @@ def run_detection(
         >>> run_detection("/nonexistent/run", attack="fgsm", eps=0.05, detectors=["odin"])
         Traceback (most recent call last):
         ...
-        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
+        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
     """
     from nd_plugin.detect_figures import detection_figures
 

@@ -13,6 +13,7 @@
 Detector names (:data:`DETECTORS`): ``path`` (unsupervised, one forward pass), ``path_supervised``
 (logistic regression over per-layer path features: distances to every class mean and class
 posteriors), ``path_supervised_raw`` (the same regression over the raw soft path),
+``path_supervised_full`` (over both: the per-layer path features and the raw soft path),
 ``mahalanobis_lee`` (Lee et al.: feature ensemble, tied covariance, preprocessing, regression),
 ``lid`` (Ma et al., ICLR 2018, k chosen on held-out attacked data), ``mahalanobis_penultimate``
 (the penultimate-only, unsupervised ablation of Lee et al.), ``max_softmax``.
@@ -55,6 +56,7 @@ from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 
 __all__ = [
     "DETECTORS",
+    "PATH_ONLY",
     "AttackedSet",
     "FittedDetectors",
     "UnknownDetectorError",
@@ -67,10 +69,13 @@ __all__ = [
 
 #: Every detector :func:`evaluate` measures, in the order of the tables.
 DETECTORS = (
-    "path", "path_supervised", "path_supervised_raw", "mahalanobis_lee", "lid", "mahalanobis_penultimate", "max_softmax",
-)
+    "path", "path_supervised", "path_supervised_raw", "path_supervised_full",
+    "mahalanobis_lee", "lid", "mahalanobis_penultimate", "max_softmax",
+)  # fmt: skip
 #: Detectors with a logistic regression fitted on attacked inputs (Lee's protocol).
-SUPERVISED = ("path_supervised", "path_supervised_raw", "mahalanobis_lee", "lid")
+SUPERVISED = ("path_supervised", "path_supervised_raw", "path_supervised_full", "mahalanobis_lee", "lid")
+#: Detectors that read only the forward pass's path and logits (no extra pass, no features).
+PATH_ONLY = ("path", "path_supervised", "path_supervised_raw", "path_supervised_full", "max_softmax")
 
 PATH_FILE, PENULTIMATE_FILE, LEE_FILE = "detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"
 
@@ -88,7 +93,7 @@ def check_detectors(names: Iterable[str] | None) -> list[str]:
         >>> check_detectors(["odin"])
         Traceback (most recent call last):
         ...
-        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
+        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
     """
     out = list(DETECTORS) if names is None else [str(n).strip() for n in names]
     for n in out:
@@ -282,8 +287,8 @@ def detector_features(
 
     Returns:
         ``{name: array}`` for the one-pass detectors (``path``, ``max_softmax``,
-        ``mahalanobis_penultimate``: ``(N,)`` scores; ``path_supervised``, ``path_supervised_raw``:
-        ``(N, F)`` features; ``lid``: the per-layer pooled stage features) and, for
+        ``mahalanobis_penultimate``: ``(N,)`` scores; ``path_supervised``, ``path_supervised_raw``,
+        ``path_supervised_full``: ``(N, F)`` features; ``lid``: the per-layer pooled stage features) and, for
         ``mahalanobis_lee`` (and ``path_supervised`` with preprocessing), ``{magnitude: features}``.
     """
     out: dict[str, Any] = {}
@@ -302,6 +307,8 @@ def detector_features(
             out[name] = fitted.path.path_features(probe)
         elif name == "path_supervised_raw":
             out[name] = np.concatenate(probe.z, axis=1)
+        elif name == "path_supervised_full":
+            out[name] = np.concatenate([fitted.path.path_features(probe), *probe.z], axis=1)
         elif name == "lid":
             out[name] = probe.stages
         elif name == "mahalanobis_lee":
