@@ -292,6 +292,13 @@ def detector_features(
         ``mahalanobis_lee`` (and ``path_supervised`` with preprocessing), ``{magnitude: features}``.
     """
     out: dict[str, Any] = {}
+    cache: list[np.ndarray] = []
+
+    def path_features() -> np.ndarray:  # shared by path_supervised and path_supervised_full
+        if not cache:
+            cache.append(fitted.path.path_features(probe))
+        return cache[0]
+
     for name in detectors:
         if name == "path":
             out[name] = fitted.path.score_probe(probe).overall
@@ -304,11 +311,11 @@ def detector_features(
             moved.update({0.0: probe} if 0.0 in path_magnitudes else {})
             out[name] = {m: fitted.path.path_features(p) for m, p in sorted(moved.items())}
         elif name == "path_supervised":
-            out[name] = fitted.path.path_features(probe)
+            out[name] = path_features()
         elif name == "path_supervised_raw":
             out[name] = np.concatenate(probe.z, axis=1)
         elif name == "path_supervised_full":
-            out[name] = np.concatenate([fitted.path.path_features(probe), *probe.z], axis=1)
+            out[name] = np.concatenate([path_features(), *probe.z], axis=1)
         elif name == "lid":
             out[name] = probe.stages
         elif name == "mahalanobis_lee":
