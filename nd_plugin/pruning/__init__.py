@@ -7,6 +7,8 @@
   :class:`CompactModel`.
 - :func:`dynamic_runtime` turns a compact model into a batch-1 runtime that computes only the
   active filters of each dynamic layer and feeds only those channels to their consumers.
+- :func:`dynamic_value` compares the gated model with the static network of the same FLOPs
+  (every gate dropped, the most-often-on filters kept): a :class:`DynamicValue`.
 """
 
 from nd_plugin.pruning.importance import DecouplingImportance
@@ -25,12 +27,18 @@ from nd_plugin.pruning.structural import (
     prune,
     static_record,
 )
+from nd_plugin.pruning.value import DynamicValue, StaticFlops, dynamic_value, fixed_gates, match_static
 
 __all__ = [
     "CompactModel",
     "DecouplingImportance",
     "DynamicRuntime",
+    "DynamicValue",
+    "StaticFlops",
     "dynamic_runtime",
+    "dynamic_value",
+    "fixed_gates",
+    "match_static",
     "fold_batchnorm",
     "FixedSite",
     "PruneRecord",

@@ -1,0 +1,228 @@
+"""The dynamic value: gated top-1 minus the top-1 of the static network with the same FLOPs.
+
+Checked by hand on a bias- and norm-free three-conv net (FLOPs written out), against fvcore on the
+structurally pruned model, and on models whose gates are forced so that the gated and the static
+network coincide (value exactly 0).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_prune import decoupled, real_images  # noqa: E402
+
+import nd_plugin  # noqa: E402
+from nd_plugin.flops import count_flops, expected_flops  # noqa: E402
+from nd_plugin.paths import PathStats  # noqa: E402
+from nd_plugin.pruning import (  # noqa: E402
+    DynamicValue,
+    PruneRecord,
+    StaticFlops,
+    apply_record,
+    dynamic_value,
+    fixed_gates,
+    match_static,
+    prune,
+)
+from nd_plugin.pruning.synthetic import synthetic_gates  # noqa: E402
+from nd_plugin.pruning.value import describe, static_ranking  # noqa: E402
+
+
+class HandNet(nn.Module):
+    """stem 3->4, c1 4->6, c2 6->8 (3x3, padding 1, no bias, no norm) on 4x4 inputs, GAP, fc 8->2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.c1 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def hand_flops(k1: int, k2: int) -> int:
+    """FLOPs of HandNet keeping k1 filters of c1 and k2 of c2 (16 positions, 9 taps).
+
+    fvcore also counts one FLOP per element of the global average pool (16 * 8), which neither the
+    expected nor the static count scales with the kept channels (the pool is not a consumer).
+    """
+    return 16 * 9 * (3 * 4 + 4 * k1 + k1 * k2) + 16 * 8 + k2 * 2
+
+
+def _hand_model() -> nd_plugin.DecoupledModel:
+    torch.manual_seed(0)
+    dm = nd_plugin.wrap(HandNet().eval(), torch.zeros(1, 3, 4, 4))
+    assert dm.site_names == ["c1", "c2"]
+    return dm.eval()
+
+
+def _stats(freq: list[list[float]], names: list[str], n: int = 10) -> PathStats:
+    counts = np.concatenate([np.round(np.asarray(f) * n) for f in freq]).astype(np.int64)
+    return PathStats(names, [len(f) for f in freq], n, counts, counts[None], np.array([n]))
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+
+
+@pytest.mark.parametrize("k1,k2", [(6, 8), (1, 1), (3, 5), (6, 2), (2, 7)])
+def test_static_flops_by_hand(k1: int, k2: int) -> None:
+    dm = _hand_model()
+    counter = StaticFlops(dm)
+    keep = np.zeros(14, dtype=bool)
+    keep[:k1] = True
+    keep[6 : 6 + k2] = True
+    assert counter(keep) == pytest.approx(hand_flops(k1, k2), rel=1e-12)
+    assert counter.dense == hand_flops(6, 8) == count_flops(dm.unwrapped(), (3, 4, 4))
+
+
+# on-frequencies with no ties: c1 ranked 0.9 0.8 0.7 0.6 0.3 0.1, c2 1.0 0.95 0.85 0.5 0.4 0.2 0.05 0.0
+FREQ = [[0.9, 0.1, 0.7, 0.3, 0.8, 0.6], [0.0, 1.0, 0.4, 0.85, 0.05, 0.2, 0.95, 0.5]]
+
+
+def test_ranking_keeps_each_layers_best_first_then_by_frequency() -> None:
+    stats = _stats(FREQ, ["c1", "c2"], n=20)
+    always, order = static_ranking(stats)
+    assert always.tolist() == [0, 6 + 1]
+    freq = stats.frequency()
+    assert np.all(np.diff(freq[order]) <= 0)
+    assert sorted(always.tolist() + order.tolist()) == list(range(14))
+
+
+@pytest.mark.parametrize("k", range(0, 13))
+def test_match_picks_the_most_often_on_filters_for_a_hand_target(k: int) -> None:
+    """The target is a static network's FLOPs by hand: the match keeps exactly its filters."""
+    dm = _hand_model()
+    stats = _stats(FREQ, ["c1", "c2"], n=20)
+    always, order = static_ranking(stats)
+    want = np.zeros(14, dtype=bool)
+    want[always] = True
+    want[order[:k]] = True
+    k1, k2 = int(want[:6].sum()), int(want[6:].sum())
+    keep, flops = match_static(dm, stats, hand_flops(k1, k2))
+    assert flops == pytest.approx(hand_flops(k1, k2), rel=1e-12)
+    assert np.array_equal(keep, want)
+
+
+@pytest.mark.parametrize("target", [0.0, 1e12])
+def test_match_outside_the_range_returns_the_nearest_end(target: float) -> None:
+    dm = _hand_model()
+    stats = _stats(FREQ, ["c1", "c2"], n=20)
+    keep, flops = match_static(dm, stats, target)
+    assert flops == pytest.approx(hand_flops(1, 1) if target == 0 else hand_flops(6, 8), rel=1e-12)
+    assert int(keep.sum()) == (2 if target == 0 else 14)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "cifar:resnet20"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_static_flops_and_outputs_equal_the_structurally_pruned_model(kind: str, seed: int) -> None:
+    """Fixed 0/1 gates are the static compact model: the same outputs and fvcore's FLOPs."""
+    dm, stats, x = decoupled(kind, seed=seed)
+    rng = np.random.default_rng(seed)
+    keep = rng.random(dm.num_filters) < 0.6
+    for i in range(len(dm.site_names)):  # a layer keeps at least one filter
+        keep[stats.layer_slice(i).start] = True
+    kept = {name: np.flatnonzero(keep[stats.layer_slice(name)]).tolist() for name in dm.site_names}
+    record = PruneRecord(
+        tolerance=0.0,
+        sites=list(dm.site_names),
+        original_channels={s.name: s.channels for s in dm.gate_sites},
+        kept=kept,
+        static=list(dm.site_names),
+    )
+    static = apply_record(dm, record)
+    # fvcore's one FLOP per pooled element of the removed channels is the only difference (< 0.2%)
+    assert StaticFlops(dm)(keep) == pytest.approx(count_flops(static, static.input_size), rel=2e-3)
+    with torch.no_grad(), fixed_gates(dm, keep):
+        masked = dm(x)
+    with torch.no_grad():
+        ref = static(x)
+    assert torch.allclose(masked, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    with torch.no_grad():  # the hooks are gone
+        assert torch.equal(dm(x), dm(x)) and not torch.equal(dm(x), masked)
+
+
+def test_fixed_gates_all_on_is_the_original_network() -> None:
+    dm, _, x = decoupled("tiny")
+    with torch.no_grad(), fixed_gates(dm, np.ones(dm.num_filters, dtype=bool)):
+        fixed = dm(x)
+    with torch.no_grad(), dm.gates_open():
+        assert torch.equal(fixed, dm(x))
+
+
+@pytest.mark.parametrize("kind", ["tiny", "cifar:resnet20"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_value_is_exactly_zero_when_no_filter_is_dynamic(kind: str, seed: int) -> None:
+    """Every filter silent or energetic: the gated model *is* the static network of its FLOPs."""
+    dm, _, x = decoupled(kind)
+    synthetic_gates(dm, x, seed=seed, fractions=(1.0, 1.0, 0.0))
+    _, y = real_images()
+    stats = dm.paths(_loader(x, y), raw=True)
+    freq = stats.frequency()
+    assert set(np.unique(freq).tolist()) <= {0.0, 1.0}
+    assert all(freq[stats.layer_slice(i)].max() == 1.0 for i in range(len(dm.site_names)))  # no layer all silent
+    dv = dynamic_value(dm, stats, _loader(x, y))
+    assert dv.value == 0.0 and dv.gated_top1 == dv.static_top1
+    # the kept filters are the compact model's; the FLOPs differ by the pool over removed channels (0.15-0.35% here)
+    assert dv.dynamic_share == 0.0 and 0.0 <= dv.flops_mismatch < 5e-3
+    assert dv.kept == {name: int(freq[stats.layer_slice(name)].sum()) for name in dm.site_names}
+    assert dv.threshold == 1.0 and dv.inputs == len(x) == dv.stats_inputs
+
+
+@pytest.mark.parametrize("kind", ["tiny", "cifar:resnet20"])
+def test_dynamic_value_record(kind: str) -> None:
+    dm, stats, x = decoupled(kind)
+    _, y = real_images()
+    compact = prune(dm, stats)
+    gated = expected_flops(compact, stats).total
+    dv = dynamic_value(dm, stats, _loader(x, y))
+    assert dv.gated_flops == gated  # by default: the exact compact model's expected FLOPs
+    assert dv.dynamic_share == nd_plugin.filter_states(stats).shares["dynamic"]
+    assert abs(dv.flops_mismatch) < 0.03  # one filter of a tiny net is ~1% of its FLOPs
+    with torch.no_grad():
+        assert dv.gated_top1 == float((dm(x).argmax(1) == y).float().mean())
+    assert sum(dv.kept.values()) < stats.num_filters and all(1 <= dv.kept[s] <= dv.channels[s] for s in dv.kept)
+    d = dv.to_dict()
+    assert d["value"] == dv.gated_top1 - dv.static_top1
+    assert DynamicValue.from_dict(json.loads(json.dumps(d))) == dv
+    assert "points" in str(dv) and f"{dv.dynamic_share:.1%}" in str(dv)
+
+
+def test_describe_is_signed_in_points() -> None:
+    d = {"value": -0.004, "gated_top1": 0.5, "static_top1": 0.504, "inputs": 250,
+         "gated_flops": 1500.0, "static_flops": 1500.0, "dynamic_share": 0.0}
+    assert describe(d).startswith("-0.40 points (gated 50.00% vs static 50.40% at 1.50k vs 1.50k FLOPs, 250 inputs)")
+
+
+def test_keep_of_the_wrong_length_is_refused() -> None:
+    dm = _hand_model()
+    with pytest.raises(ValueError, match="one entry per gated filter"), fixed_gates(dm, np.ones(3)):
+        pass
+
+
+def test_summary_records_the_dynamic_value() -> None:
+    from nd_plugin.data import load_data
+    from nd_plugin.summary import summarize
+
+    dm, _, x = decoupled("tiny")
+    data = load_data("synthetic:40")
+    stats = dm.paths(data.loader("val", batch_size=16), raw=True)
+    summary = summarize(dm, stats, data)
+    dv = summary["dynamic_value"]
+    assert dv["inputs"] == len(data.val) and dv["gated_flops"] == summary["flops"]["compact_expected"]
+    assert dv["gated_top1"] == pytest.approx(summary["top1"])
+    assert "dynamic_value" not in summarize(dm, stats)
