@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["prune_command", "print_prune_table"]
+__all__ = ["prune_command", "print_dynamic_value", "print_prune_table"]
 
 
 def _si(value: float) -> str:
@@ -55,6 +55,15 @@ def print_prune_table(result: dict[str, Any]) -> None:
     console.print(table)
     print_decisions(result, console)
     print_engines(result, console)
+    print_dynamic_value(result, console)
+
+
+def print_dynamic_value(result: dict[str, Any], console: Any) -> None:
+    """One line: gated top-1 minus the top-1 of the static network of the same FLOPs, and the dynamic share."""
+    from nd_plugin.pruning.value import describe
+
+    if "dynamic_value" in result:
+        console.print("dynamic value (gated minus static top-1 at the same FLOPs, whole validation split): " + describe(result["dynamic_value"]), highlight=False)
 
 
 def print_decisions(result: dict[str, Any], console: Any) -> None:
@@ -125,7 +134,8 @@ def prune_command(
     """Remove silent filters for good; keep a gate only where skipping pays; measure and export.
 
     Writes RUN/prune.json (and, with --export, the export directory); prints params, FLOPs, the
-    per-layer decision, and dense vs compact latency in each engine.
+    per-layer decision, dense vs compact latency in each engine, and the dynamic value (gated
+    top-1 minus that of the static network with the same FLOPs, on the whole validation split).
     """
     from nd_plugin.commands.pruning import prune_run
 

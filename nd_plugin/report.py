@@ -96,6 +96,8 @@ class Analysis:
         timings: seconds per step.
         meta: where the analysis comes from (run, data, settings), shown on the report page.
         detections: ``nd detect`` results (``detect.json`` records) shown as tables in the report.
+        dynamic_value: :meth:`nd_plugin.pruning.DynamicValue.to_dict` of the model (plus ``source``:
+            where it was measured), or None.
     """
 
     stats: PathStats
@@ -110,6 +112,7 @@ class Analysis:
     timings: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     detections: list[dict[str, Any]] = field(default_factory=list)
+    dynamic_value: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Every number of every analysis, as plain Python."""
@@ -138,6 +141,7 @@ class Analysis:
                     for g, idx in (self.image_groups or {"all images": list(range(len(self.images)))}).items()
                 },
             },
+            "dynamic_value": self.dynamic_value,
             "timings_s": self.timings,
         }
         return jsonable(out)
@@ -310,6 +314,12 @@ def _key_numbers(a: Analysis) -> list[tuple[str, str]]:
         d = a.distribution
         rows.append(("distinct whole paths", f"{d.distinct} of {d.n}"))
         rows.append(("mean Hamming distance same / different class", f"{d.mean_hamming_within:.4f} / {d.mean_hamming_between:.4f}"))
+    if a.dynamic_value is not None:
+        from nd_plugin.pruning.value import describe
+
+        dv = a.dynamic_value
+        where = f"; {dv['source']}" if dv.get("source") else ""
+        rows.append(("dynamic value (gated top-1 − top-1 of the static network of the same FLOPs)", describe(dv) + where))
     return rows
 
 

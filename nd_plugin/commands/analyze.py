@@ -88,6 +88,25 @@ def _pick_occlusion_images(bundle: Any, wanted: Sequence[str] | int, total: int)
     return picked, names, groups
 
 
+def _dynamic_value(run: Any, dm: Any, stats: Any, bundle: Any, data: str | None, batch_size: int,
+                   timings: dict[str, float]) -> dict[str, Any] | None:
+    """The run's recorded dynamic value (its own paths analysed), else one measured on ``bundle``'s validation split."""
+    recorded = run.dynamic_value() if data is None else None
+    if recorded is not None:
+        return {**recorded[0], "source": f"recorded in {recorded[1]}"}
+    if bundle is None:
+        try:
+            bundle = _analysis_data(run, data)
+        except DataError:
+            return None
+    from nd_plugin.pruning import dynamic_value
+
+    t0 = time.perf_counter()
+    value = dynamic_value(dm, stats, bundle.loader("val", batch_size=batch_size, shuffle=False))
+    timings["dynamic_value"] = time.perf_counter() - t0
+    return {**value.to_dict(), "source": f"measured by nd analyze on the validation split of {data or run.config.get('data')}"}
+
+
 def build_report(
     run: str | os.PathLike | Any,
     data: str | None = None,
@@ -110,6 +129,7 @@ def build_report(
     progress: bool = False,
     figures: bool = True,
     seed: int = 0,
+    dynamic_value: bool = True,
 ) -> Path:
     """Analyses a run directory and writes ``report/`` (figures, ``analysis.json``, ``index.html``).
 
@@ -142,6 +162,10 @@ def build_report(
         progress: show progress bars.
         figures: render the figures (``False``: ``analysis.json`` and a table of numbers only).
         seed: seed of every random step.
+        dynamic_value: show the dynamic value (gated top-1 minus that of the static network of
+            the same FLOPs): the one ``summary.json`` or ``prune.json`` records when the run's own
+            paths are analysed, otherwise measured here on the validation split
+            (:func:`nd_plugin.pruning.dynamic_value`; two passes over it).
 
     Returns:
         The path of ``index.html``.
@@ -254,6 +278,8 @@ def build_report(
         "seed": seed,
     }
     analysis.detections = run.detections()  # nd detect's tables, when the run has them
+    if dynamic_value:
+        analysis.dynamic_value = _dynamic_value(run, dm, stats, bundle, data, batch_size, analysis.timings)
     with atomic_dir(out, marker=ANALYSIS_JSON) as tmp:  # the report appears complete or not at all
         analysis.save(tmp, title=f"nd analyze: {cfg.get('model', run.path.name)}", figures=figures)
         analysis.timings["total"] = time.perf_counter() - t_start

@@ -8,7 +8,9 @@
    (:func:`~nd_plugin.pruning.deploy.plan_deployment`), and builds the static compact model for the
    engines that cannot skip per input;
 3. measures accuracy, FLOPs, and dense vs compact latency in every requested engine, side by side;
-4. exports (optionally) and writes ``RUN/prune.json``.
+4. measures the *dynamic value* on the whole validation split: the gated model's top-1 minus that
+   of the static network with the same FLOPs (:func:`~nd_plugin.pruning.dynamic_value`);
+5. exports (optionally) and writes ``RUN/prune.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nd_plugin.commands.rundir import open_run
+from nd_plugin.commands.rundir import PRUNE, open_run
 from nd_plugin.engines import check_engines, engine_runner, side_by_side
 from nd_plugin.errors import ExportError
 from nd_plugin.files import atomic_write_json
@@ -28,7 +30,7 @@ from nd_plugin.paths import check_tolerance
 
 __all__ = ["PRUNE_JSON", "engine_latency", "prune_run", "spread_batches"]
 
-PRUNE_JSON = "prune.json"
+PRUNE_JSON = PRUNE
 STRICT_RTOL = 1e-4
 
 
@@ -127,7 +129,8 @@ def prune_run(
             ``aoti``: AOTInductor, compiled at export, minutes on a small CPU).
         round_to: channel block of the static layers (8 or 16 suit oneDNN and ONNX Runtime).
         keep_gates: keep every dynamic layer's gate (skip the per-layer decision).
-        accuracy_inputs: validation images for the accuracy of each form.
+        accuracy_inputs: validation images for the accuracy of each form (the dynamic value uses
+            the whole validation split).
 
     Returns:
         The content of ``prune.json`` (also written to ``RUN/prune.json``).
@@ -141,7 +144,7 @@ def prune_run(
     from nd_plugin.export import check_export_dir, export
     from nd_plugin.flops import count_flops, expected_flops
     from nd_plugin.optim import gate_parameters
-    from nd_plugin.pruning import apply_record, check_round_to, dynamic_runtime, fold_batchnorm, prune
+    from nd_plugin.pruning import apply_record, check_round_to, dynamic_runtime, dynamic_value, fold_batchnorm, prune
     from nd_plugin.pruning.deploy import plan_deployment
     from nd_plugin.pruning.plan import plain_copy
 
@@ -186,6 +189,11 @@ def prune_run(
     forms.update({e: static_plain for e in engines if e != "eager"})
     forms = {e: forms[e] for e in engines}
     latency = engine_latency(dense, forms, inputs, repeats=latency_repeats, threads=threads)
+    # the gated model (tolerance 0: the exact compact model's expected FLOPs) against the static
+    # network of the same FLOPs, on the whole validation split
+    value = dynamic_value(
+        dm, stats, data.loader("val", batch_size=256, shuffle=False), gated_flops=exp_exact.total if tolerance == 0.0 else None
+    )
     orig_params = sum(p.numel() for p in dm.parameters()) - sum(p.numel() for p in gate_parameters(dm))
     eager_key = "eager/b1"
     result: dict[str, Any] = {
@@ -215,6 +223,7 @@ def prune_run(
             "expected_reduction": original_flops / max(exp_eager.total, 1e-9),
             "static_reduction": original_flops / max(static_flops, 1e-9),
         },
+        "dynamic_value": value.to_dict(),
         "deployment": plan.to_dict(),
         "engines": latency,
         "latency_ms": {

@@ -7,7 +7,8 @@
     RUN/checkpoint.prev.pt       the checkpoint before it (``--resume`` falls back to it)
     RUN/metrics.jsonl            one line per epoch
     RUN/paths.npz                path statistics on the validation split
-    RUN/summary.json             accuracy, FLOPs, filter states
+    RUN/summary.json             accuracy, FLOPs, filter states, dynamic value
+    RUN/prune.json               ``nd prune``: filters, FLOPs, latency per engine, dynamic value
     RUN/.lock                    while ``nd decouple`` runs: the pid that holds the directory
     RUN/report/                  ``nd analyze``: figures, ``analysis.json``, ``index.html``
     RUN/detector*.npz            ``nd detect``: the fitted detectors
@@ -65,6 +66,7 @@ __all__ = [
     "METRICS",
     "PATHS",
     "PREVIOUS",
+    "PRUNE",
     "REPORT",
     "SUMMARY",
     "Run",
@@ -89,6 +91,7 @@ PREVIOUS = "checkpoint.prev.pt"
 METRICS = "metrics.jsonl"
 PATHS = "paths.npz"
 SUMMARY = "summary.json"
+PRUNE = "prune.json"  # nd prune's record
 LOCK = ".lock"
 REPORT = "report"  # nd analyze's folder (default)
 DETECT = "detect"  # nd detect's folders: DETECT/TAG/
@@ -461,6 +464,21 @@ class Run:
                 raise RunDirError(f"{file} line {i} is not epoch {i} of a {model!r} run; {fix}.")
             lines.append(record)
         return lines
+
+    def dynamic_value(self) -> tuple[dict[str, Any], Path] | None:
+        """The recorded dynamic value and the file it comes from, or None when none records it.
+
+        ``summary.json`` (written with the checkpoint) first, then ``prune.json``; a file that
+        cannot be read, or records none, is passed over.
+        """
+        for name in (SUMMARY, PRUNE):
+            file = self.path / name
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(file.read_text(encoding="utf-8"))
+                value = record.get("dynamic_value") if isinstance(record, dict) else None
+                if isinstance(value, dict) and "value" in value:
+                    return value, file
+        return None
 
     def detections(self) -> list[dict[str, Any]]:
         """The results of every ``nd detect`` on this run (``RUN/detect/*/detect.json``), in tag order.
