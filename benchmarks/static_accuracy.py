@@ -6,7 +6,8 @@ Usage::
 
 For thresholds 0.5 / 0 (filters on for more than that share of the inputs kept) and channel
 rounding 1 / 8, prints the top-1 on the run's whole validation split and the static FLOPs reduction
-(docs/notes/prune.md, issue 14).
+(docs/notes/prune.md, issue 14); then the static network with the gated model's expected FLOPs and
+the dynamic value (:func:`nd_plugin.pruning.dynamic_value`, issue 23).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import torch
 
 from nd_plugin.flops import count_flops
-from nd_plugin.pruning import apply_record, static_record
+from nd_plugin.pruning import apply_record, dynamic_value, static_record
 from nd_plugin.run import open_run
 
 
@@ -48,6 +49,7 @@ def main() -> None:
             "top1": top1(compact),
             "static_reduction": dense / count_flops(compact, compact.input_size),
         }
+    out["same FLOPs as the gated model"] = dynamic_value(dm, stats, loader).to_dict()
     print(json.dumps(out, indent=1))
 
 
