@@ -176,7 +176,7 @@ def test_value_is_exactly_zero_when_no_filter_is_dynamic(kind: str, seed: int) -
     assert set(np.unique(freq).tolist()) <= {0.0, 1.0}
     assert all(freq[stats.layer_slice(i)].max() == 1.0 for i in range(len(dm.site_names)))  # no layer all silent
     dv = dynamic_value(dm, stats, _loader(x, y))
-    assert dv.value == 0.0 and dv.gated_top1 == dv.static_top1
+    assert dv.value == 0.0 and dv.gated_top1 == dv.static_top1 and dv.agreement == 1.0
     # the kept filters are the compact model's; the FLOPs differ by the pool over removed channels (0.15-0.35% here)
     assert dv.dynamic_share == 0.0 and 0.0 <= dv.flops_mismatch < 5e-3
     assert dv.kept == {name: int(freq[stats.layer_slice(name)].sum()) for name in dm.site_names}
@@ -206,6 +206,7 @@ def test_describe_is_signed_in_points() -> None:
     d = {"value": -0.004, "gated_top1": 0.5, "static_top1": 0.504, "inputs": 250,
          "gated_flops": 1500.0, "static_flops": 1500.0, "dynamic_share": 0.0}
     assert describe(d).startswith("-0.40 points (gated 50.00% vs static 50.40% at 1.50k vs 1.50k FLOPs, 250 inputs)")
+    assert "same prediction on 97.2%)" in describe({**d, "agreement": 0.972})
 
 
 def test_keep_of_the_wrong_length_is_refused() -> None:

@@ -238,6 +238,8 @@ class DynamicValue:
         kept: per gated layer, filters the static network keeps.
         channels: per gated layer, its filters.
         stats_inputs: inputs the ranking statistics were collected on.
+        agreement: share of the inputs on which both predict the same class (a value of 0 from
+            identical predictions reads differently from one where errors cancel).
     """
 
     gated_top1: float
@@ -251,6 +253,7 @@ class DynamicValue:
     kept: dict[str, int] = field(default_factory=dict)
     channels: dict[str, int] = field(default_factory=dict)
     stats_inputs: int = 0
+    agreement: float | None = None
 
     @property
     def value(self) -> float:
@@ -277,7 +280,7 @@ class DynamicValue:
 
 
 def describe(d: Mapping[str, Any]) -> str:
-    """One line for a :meth:`DynamicValue.to_dict`: value in points, both top-1s, FLOPs, dynamic share.
+    """One line for a :meth:`DynamicValue.to_dict`: value in points, both top-1s, FLOPs, agreement, dynamic share.
 
     Example:
         >>> describe({"value": 0.0125, "gated_top1": 0.9, "static_top1": 0.8875, "inputs": 400,
@@ -291,9 +294,10 @@ def describe(d: Mapping[str, Any]) -> str:
                 return f"{v / scale:.2f}{unit}"
         return f"{v:.0f}"
 
+    same = f", same prediction on {d['agreement']:.1%}" if d.get("agreement") is not None else ""
     return (
         f"{100 * d['value']:+.2f} points (gated {d['gated_top1']:.2%} vs static {d['static_top1']:.2%} at "
-        f"{si(d['gated_flops'])} vs {si(d['static_flops'])} FLOPs, {d['inputs']} inputs); "
+        f"{si(d['gated_flops'])} vs {si(d['static_flops'])} FLOPs, {d['inputs']} inputs{same}); "
         f"dynamic share {d['dynamic_share']:.1%}"
     )
 
@@ -347,13 +351,16 @@ def dynamic_value(
     was_training = dm.training
     dm.eval()
     device = next(dm.parameters()).device
-    gated = static = total = 0
+    gated = static = same = total = 0
     try:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            gated += int((dm(x).argmax(1) == y).sum())
+            pred = dm(x).argmax(1)
             with _FixedGates(dm, masks):
-                static += int((dm(x).argmax(1) == y).sum())
+                pred_static = dm(x).argmax(1)
+            gated += int((pred == y).sum())
+            static += int((pred_static == y).sum())
+            same += int((pred == pred_static).sum())
             total += len(y)
     finally:
         dm.train(was_training)
@@ -372,4 +379,5 @@ def dynamic_value(
         kept={name: int(m.sum()) for name, m in masks.items()},
         channels={s.name: s.channels for s in dm.gate_sites},
         stats_inputs=int(stats.n),
+        agreement=same / max(total, 1),
     )
