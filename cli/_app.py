@@ -90,6 +90,11 @@ def decouple_command(
     gate_weight_decay: Annotated[float | None, typer.Option(help="weight decay of the gates and L_mi classifiers")] = None,
     kl_target: Annotated[str | None, typer.Option(help="L_kl target: output (before the gate) or activation (after the ReLU, the release)")] = None,
     sparsity_gates: Annotated[str | None, typer.Option(help="gates L_s counts: eval (1[z > 0]) or train (noisy training gates, the release)")] = None,
+    density_schedule: Annotated[
+        str | None,
+        typer.Option(help="how L_s's target density moves to --ratio: constant (R from the first step, the paper), linear or cubic (from 1 down to R over --density-ramp of the decoupling epochs)"),
+    ] = None,
+    density_ramp: Annotated[float | None, typer.Option(help="share of the decoupling epochs over which the target density moves from 1 to --ratio, in [0, 1]")] = None,
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
     amp: Annotated[bool, typer.Option(help="bf16 autocast on a GPU (--no-amp trains in float32)")] = True,
     cuda_graphs: Annotated[bool, typer.Option(help="on one GPU, replay the decoupling step as a CUDA graph")] = True,
@@ -114,6 +119,8 @@ def decouple_command(
         "gate_weight_decay": gate_weight_decay,
         "kl_target": kl_target,
         "sparsity_gates": sparsity_gates,
+        "density_schedule": density_schedule,
+        "density_ramp": density_ramp,
     }
     cfg = TrainConfig(
         **{k: v for k, v in chosen.items() if v is not None},

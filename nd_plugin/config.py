@@ -11,7 +11,17 @@ from nd_plugin.errors import ConfigError
 from nd_plugin.gates import ACM_INITS
 from nd_plugin.losses import MI_INITS, MI_SCOPES
 
-__all__ = ["KL_TARGETS", "SCHEDULES", "SPARSITY_GATES", "TrainConfig", "lr_factor", "preset", "resolve_device"]
+__all__ = [
+    "DENSITY_SCHEDULES",
+    "KL_TARGETS",
+    "SCHEDULES",
+    "SPARSITY_GATES",
+    "TrainConfig",
+    "density_target",
+    "lr_factor",
+    "preset",
+    "resolve_device",
+]
 
 #: Learning-rate schedules: the paper's steps (x0.1 at 1/2 and 3/4 of a phase) or a cosine decay,
 #: both evaluated per training step.
@@ -22,6 +32,10 @@ KL_TARGETS = ("output", "activation")
 #: Which gates ``L_s`` counts: eval-time ``1[z > 0]`` (``eval``) or the noisy training gates (``train``,
 #: the release).
 SPARSITY_GATES = ("eval", "train")
+#: How ``L_s``'s target density moves during the decoupling phase: ``constant`` (``R`` from the first
+#: step, the paper), or from 1 (every gate on) down to ``R`` over the first ``density_ramp`` share of
+#: the phase, ``linear`` or ``cubic`` (Zhu & Gupta 2017: fast first, gentle near ``R``), then held.
+DENSITY_SCHEDULES = ("constant", "linear", "cubic")
 
 # Seed Table A (λ_m, λ_k, λ_s, R) for the networks it names; CIFAR entries keep the paper's λs.
 _TABLE_A: dict[str, dict[str, float]] = {
@@ -62,7 +76,9 @@ class TrainConfig:
             overshoot into static on/off (measured on digits, docs/benchmarks.md).
         gate_bias: initial gate logit ``b2`` of every ACM.
         bn_recalibrate: batches of training data used after each decoupling epoch to re-estimate
-            BatchNorm statistics with eval-time (hard, noise-free) gates; 0 turns it off.
+            BatchNorm statistics with eval-time (hard, noise-free) gates, and at most a tenth of
+            the epoch's batches (at least one), so that it costs at most ~3% of an epoch; 0 turns
+            it off.
         amp: bf16 autocast on a GPU (no effect on the CPU).
         cuda_graphs: on one GPU, capture the decoupling step (forward, losses, backward) once as a
             CUDA graph and replay it per batch: the gates and losses add many small kernels, and
@@ -81,6 +97,10 @@ class TrainConfig:
             the network's).
         kl_target: :data:`KL_TARGETS`.
         sparsity_gates: :data:`SPARSITY_GATES`.
+        density_schedule: how ``L_s``'s target density moves from 1 to ``ratio``,
+            :data:`DENSITY_SCHEDULES` (:func:`density_target`).
+        density_ramp: share of the decoupling phase over which the target density moves from 1 to
+            ``ratio`` (then it holds), in ``[0, 1]``; ignored by ``constant``.
     """
 
     model: str = "resnet18"
@@ -117,6 +137,8 @@ class TrainConfig:
     gate_weight_decay: float = 0.0
     kl_target: str = "output"
     sparsity_gates: str = "eval"
+    density_schedule: str = "constant"
+    density_ramp: float = 0.5
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by its default, validated."""
@@ -156,6 +178,7 @@ class TrainConfig:
             "mi_scope": MI_SCOPES,
             "kl_target": KL_TARGETS,
             "sparsity_gates": SPARSITY_GATES,
+            "density_schedule": DENSITY_SCHEDULES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -163,6 +186,13 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}.")
         if not 0.0 <= self.hard_share <= 1.0:
             raise ConfigError(f"--hard-share must be in [0, 1] (the share of hard training gates), got {self.hard_share}.")
+        if not 0.0 <= self.density_ramp <= 1.0:
+            raise ConfigError(
+                f"--density-ramp must be in [0, 1] (the share of the decoupling epochs over which the target "
+                f"density moves from 1 to --ratio), got {self.density_ramp}."
+            )
+        if self.bn_recalibrate < 0:
+            raise ConfigError(f"--bn-recalibrate must be >= 0 (batches; 0 turns it off), got {self.bn_recalibrate}.")
         if self.gate_weight_decay < 0:
             raise ConfigError(f"--gate-weight-decay must be >= 0, got {self.gate_weight_decay}.")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -198,3 +228,39 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
     return 0.1 ** sum(t >= m for m in (0.5, 0.75))  # the paper's steps (100/150 of 200 epochs)
 
 
+
+
+def density_target(progress: float, ratio: float, schedule: str = "constant", ramp: float = 0.5) -> float:
+    """``L_s``'s target density at a point of the decoupling phase.
+
+    ``constant`` is ``ratio`` throughout (the paper). ``linear`` and ``cubic`` start at 1, where a
+    trained network's gates are, and reach ``ratio`` after the share ``ramp`` of the phase:
+    ``d = R + (1 − R)·(1 − t/ramp)^k`` with ``k`` 1 or 3 (the cubic is Zhu & Gupta's gradual pruning
+    schedule, written for density), then hold ``R``. A ramp of 0 is ``constant``.
+
+    Args:
+        progress: share of the decoupling phase done, in ``[0, 1]`` (fractional epochs / epochs).
+        ratio: ``R``, the final target density.
+        schedule: one of :data:`DENSITY_SCHEDULES`.
+        ramp: share of the phase the move takes, in ``[0, 1]``.
+
+    Returns:
+        The target density, between ``ratio`` and 1.
+
+    Raises:
+        ConfigError: an unknown ``schedule``.
+
+    Example:
+        >>> [round(density_target(t, 0.5, "cubic", 0.5), 4) for t in (0.0, 0.25, 0.5, 0.9)]
+        [1.0, 0.5625, 0.5, 0.5]
+        >>> [density_target(t, 0.5, "linear", 0.5) for t in (0.0, 0.25, 1.0)]
+        [1.0, 0.75, 0.5]
+        >>> density_target(0.0, 0.5)
+        0.5
+    """
+    if schedule not in DENSITY_SCHEDULES:
+        raise ConfigError(f"density_schedule must be one of {', '.join(DENSITY_SCHEDULES)}, got {schedule!r}.")
+    if schedule == "constant" or ramp <= 0 or progress >= ramp:
+        return ratio
+    left = 1.0 - max(progress, 0.0) / ramp
+    return ratio + (1.0 - ratio) * left ** (3 if schedule == "cubic" else 1)

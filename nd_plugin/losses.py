@@ -148,6 +148,22 @@ class DecouplingLoss(nn.Module):
         self.register_buffer("_inv_width", 1.0 / widths, persistent=False)
         self._width = width
 
+    def set_ratio(self, ratio: float) -> None:
+        """Moves ``L_s``'s target to ``ratio`` in place (a density schedule calls this every step).
+
+        The target buffer is updated in place, so a captured CUDA graph or a compiled step sees the
+        new value.
+
+        Example:
+            >>> loss_fn = DecouplingLoss(0.0, 0.0, 1.0, 0.5, channels=[4], num_classes=2)
+            >>> loss_fn.set_ratio(0.75)
+            >>> loss_fn(torch.zeros(1, 2), torch.tensor([0]), [torch.ones(1, 4)]).s.item()  # |4 - 3|
+            1.0
+        """
+        _check("ratio (--ratio)", ratio, 0.0, 1.0)
+        self.ratio = ratio
+        self._target_on.copy_(torch.tensor(self.channels, dtype=torch.float) * ratio)
+
     def _segment_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         """``log_softmax`` within each layer's columns of an ``(N, sum C)`` path."""
         padded = x.new_full((x.shape[0], len(self.channels) * self._width), float("-inf"))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from nd_plugin.config import TrainConfig, lr_factor, preset, resolve_device
+from nd_plugin.config import TrainConfig, density_target, lr_factor, preset, resolve_device
 from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.distributed import PhaseDDP, init_distributed, reduce_path_stats
 from nd_plugin.errors import TrainingError
@@ -258,6 +258,19 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
         return self.optimizer.param_groups[0]["lr"]
 
+    def set_density_target(self, epoch: float) -> float:
+        """Sets ``L_s``'s target density for a (fractional) global epoch of the decoupling phase.
+
+        Follows ``density_schedule`` (:func:`nd_plugin.config.density_target`) over the decoupling
+        epochs; returns the target.
+        """
+        cfg = self.cfg
+        progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs, 1)
+        target = density_target(progress, cfg.ratio, cfg.density_schedule, cfg.density_ramp)
+        if target != self.loss_fn.ratio:
+            self.loss_fn.set_ratio(target)
+        return target
+
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, warmup: bool) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
         """Forward pass and loss of one batch: ``(terms, logits, gate density)``."""
         with self._autocast():
@@ -308,6 +321,8 @@ class Trainer:
                 task = progress.add_task(f"epoch {epoch + 1}/{self.total_epochs} {phase}", total=len(loader), info=first)
             for step, (x, y) in enumerate(loader):
                 x, y = self._to_device(x, y)
+                if not warmup:
+                    self.set_density_target(epoch + step / len(loader))
                 terms, logits, density = step_fn(x, y)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms.total.detach()), step, first_bad)
                 if step % check_every == 0 or step == len(loader) - 1:
@@ -343,6 +358,7 @@ class Trainer:
             "l_s": s[4] / n,
             "top1": s[5] / n,
             "density": s[7] / n,
+            **({} if warmup else {"target_density": self.loss_fn.ratio}),
         }
 
     @staticmethod
@@ -355,11 +371,17 @@ class Trainer:
             )
 
     def recalibrate_bn(self, epoch: int) -> None:
-        """BatchNorm statistics re-estimated with eval-time gates (:func:`nd_plugin.recalibrate_bn`), averaged over ranks."""
+        """BatchNorm statistics re-estimated with eval-time gates (:func:`nd_plugin.recalibrate_bn`), averaged over ranks.
+
+        Uses ``bn_recalibrate`` batches, and at most a tenth of an epoch's (at least one): the
+        statistics settle within a few thousand images, and on a small data set 50 batches would
+        cost a third of the epoch.
+        """
         if self.cfg.bn_recalibrate > 0:
             with self._autocast():
                 loader = self._loader("train", 10_000 + epoch, shuffle=True)
-                norms = recalibrate_bn(self.dm, loader, batches=self.cfg.bn_recalibrate, device=self.device)
+                batches = min(self.cfg.bn_recalibrate, max(1, len(loader) // 10))
+                norms = recalibrate_bn(self.dm, loader, batches=batches, device=self.device)
             self.dist.average([buf for m in norms for buf in (m.running_mean, m.running_var)])
 
     def evaluate(self, epoch: int = 0) -> PathStats:

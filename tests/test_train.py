@@ -65,6 +65,9 @@ def _cli(*args: str):
         (["--sparsity-gates", "soft"], "--sparsity-gates must be one of eval, train"),
         (["--schedule", "linear"], "--schedule must be one of step, cosine"),
         (["--gate-weight-decay", "-1"], "--gate-weight-decay must be >= 0"),
+        (["--density-schedule", "exponential"], "--density-schedule must be one of constant, linear, cubic"),
+        (["--density-ramp", "1.5"], "--density-ramp must be in [0, 1]"),
+        (["--density-ramp", "-0.1"], "--density-ramp must be in [0, 1]"),
     ],
 )
 def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], match: str) -> None:
@@ -76,6 +79,57 @@ def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], mat
     assert result.exit_code == 2, result.output
     assert match in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"density_schedule": "exponential"}, "--density-schedule must be one of"),
+        ({"density_ramp": 2.0}, "--density-ramp must be in [0, 1]"),
+        ({"bn_recalibrate": -1}, "--bn-recalibrate must be >= 0"),
+    ],
+)
+def test_bad_schedule_settings_are_a_config_error(settings: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match.replace("[", r"\[").replace("]", r"\]")):
+        TrainConfig(**{**TINY, **settings}).resolved()
+
+
+@pytest.mark.parametrize(
+    "schedule, ramp, expected",
+    [  # targets at progress 0, 1/4, 1/2, 3/4 of the phase, R = 0.5, by hand
+        ("constant", 0.5, [0.5, 0.5, 0.5, 0.5]),
+        ("linear", 0.5, [1.0, 0.75, 0.5, 0.5]),
+        ("cubic", 0.5, [1.0, 0.5625, 0.5, 0.5]),  # 0.5 + 0.5 * (1 - 0.5)^3
+        ("cubic", 1.0, [1.0, 0.5 + 0.5 * 0.75**3, 0.5625, 0.5 + 0.5 * 0.25**3]),
+        ("linear", 0.0, [0.5, 0.5, 0.5, 0.5]),
+    ],
+)
+def test_density_target_by_hand(schedule: str, ramp: float, expected: list[float]) -> None:
+    from nd_plugin.config import density_target
+
+    got = [density_target(t, 0.5, schedule, ramp) for t in (0.0, 0.25, 0.5, 0.75)]
+    assert got == pytest.approx(expected)
+
+
+def test_trainer_moves_the_sparsity_target_along_the_schedule() -> None:
+    from nd_plugin import wrap
+    from nd_plugin.adapters import create_model
+    from nd_plugin.data import load_data
+
+    cfg = TrainConfig(**TINY, epochs=4, warmup_epochs=1, ratio=0.4, density_schedule="linear", density_ramp=0.5).resolved()
+    data = load_data(cfg.data)
+    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
+    trainer = Trainer(dm, data, cfg, progress=False)
+    # global epoch 1 is the first decoupling epoch; the ramp covers decoupling epochs [0, 2)
+    assert trainer.set_density_target(1.0) == pytest.approx(1.0)
+    assert trainer.loss_fn._target_on.tolist() == [float(c) for c in trainer.loss_fn.channels]
+    assert trainer.set_density_target(2.0) == pytest.approx(0.7)  # 0.4 + 0.6 * (1 - 1/2)
+    assert trainer.loss_fn._target_on.tolist() == pytest.approx([0.7 * c for c in trainer.loss_fn.channels])
+    assert trainer.set_density_target(3.5) == pytest.approx(0.4)
+    trainer.cfg.epochs = 1  # warm-up, then one decoupling epoch whose second half holds R
+    trainer.fit()
+    warm, last = (r.train for r in trainer.history)
+    assert "target_density" not in warm and last["target_density"] == pytest.approx(0.4)
 
 
 def test_out_holding_another_models_run(tmp_path: Path) -> None:
