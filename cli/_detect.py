@@ -15,7 +15,8 @@ __all__ = ["detect_command"]
 
 def detect_command(
     run: Annotated[Path, typer.Argument(help="run directory written by `nd decouple`")],
-    attack: Annotated[str, typer.Option(help="fgsm, pgd, bim, mifgsm, cw or deepfool (torchattacks)")] = "fgsm",
+    attack: Annotated[str, typer.Option(help="fgsm, pgd, bim, mifgsm, cw, deepfool, or any torchattacks attack by its class name (case-insensitive): apgd, square, fab, ...")] = "fgsm",
+    attack_arg: Annotated[list[str] | None, typer.Option("--attack-arg", help="NAME=VALUE, a parameter of the attack's __init__ (repeatable), e.g. --attack-arg steps=20 --attack-arg loss=dlr; values read as int, float, bool (true/false), None or text")] = None,
     eps: Annotated[float, typer.Option(help="L-inf budget in [0, 1] pixel units, in (0, 1]; 8/255 = 0.0314 (cw and deepfool are minimum-norm attacks and ignore it)")] = 8 / 255,
     data: Annotated[str | None, typer.Option(help="data spec instead of the run's (its validation split is attacked)")] = None,
     n: Annotated[int, typer.Option(help="clean test inputs to draw (the correctly classified ones are attacked)")] = 1000,
@@ -27,7 +28,7 @@ def detect_command(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of the input draw and the attack")] = 0,
     detectors: Annotated[str | None, typer.Option(help="comma-separated detectors (default all): path, path_supervised, path_supervised_raw, path_supervised_full, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax")] = None,
-    seeds: Annotated[int, typer.Option(help="repetitions of Lee's 5/5/90 split (mean and std reported)")] = 5,
+    seeds: Annotated[int, typer.Option(help="repetitions of Lee's 5/5/90 split (mean and std reported); a small set is cross-validated instead (stratified k-fold, about as many fits)")] = 5,
     transfer_from: Annotated[str | None, typer.Option(help="ATTACK:EPS to fit the supervised detectors on and test on --attack, e.g. fgsm:0.05")] = None,
 ) -> None:
     """Attack N test inputs and measure every detector on Lee et al.'s protocol; write detect.json and figures.
@@ -35,10 +36,14 @@ def detect_command(
     The detectors' clean statistics (RUN/detector*.npz) are fitted on the training split the first
     time and reused afterwards. Clean = correctly classified inputs, positives = successful attacks;
     supervised detectors fit a logistic regression on 5% of them, choose their hyperparameter on
-    5%, and are tested on 90%, over --seeds splits. Reports AUROC (mean ± std) and TPR at 5% FPR.
+    5%, and are tested on 90%, over --seeds splits (protocol lee-5/5/90). When the 5% fit part
+    cannot hold 10 attacked inputs (a small validation split, a weak attack), every input is used
+    in a stratified 5-fold cross-validation instead (protocol stratified-kfold-5). Reports AUROC
+    (mean ± std) and TPR at 5% FPR.
     """
     from nd_plugin.commands.detect import run_detection
     from nd_plugin.commands.rundir import DETECT_JSON
+    from nd_plugin.detect.attacks import parse_attack_args
     from nd_plugin.errors import ConfigError
 
     source = None
@@ -49,7 +54,7 @@ def detect_command(
         except ValueError:
             raise ConfigError(f"--transfer-from takes ATTACK:EPS (e.g. fgsm:0.05), got {transfer_from!r}.") from None
     res = run_detection(
-        run, attack=attack, eps=eps, n=n, data=data, steps=steps, fit_n=fit_n, refit=refit, out=out,
+        run, attack=attack, eps=eps, n=n, data=data, steps=steps, attack_args=parse_attack_args(attack_arg), fit_n=fit_n, refit=refit, out=out,
         batch_size=batch_size, device=device, seed=seed, seeds=seeds, transfer_from=source,
         detectors=None if detectors is None else detectors.split(","), log=lambda s: typer.echo(s, err=True),
     )
@@ -57,9 +62,11 @@ def detect_command(
         f"{res.attack} eps={res.eps:.4g}: clean accuracy {res.clean_accuracy:.2%} on {res.n} inputs, "
         f"attack success {res.success_rate:.2%} ({res.successful}/{res.correct})"
     )
+    info = res.protocol_info
+    typer.echo(f"protocol {res.protocol}, {info.get('splits', '?')} test parts: {info.get('reason', '')}")
     _table(res.detectors)
     if res.transfer:
-        typer.echo(f"fitted on {res.transfer['fitted_on']}, tested on {res.attack}:")
+        typer.echo(f"fitted on {res.transfer['fitted_on']} (protocol {res.transfer.get('protocol', res.protocol)}), tested on {res.attack}:")
         _table(res.transfer["detectors"])
     typer.echo(f"wrote {Path(res.out_dir) / DETECT_JSON}")
 

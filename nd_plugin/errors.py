@@ -19,6 +19,7 @@ __all__ = [
     "RunDirError",
     "TrainingError",
     "UnknownAttackError",
+    "AttackArgumentError",
     "DetectionError",
     "StatsMismatchError",
     "ExportError",
@@ -75,6 +76,18 @@ class TrainingError(NDError, RuntimeError):
 
 class UnknownAttackError(NDError, ValueError):
     """An attack name that ``nd_plugin.detect`` does not know (the message lists the known ones)."""
+
+
+class AttackArgumentError(ConfigError):
+    """A parameter that an attack does not take, or a value of the wrong type for it.
+
+    Attributes:
+        parameter: the parameter's name (the message names it too, and lists the attack's parameters).
+    """
+
+    def __init__(self, message: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class DetectionError(NDError, RuntimeError):

@@ -424,7 +424,7 @@ def test_run_detection_validates_before_loading(tmp_path):
     with pytest.raises(UnknownDetectorError, match="known detectors: path, path_supervised"):
         run_detection(tmp_path, detectors=["path", "odin"])
     with pytest.raises(UnknownAttackError):
-        run_detection(tmp_path, transfer_from=("jsma", 0.1))
+        run_detection(tmp_path, transfer_from=("jsma2", 0.1))  # JSMA itself is a torchattacks attack
     with pytest.raises(RunDirError, match="no config.json"):
         run_detection(tmp_path)
     assert check_detectors(None) == list(DETECTORS)
@@ -463,7 +463,7 @@ def tiny_run(dm, clean, tmp_path, monkeypatch):
 def test_run_detection_end_to_end(tiny_run):
     kw = {"steps": 3, "batch_size": 120, "seeds": 2, "magnitudes": (0.0, 0.005), "path_magnitudes": (0.0, 0.005)}
     res = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, transfer_from=("fgsm", 0.3), **kw)
-    assert res.correct == 480 and res.successful >= 200
+    assert res.correct == 480 and res.successful >= 200 and res.protocol == "lee-5/5/90" and res.transfer["protocol"] == "lee-5/5/90"
     assert set(res.detectors) == set(DETECTORS)
     for name, m in res.detectors.items():
         assert m["seeds"] == 2, name  # the numbers themselves: test_evaluate_unsupervised_means_and_stds_over_the_test_parts
@@ -491,11 +491,44 @@ def test_run_detection_end_to_end(tiny_run):
     assert again.detectors["path"] == res.detectors["path"] and again.detectors["mahalanobis_lee"] == res.detectors["mahalanobis_lee"]
 
 
-def test_run_detection_too_few_attacks_for_the_regression(tiny_run):
-    with pytest.raises(DetectionError, match="needs at least 10 of each.*200 successful attacks"):
-        run_detection(tiny_run, attack="pgd", eps=0.3, n=100, steps=2, figures=False, detectors=["lid"], seeds=1)
+def test_run_detection_small_set_is_cross_validated(tiny_run):
+    """Too few attacks for Lee's 5% fit part (issue 24): every input is used in a stratified k-fold, and the output says so."""
+    res = run_detection(tiny_run, attack="pgd", eps=0.3, n=100, steps=2, figures=False, detectors=["path", "lid"], seeds=5)
+    assert res.protocol.startswith("stratified-kfold-") and res.protocol_info["name"] == res.protocol
+    k = int(res.protocol.rsplit("-", 1)[1])
+    assert res.detectors["lid"]["seeds"] == res.detectors["path"]["seeds"] == res.protocol_info["splits"] == k * max(1, 5 // k)
+    assert "Lee's 5% fit part would hold" in res.protocol_info["reason"]
+    saved = json.loads((Path(res.out_dir) / "detect.json").read_text())
+    assert saved["protocol"] == res.protocol and saved["protocol_info"]["splits"] == res.protocol_info["splits"]
+    assert saved["attack_class"] == "PGD" and saved["attack_args"] == {"eps": 0.3, "alpha": 0.075, "steps": 2, "random_start": True}
     res = run_detection(tiny_run, attack="pgd", eps=0.3, n=100, steps=2, figures=False, detectors=["path", "max_softmax"], seeds=1)
-    assert set(res.detectors) == {"path", "max_softmax"}  # unsupervised detectors need no fit split
+    assert set(res.detectors) == {"path", "max_softmax"} and res.protocol == "lee-5/5/90"  # unsupervised: no fit part needed
+
+
+def test_run_detection_too_small_for_any_estimate(tiny_run):
+    with pytest.raises(DetectionError, match=r"only \d+ of the \d+ correctly classified inputs were attacked successfully; .*"
+                       r"at least 15 successful attacks: raise eps \(--eps, now 0.3.*--n, now 12.*--detectors path,max_softmax\)$"):
+        run_detection(tiny_run, attack="pgd", eps=0.3, n=12, steps=2, figures=False, detectors=["path", "lid", "max_softmax"])
+
+
+def test_run_detection_any_torchattacks_attack(tiny_run):
+    res = run_detection(tiny_run, attack="TPGD", eps=0.3, n=100, figures=False, detectors=["path"], seeds=1,
+                        attack_args={"steps": 2, "alpha": 0.1})
+    assert res.attack == "tpgd" and res.attack_class == "TPGD" and res.steps == 2
+    assert res.attack_args == {"eps": 0.3, "alpha": 0.1, "steps": 2} and res.successful > 0
+    assert Path(res.out_dir).name == "tpgd-eps0.3-alpha=0.1-steps=2"  # the parameters set are in the folder's name
+
+
+def test_cli_small_run_prints_the_protocol_and_a_table(tiny_run):
+    from typer.testing import CliRunner
+
+    from nd_plugin.cli._app import app
+
+    r = CliRunner().invoke(app, ["detect", str(tiny_run), "--attack", "Pgd", "--eps", "0.3", "--n", "100", "--detectors", "path,lid",
+                                 "--attack-arg", "steps=2", "--attack-arg", "random_start=false"])
+    assert r.exit_code == 0, r.output
+    assert "protocol stratified-kfold-" in r.output and "Lee's 5% fit part would hold" in r.output
+    assert "lid " in r.output and "AUROC" in r.output and "pgd-eps0.3-random_start=False-steps=2" in r.output
 
 
 def test_run_detection_zero_success(tiny_run):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from nd_plugin.commands import rundir
-from nd_plugin.detect.attacks import _check_attack
+from nd_plugin.detect.attacks import AttackSpec, resolve_attack
 from nd_plugin.detect.baselines import LEE_MAGNITUDES
 from nd_plugin.detect.metrics import _auroc
 from nd_plugin.detect.protocol import (
@@ -32,6 +32,7 @@ from nd_plugin.detect.protocol import (
     detector_features,
     evaluate,
     fit_detectors,
+    plan,
 )
 from nd_plugin.detect.workflow import DetectionResult, _subset_loader, mi_weights_of, path_variants
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
@@ -70,6 +71,7 @@ def run_detection(
     data: str | None = None,
     *,
     steps: int = 10,
+    attack_args: Mapping[str, Any] | None = None,
     fit_n: int | None = None,
     refit: bool = False,
     out: str | os.PathLike | None = None,
@@ -91,16 +93,22 @@ def run_detection(
     fitted on other data, fit them on ``fit_n`` inputs of the training split (all by default; no
     augmentation) and save them; draw ``n`` inputs of the validation split (seeded); attack the
     correctly classified ones, keep the successful attacks; evaluate each detector on ``seeds``
-    5 / 5 / 90 splits; with ``transfer_from``, also attack with that attack and test the supervised
-    detectors fitted on it; write ``detect.json`` and PNG figures.
+    5 / 5 / 90 splits, or, when the 5% fit part cannot hold enough attacked inputs (a small
+    validation split, a weak attack), on a stratified K-fold cross-validation over all of them
+    (``result.protocol`` says which: ``"lee-5/5/90"`` or ``"stratified-kfold-K"``); with
+    ``transfer_from``, also attack with that attack and test the supervised detectors fitted on it;
+    write ``detect.json`` and PNG figures.
 
     Args:
         run: a run directory (path or :class:`~nd_plugin.commands.rundir.Run`).
-        attack: attack name (:data:`~nd_plugin.detect.attacks.ATTACKS`).
+        attack: a short name of :data:`~nd_plugin.detect.attacks.ATTACKS` or any torchattacks
+            attack's class name (case-insensitive; :func:`~nd_plugin.detect.attacks.list_attacks`).
         eps: L∞ budget in (0, 1] pixel units.
         n: clean test inputs to draw.
         data: data spec to use instead of the run's.
         steps: iterations of iterative attacks.
+        attack_args: more keyword arguments of the attack's ``__init__`` (``{"steps": 20}``,
+            ``{"loss": "dlr"}``); they win over ``eps`` and ``steps``.
         fit_n: training inputs to fit on (``None``: the whole training split).
         refit: fit the detectors even when saved ones exist.
         out: output directory (default ``RUN/detect/<attack>-eps<eps>``).
@@ -120,11 +128,12 @@ def run_detection(
         The :class:`DetectionResult`.
 
     Raises:
-        UnknownAttackError, UnknownDetectorError, ConfigError: bad names, eps or counts (checked
-            before anything loads).
+        UnknownAttackError, AttackArgumentError, UnknownDetectorError, ConfigError: bad names,
+            attack parameters, eps or counts (checked before anything loads).
         RunDirError: not a run directory, or no checkpoint.
-        DetectionError: no correctly classified input, no successful attack, or too few attacked
-            inputs for the regression (the message says how many).
+        DetectionError: no correctly classified input, no successful attack, or too few
+            successful attacks for any estimate even by cross-validation (the message says how
+            many are needed and what to change).
 
     Example:
         >>> run_detection("/nonexistent/run", attack="fgsm", eps=0.05, detectors=["odin"])
@@ -134,9 +143,10 @@ def run_detection(
     """
     from nd_plugin.detect_figures import detection_figures
 
-    key = _check_attack(attack, eps)
+    spec = resolve_attack(attack, eps, steps=steps, attack_kwargs=attack_args)
+    key, eps = spec.name, float(spec.kwargs.get("eps", eps))
     names = check_detectors(detectors)
-    source = (_check_attack(transfer_from[0], transfer_from[1]), float(transfer_from[1])) if transfer_from else None
+    source = resolve_attack(transfer_from[0], transfer_from[1], steps=steps) if transfer_from else None
     for label, value in (("n", n), ("seeds", seeds)) + ((("fit_n", fit_n),) if fit_n is not None else ()):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{label} must be a positive integer, got {value!r}.")
@@ -153,25 +163,40 @@ def run_detection(
     )
 
     feat_kw = {"std": std, "detectors": names, "magnitudes": magnitudes, "path_magnitudes": path_magnitudes, "batch_size": batch_size}
+    available = len(bundle.val)
 
-    def attacked(name: str, budget: float) -> tuple[AttackedSet, dict[str, Any]]:
+    def attacked(a: AttackSpec) -> AttackedSet:
         loader = _subset_loader(bundle.val, n, batch_size, seed)
-        say(f"attacking {len(loader.dataset)} test inputs with {name} (eps={budget:.4g})")
-        aset = attack_set(
-            dm, loader, name, budget, mean=mean, std=std, steps=steps, feature_layer=fitted.penultimate.feature_layer,
+        budget = float(a.kwargs.get("eps", eps))
+        say(f"attacking {len(loader.dataset)} test inputs with {a.name} (eps={budget:.4g})")
+        return attack_set(
+            dm, loader, a, budget, mean=mean, std=std, steps=steps, feature_layer=fitted.penultimate.feature_layer,
             stages=fitted.lee.layers, seed=seed, device=device,
         )
-        return aset, detector_features(fitted, dm, aset.x_adv, aset.adv, **feat_kw)
+
+    def hint(a: AttackSpec) -> str:
+        ways = [f"raise eps (--eps, now {float(a.kwargs['eps']):.4g}; e.g. 0.1)"] if "eps" in a.kwargs else []
+        ways.append("use a stronger attack (e.g. --attack pgd)")
+        if n < available:
+            ways.append(f"draw more inputs (--n, now {n}; the validation split holds {available})")
+        unsupervised = [d for d in names if d not in SUPERVISED] or ["path", "mahalanobis_penultimate", "max_softmax"]
+        return ", ".join(ways) + f", or measure only the unsupervised detectors (--detectors {','.join(unsupervised)})"
 
     t0 = time.perf_counter()
-    aset, adv_f = attacked(key, eps)
+    aset = attacked(spec)
+    splits = plan(aset, names, seeds=seeds, hint=hint(spec))  # before the features: a set too small stops here
+    say(f"protocol: {splits.protocol} ({splits.reason})")
+    adv_f = detector_features(fitted, dm, aset.x_adv, aset.adv, **feat_kw)
     say(f"scoring {aset.correct} clean and {aset.successful} attacked inputs")
     clean_f = detector_features(fitted, dm, aset.x_clean, aset.clean, **feat_kw)
-    results = evaluate(clean_f, adv_f, aset, seeds=seeds)
+    results = evaluate(clean_f, adv_f, aset, splits=splits)
     transfer = None
     if source is not None and any(nm in SUPERVISED for nm in names):
-        src, src_f = attacked(*source)
-        transfer = {"fitted_on": src.tag, "detectors": evaluate(clean_f, src_f, src, seeds=seeds, transfer=(adv_f, aset))}
+        src = attacked(source)
+        src_splits = plan(src, names, seeds=seeds, hint=hint(source))
+        src_f = detector_features(fitted, dm, src.x_adv, src.adv, **feat_kw)
+        transfer = {"fitted_on": src.tag, "protocol": src_splits.protocol,
+                    "detectors": evaluate(clean_f, src_f, src, splits=src_splits, transfer=(adv_f, aset))}
     det = fitted.path
     cs, as_ = det.score_probe(aset.clean), det.score_probe(aset.adv)
     per_layer = [
@@ -186,14 +211,23 @@ def run_detection(
     out_dir = Path(out) if out is not None else run.path / rundir.DETECT / aset.tag
     out_dir.mkdir(parents=True, exist_ok=True)
     result = DetectionResult(
-        attack=key, eps=float(eps), steps=int(steps), n=aset.drawn, correct=aset.correct, successful=aset.successful,
+        attack=key, eps=float(eps), steps=aset.steps, n=aset.drawn, correct=aset.correct, successful=aset.successful,
         success_rate=round(aset.successful / aset.correct, 4), clean_accuracy=round(aset.correct / aset.drawn, 4),
         detectors=results, path_variants=path_variants(fitted, aset.clean, aset.adv), per_layer=per_layer,
         detector={"method": det.method, "combine": det.combine, "file": str(run.path / PATH_FILE), **fitted.meta,
                   "evaluate_seconds": round(time.perf_counter() - t0, 1)},
-        out_dir=str(out_dir), transfer=transfer,
+        out_dir=str(out_dir), transfer=transfer, protocol=splits.protocol, protocol_info=splits.to_dict(),
+        attack_class=spec.cls, attack_args=_plain(spec.kwargs),
     )
     if figures:
         result.figures = detection_figures(out_dir, det, fitted.penultimate, aset.clean, aset.adv, cs, as_, key, eps)
     result.save(out_dir / rundir.DETECT_JSON)
     return result
+
+
+def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments as JSON values (tuples as lists, anything else as its ``repr``)."""
+    out = {}
+    for k, v in kwargs.items():
+        out[k] = list(v) if isinstance(v, tuple) else v if v is None or isinstance(v, (bool, int, float, str, list)) else repr(v)
+    return out

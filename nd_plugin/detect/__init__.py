@@ -4,8 +4,10 @@ An attacked input is pushed into a class whose clean inputs take other paths tha
 attack changes the low-level statistics first, so the gates of the bottom layers already disagree
 with the clean paths of the class the input ends up in. The package:
 
-- :mod:`~nd_plugin.detect.attacks`: :func:`attack`, adversarial inputs from torchattacks (FGSM,
-  PGD, BIM, MI-FGSM, CW, DeepFool) for a model that takes *normalised* inputs, budget in pixels;
+- :mod:`~nd_plugin.detect.attacks`: :func:`attack`, adversarial inputs from any torchattacks
+  attack, by its class name or a short name (FGSM, PGD, BIM, MI-FGSM, CW, DeepFool), its parameters
+  checked against its ``__init__`` (:func:`resolve_attack`, :func:`parse_attack_args`), for a model
+  that takes *normalised* inputs, budget in pixels;
 - :mod:`~nd_plugin.detect.features`: :func:`collect_probe`, one forward pass giving prediction,
   path, gate logits, penultimate and pooled stage features (:class:`Probe`);
 - :mod:`~nd_plugin.detect.detectors`: :class:`PathDetector`, how unlike the clean paths of its
@@ -14,7 +16,8 @@ with the clean paths of the class the input ends up in. The package:
 - :mod:`~nd_plugin.detect.baselines`: :func:`msp_score`, :class:`MahalanobisDetector`
   (penultimate, unsupervised), :class:`LeeMahalanobis` (Lee et al. 2018) and :func:`lid_scores`
   (Ma et al. 2018);
-- :mod:`~nd_plugin.detect.metrics`: AUROC / TPR at 5% FPR and Lee's 5 / 5 / 90 protocol;
+- :mod:`~nd_plugin.detect.metrics`: AUROC / TPR at 5% FPR, Lee's 5 / 5 / 90 protocol and, for
+  sets too small for it, stratified K-fold cross-validation (:func:`plan_splits`);
 - :mod:`~nd_plugin.detect.protocol`: fit, attack, featurise and evaluate every detector
   (:data:`DETECTORS`) on objects;
 - :mod:`~nd_plugin.detect.workflow`: :class:`DetectionResult`, what ``nd detect`` measures.
@@ -35,8 +38,12 @@ Example:
 
 from nd_plugin.detect.attacks import (
     ATTACKS,
+    AttackSpec,
     PixelSpaceModel,
     attack,
+    list_attacks,
+    parse_attack_args,
+    resolve_attack,
     to_normalised,
     to_pixels,
 )
@@ -57,10 +64,13 @@ from nd_plugin.detect.features import (
     find_stage_layers,
 )
 from nd_plugin.detect.metrics import (
+    Splits,
     detection_metrics,
     evaluate_supervised,
     evaluate_unsupervised,
+    kfold_splits,
     lee_splits,
+    plan_splits,
 )
 from nd_plugin.detect.protocol import (
     DETECTORS,
@@ -72,6 +82,7 @@ from nd_plugin.detect.protocol import (
     detector_features,
     evaluate,
     fit_detectors,
+    plan,
 )
 from nd_plugin.detect.workflow import (
     DetectionResult,
@@ -94,12 +105,14 @@ __all__ = [  # noqa: F822 - run_detection: __getattr__
     "LEE_MAGNITUDES",
     "LID_KS",
     "AttackedSet",
+    "AttackSpec",
     "DetectionResult",
     "FittedDetectors",
     "LeeMahalanobis",
     "MahalanobisDetector",
     "PathDetector",
     "PathScore",
+    "Splits",
     "PixelSpaceModel",
     "PooledHooks",
     "Probe",
@@ -116,11 +129,17 @@ __all__ = [  # noqa: F822 - run_detection: __getattr__
     "evaluate_unsupervised",
     "find_feature_layer",
     "find_stage_layers",
+    "kfold_splits",
     "fit_detectors",
     "lee_splits",
     "lid_scores",
+    "list_attacks",
     "mi_weights_of",
     "msp_score",
+    "parse_attack_args",
+    "plan",
+    "plan_splits",
+    "resolve_attack",
     "run_detection",
     "to_normalised",
     "to_pixels",

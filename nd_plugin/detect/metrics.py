@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from nd_plugin.errors import DetectionError
 
-__all__ = ["detection_metrics", "evaluate_supervised", "evaluate_unsupervised", "lee_splits"]
+__all__ = [
+    "KFOLD",
+    "LEE_PROTOCOL",
+    "Splits",
+    "detection_metrics",
+    "evaluate_supervised",
+    "evaluate_unsupervised",
+    "kfold_splits",
+    "lee_splits",
+    "plan_splits",
+]
 
 
 def detection_metrics(clean: np.ndarray, adversarial: np.ndarray, *, fpr: float = 0.05) -> dict[str, float]:
@@ -74,6 +86,172 @@ def lee_splits(n: int, seeds: int = 5, *, first_seed: int = 0) -> list[tuple[np.
         a, b = round(FIT_FRACTION * n), round((FIT_FRACTION + VAL_FRACTION) * n)
         out.append((order[:a], order[a:b], order[b:]))
     return out
+
+
+#: The name of Lee et al.'s protocol in results (``detect.json["protocol"]``).
+LEE_PROTOCOL = "lee-5/5/90"
+#: Folds of the stratified cross-validation used when Lee's 5% fit part is too small, in the
+#: order tried: the fewest whose fit parts hold enough attacked inputs is used (3 folds fit half
+#: as many regressions as 5 on the same inputs; more folds leave more inputs to fit on).
+KFOLD = (3, 5, 10)
+#: In a cross-validation, the share of the training folds held out to choose the hyperparameter.
+KFOLD_VAL_FRACTION = 0.25
+
+
+def kfold_splits(
+    attacked: np.ndarray, folds: int = 5, repeats: int = 1, *, val_fraction: float = KFOLD_VAL_FRACTION, first_seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Stratified K-fold cross-validation over the clean inputs (their attacks follow them), ``repeats`` times.
+
+    scikit-learn's ``StratifiedKFold`` (shuffled, seeded) splits the clean inputs, stratified by
+    whether their attack succeeded, so every test fold holds its share of the attacked inputs; the
+    other folds are split again (``train_test_split``, stratified) into a fit part and a
+    ``val_fraction`` part that chooses the hyperparameter, as Lee's 5% / 5% parts do. An input and
+    its attack always sit in the same part.
+
+    Args:
+        attacked: ``(N,)`` bool, for each clean input whether its attack succeeded.
+        folds: K (at least 2, at most the number of attacked inputs).
+        repeats: how many times to repeat the K folds (seeds ``first_seed``, ``first_seed + 1``, …).
+        val_fraction: share of the training folds used to choose the hyperparameter.
+        first_seed: seed of the first repetition.
+
+    Returns:
+        ``folds · repeats`` triples ``(fit, val, test)`` of indices of clean inputs.
+
+    Example:
+        >>> attacked = np.arange(100) % 5 == 0  # 20 of 100 attacks succeeded
+        >>> parts = kfold_splits(attacked, folds=5)
+        >>> len(parts), sorted(np.concatenate([t for _f, _v, t in parts]).tolist()) == list(range(100))
+        (5, True)
+        >>> fit, val, test = parts[0]
+        >>> len(fit), len(val), len(test), int(attacked[fit].sum()), int(attacked[test].sum())
+        (60, 20, 20, 12, 4)
+    """
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    y = np.asarray(attacked, dtype=bool).astype(int)
+    counts = np.bincount(y, minlength=2)
+    if counts[counts > 0].min() < folds:  # (nearly) every attack succeeded: nothing to stratify by
+        y = np.zeros_like(y)
+    idx = np.arange(y.size)
+    out = []
+    for r in range(first_seed, first_seed + repeats):
+        for train, test in StratifiedKFold(n_splits=folds, shuffle=True, random_state=r).split(idx, y):
+            strata = y[train] if np.bincount(y[train]).min() >= 2 else None
+            fit, val = train_test_split(train, test_size=val_fraction, stratify=strata, random_state=r)
+            out.append((np.sort(fit), np.sort(val), np.sort(test)))
+    return out
+
+
+@dataclass(frozen=True)
+class Splits:
+    """An evaluation protocol: its name and the ``(fit, val, test)`` parts of the clean inputs.
+
+    Attributes:
+        protocol: ``"lee-5/5/90"`` (Lee et al.: 5% fit, 5% choice, 90% test, one split per seed)
+            or ``"stratified-kfold-K"`` (:func:`kfold_splits`).
+        parts: ``(fit, val, test)`` indices of clean inputs (their attacks follow them).
+        repeats: seeds of Lee's split, or repetitions of the K folds.
+        reason: why this protocol, in one sentence.
+    """
+
+    protocol: str
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(repr=False)
+    repeats: int
+    reason: str = ""
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "splits", "repeats", "reason", "description"}`` (what ``detect.json`` records)."""
+        if self.protocol == LEE_PROTOCOL:
+            what = (f"Lee et al. 2018: clean = correctly classified, positives = successful attacks; 5% fit / 5% choice "
+                    f"/ 90% test, {self.repeats} seeds")
+        else:
+            what = (f"stratified {len(self.parts) // max(self.repeats, 1)}-fold cross-validation over all clean inputs and "
+                    f"their successful attacks (scikit-learn StratifiedKFold, {self.repeats} repetition(s)); in each, "
+                    f"{1 - KFOLD_VAL_FRACTION:.0%} of the training folds fit, {KFOLD_VAL_FRACTION:.0%} choose, the held-out fold tests")
+        return {"name": self.protocol, "splits": len(self.parts), "repeats": self.repeats, "reason": self.reason, "description": what}
+
+
+def _fit_counts(parts: Sequence[tuple[np.ndarray, ...]], attacked: np.ndarray) -> tuple[int, int]:
+    """The fewest attacked and the fewest clean inputs any fit part holds."""
+    return (min(int(attacked[f].sum()) for f, _v, _t in parts), min(len(f) for f, _v, _t in parts))
+
+
+def plan_splits(
+    correct: int,
+    adv_index: np.ndarray,
+    *,
+    seeds: int = 5,
+    supervised: bool = True,
+    folds: Sequence[int] = KFOLD,
+    hint: str = "",
+) -> Splits:
+    """Lee's 5 / 5 / 90 split when it can hold enough inputs, else stratified K-fold cross-validation.
+
+    Lee's protocol is used when every seed's 5% fit part holds at least :data:`MIN_FIT_PER_CLASS`
+    attacked and clean inputs (only asked when ``supervised``: some detector fits a regression) and
+    every 90% test part holds an attacked input. Otherwise all the data there are are used by
+    :func:`kfold_splits`: K is the first of ``folds`` (at most the number of successful attacks)
+    whose fit parts hold enough attacked inputs, and the K folds are repeated ``seeds // K`` times
+    (at least once), so that no more regressions are fitted than with Lee's seeds.
+
+    Args:
+        correct: clean inputs (the correctly classified ones).
+        adv_index: ``(M,)`` the clean input each successful attack was made from.
+        seeds: seeds of Lee's split (and the budget of repetitions of the cross-validation).
+        supervised: whether a regression has to be fitted on the fit parts.
+        folds: the Ks to try, in order.
+        hint: what the caller can do about too few attacks (appended to the error).
+
+    Returns:
+        The :class:`Splits`.
+
+    Raises:
+        DetectionError: too few successful attacks for any estimate (the message says how many are needed).
+
+    Example:
+        >>> plan_splits(2000, np.arange(0, 2000, 2)).protocol  # 1,000 attacks: 5% holds 50
+        'lee-5/5/90'
+        >>> small = plan_splits(340, np.arange(0, 340, 7))  # 49 attacks: 5% would hold about 2
+        >>> small.protocol, len(small), small.repeats
+        ('stratified-kfold-3', 3, 1)
+        >>> plan_splits(340, np.arange(0, 340, 20)).protocol  # 17 attacks: 3 folds would fit on too few
+        'stratified-kfold-5'
+    """
+    attacked = np.zeros(int(correct), dtype=bool)
+    attacked[np.asarray(adv_index, dtype=np.int64)] = True
+    n_adv = int(attacked.sum())
+    widest = max(folds)
+    need = math.ceil(MIN_FIT_PER_CLASS / ((widest - 1) / widest * (1 - KFOLD_VAL_FRACTION))) if supervised else 2
+    if n_adv >= 2:
+        lee = lee_splits(int(correct), seeds)
+        fit_adv, fit_clean = _fit_counts(lee, attacked)
+        if all(attacked[t].any() for _f, _v, t in lee) and (not supervised or min(fit_adv, fit_clean) >= MIN_FIT_PER_CLASS):
+            return Splits(LEE_PROTOCOL, lee, seeds, f"{n_adv} successful attacks on {correct} clean inputs: Lee's 5% fit part holds enough")
+        reason = (f"Lee's 5% fit part would hold {fit_adv} attacked and {fit_clean} clean inputs (a regression needs "
+                  f"{MIN_FIT_PER_CLASS} of each): all {correct} clean inputs and {n_adv} successful attacks are cross-validated")
+        if not supervised:
+            reason = (f"a 90% test part of Lee's would hold no attacked input: all {correct} clean inputs and {n_adv} "
+                      "successful attacks are cross-validated")
+        for k in dict.fromkeys(min(int(f), n_adv) for f in folds):
+            if k < 2:
+                continue
+            repeats = max(1, seeds // k)
+            parts = kfold_splits(attacked, k, repeats)
+            if not supervised or min(_fit_counts(parts, attacked)) >= MIN_FIT_PER_CLASS:
+                return Splits(f"stratified-kfold-{k}", parts, repeats, reason)
+    what = (f"the supervised detectors' regression needs at least {MIN_FIT_PER_CLASS} attacked inputs in the fit part of a "
+            f"{widest}-fold cross-validation, so at least {need} successful attacks" if supervised else
+            "measuring a detector needs at least 2 successful attacks")
+    raise DetectionError(f"only {n_adv} of the {correct} correctly classified inputs were attacked successfully; {what}"
+                         + (f": {hint}" if hint else "."))
 
 
 def _part(clean: np.ndarray, adv: np.ndarray, adv_index: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,10 @@
   attacks kept (:class:`AttackedSet`);
 - :func:`detector_features`: what each detector reads of some inputs (one forward pass for the
   unsupervised ones; Lee's preprocessing adds its own passes);
-- :func:`evaluate`: every detector on Lee's 5 / 5 / 90 split over several seeds, optionally fitted
-  on one attack and tested on another (transfer).
+- :func:`plan`: the evaluation protocol: Lee's 5 / 5 / 90 split over several seeds, or stratified
+  K-fold cross-validation when the 5% fit part cannot hold enough attacked inputs (small runs);
+- :func:`evaluate`: every detector on those splits, optionally fitted on one attack and tested on
+  another (transfer).
 
 Detector names (:data:`DETECTORS`): ``path`` (unsupervised, one forward pass), ``path_supervised``
 (logistic regression over per-layer path features: distances to every class mean and class
@@ -21,6 +23,7 @@ posteriors), ``path_supervised_raw`` (the same regression over the raw soft path
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nd_plugin.detect.attacks import _check_attack, attack
+from nd_plugin.detect.attacks import AttackSpec, attack, resolve_attack
 from nd_plugin.detect.baselines import (
     LEE_MAGNITUDES,
     LID_KS,
@@ -48,9 +51,11 @@ from nd_plugin.detect.features import (
     find_stage_layers,
 )
 from nd_plugin.detect.metrics import (
+    Splits,
     evaluate_supervised,
     evaluate_unsupervised,
     lee_splits,
+    plan_splits,
 )
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 
@@ -65,6 +70,7 @@ __all__ = [
     "detector_features",
     "evaluate",
     "fit_detectors",
+    "plan",
 ]
 
 #: Every detector :func:`evaluate` measures, in the order of the tables.
@@ -184,11 +190,14 @@ class AttackedSet:
     """Clean test inputs the model classifies correctly, and the successful attacks on them.
 
     Attributes:
-        attack, eps, steps: the attack.
+        attack, eps, steps: the attack (its name as filed: a short name or the lower-case
+            torchattacks class name).
         drawn: test inputs drawn; correct: of those, correctly classified (the negatives).
         clean: probe of the correctly classified inputs; adv: probe of the successful attacks.
         adv_index: ``(M,)`` for each successful attack, the index in ``clean`` of its input.
         x_clean, x_adv: the normalised inputs (CPU), for detectors that run extra passes.
+        spec: the attack as built (:class:`~nd_plugin.detect.attacks.AttackSpec`: class and every
+            keyword argument), or ``None``.
     """
 
     attack: str
@@ -201,6 +210,7 @@ class AttackedSet:
     adv_index: np.ndarray
     x_clean: torch.Tensor
     x_adv: torch.Tensor
+    spec: AttackSpec | None = None
 
     @property
     def successful(self) -> int:
@@ -208,15 +218,20 @@ class AttackedSet:
 
     @property
     def tag(self) -> str:
-        """``ATTACK-epsEPS`` (e.g. ``fgsm-eps0.0314``), the name of its output folder."""
-        return f"{self.attack}-eps{f'{self.eps:.4f}'.rstrip('0').rstrip('.')}"
+        """``ATTACK-epsEPS[-NAME=VALUE...]`` (e.g. ``fgsm-eps0.0314``, ``apgd-eps0.0314-loss=dlr``), the
+        name of its output folder; the parameters set by the caller (other than ``eps``) are appended."""
+        tag = f"{self.attack}-eps{f'{self.eps:.4f}'.rstrip('0').rstrip('.')}"
+        for k, v in sorted((self.spec.user_kwargs if self.spec else {}).items()):
+            if k != "eps":
+                tag += "-" + re.sub(r"[^A-Za-z0-9._=+-]", "", f"{k}={v}")
+        return tag
 
 
 def attack_set(
     dm: nn.Module,
     loader: Iterable,
-    attack_name: str,
-    eps: float,
+    attack_name: str | AttackSpec,
+    eps: float = 8 / 255,
     *,
     mean: Sequence[float],
     std: Sequence[float],
@@ -226,14 +241,23 @@ def attack_set(
     seed: int = 0,
     device: torch.device | str = "cpu",
     gate_inputs: bool = False,
+    attack_kwargs: dict[str, Any] | None = None,
 ) -> AttackedSet:
     """Attacks the correctly classified inputs of ``loader``; keeps the successful attacks.
 
+    ``attack_name`` is any attack :func:`~nd_plugin.detect.attacks.attack` takes (a short name, a
+    torchattacks class name, or an :class:`~nd_plugin.detect.attacks.AttackSpec`);
+    ``attack_kwargs`` are more keyword arguments of its ``__init__``.
+
     Raises:
-        UnknownAttackError, ConfigError: bad attack name or eps.
+        UnknownAttackError, AttackArgumentError, ConfigError: bad attack name, parameter or eps.
         DetectionError: no input classified correctly, or no attack succeeded.
     """
-    key = _check_attack(attack_name, eps)
+    spec = attack_name if isinstance(attack_name, AttackSpec) else resolve_attack(
+        attack_name, eps, steps=steps, attack_kwargs=attack_kwargs
+    )
+    key = spec.name
+    eps = float(spec.kwargs.get("eps", eps))
     clean_parts, adv_parts, xs_clean, xs_adv, index = [], [], [], [], []
     drawn = correct = 0
     kw = {"feature_layer": feature_layer, "stages": stages, "device": device, "gate_inputs": gate_inputs}
@@ -244,7 +268,7 @@ def attack_set(
         drawn += len(cp)
         if ok.any():
             idx = torch.as_tensor(np.flatnonzero(ok), device=xb.device)
-            adv = attack(dm, xb[idx], yb[idx], key, eps, mean=mean, std=std, steps=steps, seed=seed + b)
+            adv = attack(dm, xb[idx], yb[idx], spec, mean=mean, std=std, seed=seed + b)
             ap = collect_probe(dm, [(adv, yb[idx])], **kw)
             fooled = ap.preds != ap.labels
             clean_parts.append(cp.select(ok))
@@ -259,11 +283,11 @@ def attack_set(
     if not adv_parts:
         raise DetectionError(
             f"attack {key} at eps={eps:.4g} succeeded on none of the {correct} correctly classified inputs "
-            "(success rate 0): nothing to detect; raise --eps or use a stronger attack (e.g. pgd)."
+            "(success rate 0): nothing to detect; raise eps (--eps) or use a stronger attack (e.g. pgd)."
         )
     return AttackedSet(
-        key, float(eps), int(steps), drawn, correct, Probe.concat(clean_parts), Probe.concat(adv_parts),
-        np.concatenate(index), torch.cat(xs_clean), torch.cat(xs_adv),
+        key, float(eps), int(spec.user_kwargs.get("steps", steps)), drawn, correct, Probe.concat(clean_parts),
+        Probe.concat(adv_parts), np.concatenate(index), torch.cat(xs_clean), torch.cat(xs_adv), spec,
     )
 
 
@@ -331,6 +355,19 @@ def _candidates(name: str, clean: dict[str, Any], adv: dict[str, Any], aset: Att
     return {None: (clean[name], adv[name])}
 
 
+def plan(aset: AttackedSet, detectors: Iterable[str], *, seeds: int = 5, hint: str = "") -> Splits:
+    """The evaluation protocol for ``aset``: Lee's 5 / 5 / 90 split, or stratified K-fold
+    cross-validation when Lee's 5% fit part cannot hold enough attacked inputs
+    (:func:`~nd_plugin.detect.metrics.plan_splits`; only asked when a detector of ``detectors``
+    is supervised).
+
+    Raises:
+        DetectionError: too few successful attacks for any estimate (``hint`` says what to do).
+    """
+    supervised = any(n in SUPERVISED for n in detectors)
+    return plan_splits(aset.correct, aset.adv_index, seeds=seeds, supervised=supervised, hint=hint)
+
+
 def evaluate(
     clean: dict[str, Any],
     adv: dict[str, Any],
@@ -338,19 +375,22 @@ def evaluate(
     *,
     seeds: int = 5,
     transfer: tuple[dict[str, Any], AttackedSet] | None = None,
+    splits: Splits | Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every detector in ``adv`` on Lee's protocol: 5% fit, 5% choice of hyperparameter, 90% test.
 
-    Unsupervised detectors are measured on the same 90% test parts. With ``transfer = (adv2,
+    Unsupervised detectors are measured on the same test parts. With ``transfer = (adv2,
     aset2)`` (another attack on the same clean inputs) the supervised detectors are fitted and
-    chosen on ``aset`` and tested on ``aset2``.
+    chosen on ``aset`` and tested on ``aset2``. ``splits`` replaces Lee's ``seeds`` splits
+    (e.g. :func:`plan`'s, which falls back to stratified K-fold cross-validation on small sets).
 
     Returns:
-        ``{name: {"auroc", "auroc_std", "tpr_at_5fpr", "tpr_at_5fpr_std", "seeds"[, "chosen"]}}``.
+        ``{name: {"auroc", "auroc_std", "tpr_at_5fpr", "tpr_at_5fpr_std", "seeds"[, "chosen"]}}``
+        (``seeds``: how many test parts the mean and std are over).
     """
     if transfer is not None and transfer[1].correct != aset.correct:
         raise DetectionError("a transfer needs both attacks on the same clean inputs (same --n, --seed and data).")
-    splits = lee_splits(aset.correct, seeds)
+    splits = lee_splits(aset.correct, seeds) if splits is None else list(splits)
     out: dict[str, dict[str, Any]] = {}
     for name in (n for n in DETECTORS if n in adv):
         if name not in SUPERVISED:

@@ -38,13 +38,20 @@ class DetectionResult:
     """What :func:`run_detection` measured (also written as ``detect.json``).
 
     Attributes:
-        attack, eps, steps: the attack; n: clean inputs drawn; correct: of those, correctly
+        attack, eps, steps: the attack (a short name or a torchattacks class name in lower case);
+        attack_class, attack_args: the torchattacks class and every keyword argument it was built
+        with (``torchattacks.<attack_class>(model, **attack_args)``); n: clean inputs drawn; correct: of those, correctly
         classified (the negatives); successful: of those, misclassified after the attack (the
         positives); success_rate: ``successful / correct``; clean_accuracy: ``correct / n``.
         detectors: ``{name: {"auroc", "auroc_std", "tpr_at_5fpr", "tpr_at_5fpr_std", "seeds"[,
-        "chosen"]}}`` on Lee's 5 / 5 / 90 protocol (names: :data:`~nd_plugin.detect.protocol.DETECTORS`).
-        transfer: ``{"fitted_on": TAG, "detectors": {...}}`` for the supervised detectors fitted on
-        another attack of the same clean inputs, or ``None``.
+        "chosen"]}}`` (names: :data:`~nd_plugin.detect.protocol.DETECTORS`; ``seeds``: the number of
+        test parts the mean and std are over).
+        protocol: ``"lee-5/5/90"`` (Lee et al.'s 5% fit / 5% choice / 90% test, one split per seed)
+        or ``"stratified-kfold-K"`` (cross-validation over all inputs, when Lee's 5% fit part
+        cannot hold enough attacked inputs); protocol_info: its ``name``, ``splits``, ``repeats``,
+        ``reason`` and ``description``.
+        transfer: ``{"fitted_on": TAG, "protocol": ..., "detectors": {...}}`` for the supervised
+        detectors fitted on another attack of the same clean inputs, or ``None``.
         path_variants: AUROC of every score of :class:`PathDetector` on all inputs (no split).
         per_layer: per gated layer, the mean standardised path score of clean and attacked inputs
         and the layer's AUROC. detector: the path detector's settings and fit (``fit_n``,
@@ -65,7 +72,10 @@ class DetectionResult:
     detector: dict[str, Any]
     out_dir: str
     transfer: dict[str, Any] | None = None
-    protocol: str = "Lee et al. 2018: clean = correctly classified, positives = successful attacks; 5% fit / 5% choice / 90% test"
+    protocol: str = "lee-5/5/90"
+    protocol_info: dict[str, Any] = field(default_factory=dict)
+    attack_class: str = ""
+    attack_args: dict[str, Any] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
