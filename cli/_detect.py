@@ -27,7 +27,7 @@ def detect_command(
     batch_size: Annotated[int, typer.Option(help="inputs per forward pass and attack batch")] = 200,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of the input draw and the attack")] = 0,
-    detectors: Annotated[str | None, typer.Option(help="comma-separated detectors (default all): path, path_supervised, path_supervised_raw, path_supervised_full, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax")] = None,
+    detectors: Annotated[str | None, typer.Option(help="comma-separated detectors (default all): path, path_supervised, path_supervised_raw, path_supervised_full, combined, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax")] = None,
     seeds: Annotated[int, typer.Option(help="repetitions of Lee's 5/5/90 split (mean and std reported); a small set is cross-validated instead (stratified k-fold, about as many fits)")] = 5,
     transfer_from: Annotated[str | None, typer.Option(help="ATTACK:EPS to fit the supervised detectors on and test on --attack, e.g. fgsm:0.05")] = None,
 ) -> None:
@@ -64,13 +64,16 @@ def detect_command(
     )
     info = res.protocol_info
     typer.echo(f"protocol {res.protocol}, {info.get('splits', '?')} test parts: {info.get('reason', '')}")
-    _table(res.detectors)
+    _table(res.detectors, res.recommended)
+    if res.recommended:
+        typer.echo(f"recommended: {res.recommended} (*)")
     if res.transfer:
         typer.echo(f"fitted on {res.transfer['fitted_on']} (protocol {res.transfer.get('protocol', res.protocol)}), tested on {res.attack}:")
         _table(res.transfer["detectors"])
     typer.echo(f"wrote {Path(res.out_dir) / DETECT_JSON}")
 
 
-def _table(detectors: dict) -> None:
+def _table(detectors: dict, recommended: str | None = None) -> None:
     for name, m in detectors.items():
-        typer.echo(f"  {name:<24} AUROC {m['auroc']:.4f} ± {m['auroc_std']:.4f}  TPR@5%FPR {m['tpr_at_5fpr']:.4f}")
+        mark = "*" if name == recommended else " "
+        typer.echo(f" {mark}{name:<24} AUROC {m['auroc']:.4f} ± {m['auroc_std']:.4f}  TPR@5%FPR {m['tpr_at_5fpr']:.4f}")

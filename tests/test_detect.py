@@ -472,6 +472,8 @@ def test_run_detection_end_to_end(tiny_run):
     assert res.detectors["mahalanobis_lee"]["chosen"][0] in (0.0, 0.005)
     assert res.detectors["path_supervised"]["chosen"][0] in (0.0, 0.005)  # preprocessing through the path score
     assert res.transfer["fitted_on"] == "fgsm-eps0.3" and set(res.transfer["detectors"]) == set(SUPERVISED)
+    assert res.recommended == "combined" and res.detectors["combined"]["auroc"] > 0.8
+    assert set(res.detectors["combined"]["chosen"]) <= {"scores", "scores+path_features"}
     out = json.loads((tiny_run / "detect" / "pgd-eps0.3" / "detect.json").read_text())
     assert out["detectors"]["lid"] == res.detectors["lid"] and out["detector"]["fit_n"] == "480"
     for f in res.figures:
@@ -529,6 +531,10 @@ def test_cli_small_run_prints_the_protocol_and_a_table(tiny_run):
     assert r.exit_code == 0, r.output
     assert "protocol stratified-kfold-" in r.output and "Lee's 5% fit part would hold" in r.output
     assert "lid " in r.output and "AUROC" in r.output and "pgd-eps0.3-random_start=False-steps=2" in r.output
+    # no combined measured: the highest AUROC of those measured is recommended, and marked in the table
+    rows = {ln.split()[0].lstrip("*"): float(ln.split()[2]) for ln in r.output.splitlines() if "AUROC" in ln}
+    best = max(rows, key=rows.get)
+    assert set(rows) == {"path", "lid"} and f"recommended: {best} (*)" in r.output and f" *{best} " in r.output
 
 
 def test_run_detection_zero_success(tiny_run):
@@ -561,3 +567,43 @@ def test_cli_one_line_errors(dm, tmp_path):
         assert r.exit_code != 0
         text = r.output.strip()
         assert msg in text and "Traceback" not in text and len(text.splitlines()) == 1, text
+
+
+# ------------------------------------------------------------------ the combined detector (issue 24, item 3)
+
+
+def test_confidence_features_and_lee_scores_without_a_pass(dm, clean):
+    from nd_plugin.detect import confidence_features
+
+    x, y = clean
+    probe = collect_probe(dm, [(x, y)], feature_layer="fc", stages=find_stage_layers(dm.model))
+    f = confidence_features(probe.logits)
+    assert f.shape == (len(x), 6) and np.allclose(f[:, 0], 1 - msp_score(probe.logits))
+    assert (f[:, 2] >= 0).all() and (f[:, 4] >= 0).all() and (f[:, 1] >= 0).all()  # margins and entropy
+    lee = LeeMahalanobis().fit_probe(probe, find_stage_layers(dm.model))
+    assert np.allclose(lee.score_probe(probe), lee.scores(dm, x, (0.0,), std=STD)[0.0], rtol=1e-3)  # float64 vs float32
+    with pytest.raises(DetectionError, match="no stage features"):
+        lee.score_probe(collect_probe(dm, x[:4]))
+
+
+def test_combined_detector_features_and_recommendation(dm, clean):
+    from nd_plugin.detect import COMBINED_SETS, combined_features, detector_features, fit_detectors, recommend
+
+    x, y = clean
+    fitted = fit_detectors(dm, [(x, y)])
+    probe = collect_probe(dm, x[:20], feature_layer="fc", stages=fitted.lee.layers)
+    sets = combined_features(fitted, probe)
+    assert tuple(sets) == COMBINED_SETS
+    L, k, stages = len(dm.site_names), 3, len(fitted.lee.layers)
+    assert sets["scores"].shape == (20, 1 + 6 + 1 + stages)
+    path = fitted.path.path_features(probe)
+    assert np.array_equal(sets["scores+path_features"], np.c_[sets["scores"], path]) and path.shape[1] == L * 2 * k
+    assert np.allclose(sets["scores"][:, 0], fitted.path.score_probe(probe).overall)
+    # a probe without penultimate or stage features: the scores it has (the path score and the confidence)
+    bare = combined_features(fitted, collect_probe(dm, x[:20]))
+    assert bare["scores"].shape == (20, 7)
+    out = detector_features(fitted, dm, x[:20], probe, std=STD, detectors=["combined", "path_supervised"])
+    assert np.array_equal(out["combined"]["scores+path_features"][:, 8 + stages :], out["path_supervised"])
+    assert "combined" in DETECTORS and "combined" in SUPERVISED
+    assert recommend({"path": {"auroc": 0.99}, "combined": {"auroc": 0.9}}) == "combined"
+    assert recommend({}) is None

@@ -33,6 +33,7 @@ from nd_plugin.detect.protocol import (
     evaluate,
     fit_detectors,
     plan,
+    recommend,
 )
 from nd_plugin.detect.workflow import DetectionResult, _subset_loader, mi_weights_of, path_variants
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
@@ -139,7 +140,7 @@ def run_detection(
         >>> run_detection("/nonexistent/run", attack="fgsm", eps=0.05, detectors=["odin"])
         Traceback (most recent call last):
         ...
-        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
+        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, combined, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
     """
     from nd_plugin.detect_figures import detection_figures
 
@@ -217,7 +218,7 @@ def run_detection(
         detector={"method": det.method, "combine": det.combine, "file": str(run.path / PATH_FILE), **fitted.meta,
                   "evaluate_seconds": round(time.perf_counter() - t0, 1)},
         out_dir=str(out_dir), transfer=transfer, protocol=splits.protocol, protocol_info=splits.to_dict(),
-        attack_class=spec.cls, attack_args=_plain(spec.kwargs),
+        attack_class=spec.cls, attack_args=_plain(spec.kwargs), recommended=recommend(results),
     )
     if figures:
         result.figures = detection_figures(out_dir, det, fitted.penultimate, aset.clean, aset.adv, cs, as_, key, eps)

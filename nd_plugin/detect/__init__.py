@@ -13,13 +13,13 @@ with the clean paths of the class the input ends up in. The package:
 - :mod:`~nd_plugin.detect.detectors`: :class:`PathDetector`, how unlike the clean paths of its
   predicted class an input's path is (unsupervised, one forward pass), and the path features of
   the supervised path detectors;
-- :mod:`~nd_plugin.detect.baselines`: :func:`msp_score`, :class:`MahalanobisDetector`
+- :mod:`~nd_plugin.detect.baselines`: :func:`msp_score`, :func:`confidence_features`, :class:`MahalanobisDetector`
   (penultimate, unsupervised), :class:`LeeMahalanobis` (Lee et al. 2018) and :func:`lid_scores`
   (Ma et al. 2018);
 - :mod:`~nd_plugin.detect.metrics`: AUROC / TPR at 5% FPR, Lee's 5 / 5 / 90 protocol and, for
   sets too small for it, stratified K-fold cross-validation (:func:`plan_splits`);
 - :mod:`~nd_plugin.detect.protocol`: fit, attack, featurise and evaluate every detector
-  (:data:`DETECTORS`) on objects;
+  (:data:`DETECTORS`, among them ``combined``: :func:`combined_features`) on objects;
 - :mod:`~nd_plugin.detect.workflow`: :class:`DetectionResult`, what ``nd detect`` measures.
   Figures are drawn by :mod:`nd_plugin.detect_figures`; :func:`run_detection`, what ``nd detect``
   does on a run directory, is :mod:`nd_plugin.commands.detect`'s (re-exported here).
@@ -52,6 +52,7 @@ from nd_plugin.detect.baselines import (
     LID_KS,
     LeeMahalanobis,
     MahalanobisDetector,
+    confidence_features,
     lid_scores,
     msp_score,
 )
@@ -73,16 +74,19 @@ from nd_plugin.detect.metrics import (
     plan_splits,
 )
 from nd_plugin.detect.protocol import (
+    COMBINED_SETS,
     DETECTORS,
     AttackedSet,
     FittedDetectors,
     UnknownDetectorError,
     attack_set,
     check_detectors,
+    combined_features,
     detector_features,
     evaluate,
     fit_detectors,
     plan,
+    recommend,
 )
 from nd_plugin.detect.workflow import (
     DetectionResult,
@@ -101,27 +105,30 @@ def __getattr__(name: str):
 
 __all__ = [  # noqa: F822 - run_detection: __getattr__
     "ATTACKS",
+    "COMBINED_SETS",
     "DETECTORS",
     "LEE_MAGNITUDES",
     "LID_KS",
-    "AttackedSet",
     "AttackSpec",
+    "AttackedSet",
     "DetectionResult",
     "FittedDetectors",
     "LeeMahalanobis",
     "MahalanobisDetector",
     "PathDetector",
     "PathScore",
-    "Splits",
     "PixelSpaceModel",
     "PooledHooks",
     "Probe",
+    "Splits",
     "UnknownDetectorError",
     "attack",
     "attack_and_probe",
     "attack_set",
     "check_detectors",
     "collect_probe",
+    "combined_features",
+    "confidence_features",
     "detection_metrics",
     "detector_features",
     "evaluate",
@@ -129,8 +136,8 @@ __all__ = [  # noqa: F822 - run_detection: __getattr__
     "evaluate_unsupervised",
     "find_feature_layer",
     "find_stage_layers",
-    "kfold_splits",
     "fit_detectors",
+    "kfold_splits",
     "lee_splits",
     "lid_scores",
     "list_attacks",
@@ -139,6 +146,7 @@ __all__ = [  # noqa: F822 - run_detection: __getattr__
     "parse_attack_args",
     "plan",
     "plan_splits",
+    "recommend",
     "resolve_attack",
     "run_detection",
     "to_normalised",

@@ -21,7 +21,16 @@ from nd_plugin.detect.features import (
 from nd_plugin.errors import DetectionError, RunDirError
 from nd_plugin.files import atomic_savez
 
-__all__ = ["LEE_MAGNITUDES", "LID_KS", "LeeMahalanobis", "MahalanobisDetector", "lid_scores", "msp_score"]
+__all__ = [
+    "CONFIDENCE_FEATURES",
+    "LEE_MAGNITUDES",
+    "LID_KS",
+    "LeeMahalanobis",
+    "MahalanobisDetector",
+    "confidence_features",
+    "lid_scores",
+    "msp_score",
+]
 
 
 def msp_score(logits: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -33,6 +42,33 @@ def msp_score(logits: np.ndarray | torch.Tensor) -> np.ndarray:
     """
     t = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     return (1.0 - torch.softmax(t, dim=1).max(1).values).numpy()
+
+
+#: The columns of :func:`confidence_features`.
+CONFIDENCE_FEATURES = ("max_softmax", "entropy", "softmax_margin", "max_logit", "logit_margin", "logsumexp")
+
+
+def confidence_features(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``(N, 6)`` the classifier's own confidence statistics (:data:`CONFIDENCE_FEATURES`).
+
+    Per input: the maximum softmax probability, the softmax entropy, the gap between the two
+    largest probabilities, the largest logit, the gap between the two largest logits, and the
+    log-sum-exp of the logits (the negative "energy").
+
+    Example:
+        >>> f = confidence_features(np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+        >>> f.shape, f[1].round(3).tolist()
+        ((2, 6), [0.333, 1.099, 0.0, 0.0, 0.0, 1.099])
+    """
+    t = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    logp = torch.log_softmax(t, dim=1)
+    p = logp.exp()
+    top_p = p.topk(min(2, p.shape[1]), dim=1).values
+    top_z = t.topk(min(2, t.shape[1]), dim=1).values
+    second_p = top_p[:, 1] if top_p.shape[1] > 1 else torch.zeros_like(top_p[:, 0])
+    second_z = top_z[:, 1] if top_z.shape[1] > 1 else top_z[:, 0]
+    cols = [top_p[:, 0], -(p * logp).sum(1), top_p[:, 0] - second_p, top_z[:, 0], top_z[:, 0] - second_z, torch.logsumexp(t, 1)]
+    return torch.stack(cols, 1).numpy()
 
 
 class MahalanobisDetector:
@@ -178,6 +214,25 @@ class LeeMahalanobis:
             self.means.append(mu)
             self.precisions.append(EmpiricalCovariance(assume_centered=True).fit(f - mu[y]).precision_)
         return self
+
+    def score_probe(self, probe: Probe) -> np.ndarray:
+        """``(N, L)`` per-layer distance to the closest class mean of the stage features in ``probe``
+        (no preprocessing, no model call: the scores of magnitude 0).
+
+        Raises:
+            DetectionError: not fitted, or the probe holds no stage features of these layers.
+        """
+        if not self.means:
+            raise DetectionError("this LeeMahalanobis is not fitted: call fit(dm, clean_loader).")
+        if probe.stages is None or len(probe.stages) != len(self.means):
+            raise DetectionError(f"the probe holds no stage features of {self.layers}; collect it with stages=lee.layers.")
+        out = np.empty((len(probe), len(self.means)))
+        for l, (f, mu, prec) in enumerate(zip(probe.stages, self.means, self.precisions)):
+            f = f.astype(np.float64)
+            fp = f @ prec
+            d = (fp * f).sum(1)[:, None] - 2 * fp @ mu.T + np.einsum("kc,cd,kd->k", mu, prec, mu)[None]
+            out[:, l] = d.min(1)
+        return out
 
     def _distances(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per layer ``(N, K)`` Mahalanobis distances (torch, differentiable)."""

@@ -16,6 +16,10 @@ Detector names (:data:`DETECTORS`): ``path`` (unsupervised, one forward pass), `
 (logistic regression over per-layer path features: distances to every class mean and class
 posteriors), ``path_supervised_raw`` (the same regression over the raw soft path),
 ``path_supervised_full`` (over both: the per-layer path features and the raw soft path),
+``combined`` (the path score, the classifier's confidence statistics and, where the probe holds
+them, the penultimate and Lee's per-layer Mahalanobis distances, with or without the per-layer
+path features, the set chosen on the choice part: every one-pass detector's evidence in one
+regression; :func:`combined_features`),
 ``mahalanobis_lee`` (Lee et al.: feature ensemble, tied covariance, preprocessing, regression),
 ``lid`` (Ma et al., ICLR 2018, k chosen on held-out attacked data), ``mahalanobis_penultimate``
 (the penultimate-only, unsupervised ablation of Lee et al.), ``max_softmax``.
@@ -40,6 +44,7 @@ from nd_plugin.detect.baselines import (
     LID_KS,
     LeeMahalanobis,
     MahalanobisDetector,
+    confidence_features,
     lid_scores,
     msp_score,
 )
@@ -60,6 +65,7 @@ from nd_plugin.detect.metrics import (
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 
 __all__ = [
+    "COMBINED_SETS",
     "DETECTORS",
     "PATH_ONLY",
     "AttackedSet",
@@ -67,19 +73,23 @@ __all__ = [
     "UnknownDetectorError",
     "attack_set",
     "check_detectors",
+    "combined_features",
     "detector_features",
     "evaluate",
     "fit_detectors",
     "plan",
+    "recommend",
 ]
 
 #: Every detector :func:`evaluate` measures, in the order of the tables.
 DETECTORS = (
-    "path", "path_supervised", "path_supervised_raw", "path_supervised_full",
+    "path", "path_supervised", "path_supervised_raw", "path_supervised_full", "combined",
     "mahalanobis_lee", "lid", "mahalanobis_penultimate", "max_softmax",
 )  # fmt: skip
 #: Detectors with a logistic regression fitted on attacked inputs (Lee's protocol).
-SUPERVISED = ("path_supervised", "path_supervised_raw", "path_supervised_full", "mahalanobis_lee", "lid")
+SUPERVISED = ("path_supervised", "path_supervised_raw", "path_supervised_full", "combined", "mahalanobis_lee", "lid")
+#: The detector a report recommends when it was measured (:func:`recommend`).
+RECOMMENDED = "combined"
 #: Detectors that read only the forward pass's path and logits (no extra pass, no features).
 PATH_ONLY = ("path", "path_supervised", "path_supervised_raw", "path_supervised_full", "max_softmax")
 
@@ -99,7 +109,7 @@ def check_detectors(names: Iterable[str] | None) -> list[str]:
         >>> check_detectors(["odin"])
         Traceback (most recent call last):
         ...
-        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
+        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, combined, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
     """
     out = list(DETECTORS) if names is None else [str(n).strip() for n in names]
     for n in out:
@@ -291,6 +301,59 @@ def attack_set(
     )
 
 
+#: The two feature sets of the ``combined`` detector; the regression chooses between them on the
+#: choice part, as Lee's chooses a preprocessing magnitude (:func:`combined_features`).
+COMBINED_SETS = ("scores", "scores+path_features")
+
+
+def combined_features(fitted: FittedDetectors, probe: Probe, path: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The features of the ``combined`` detector, all read from one forward pass: ``{set: (N, F)}``.
+
+    ``"scores"``: the path detector's overall score, the classifier's confidence statistics
+    (:func:`~nd_plugin.detect.baselines.confidence_features`: max softmax, entropy, margins, max
+    logit, log-sum-exp) and, where the probe and the fitted detectors hold them, ``log(1 + d)`` of
+    the penultimate Mahalanobis distance and of Lee's per-layer distances without preprocessing.
+    ``"scores+path_features"``: the same and the per-layer path features of ``path_supervised``
+    (:meth:`~nd_plugin.detect.detectors.PathDetector.path_features`; pass them as ``path`` when
+    already computed). The few scores fit well on a few dozen attacked inputs; the per-layer
+    features add what they see when there are hundreds (docs/notes/detect.md, issue 24).
+
+    Example:
+        >>> import nd_plugin
+        >>> from nd_plugin.adapters.cifar import CifarResNet
+        >>> dm = nd_plugin.wrap(CifarResNet(8, num_classes=3).eval(), torch.randn(1, 3, 16, 16)).eval()
+        >>> x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 3
+        >>> fitted = fit_detectors(dm, [(x, y)])
+        >>> probe = collect_probe(dm, x[:4], feature_layer="linear", stages=fitted.lee.layers)
+        >>> {k: v.shape for k, v in combined_features(fitted, probe).items()}  # 1 + 6 + 1 + 4 stage sites; + 3 x 2 x 3
+        {'scores': (4, 12), 'scores+path_features': (4, 30)}
+    """
+    parts = [fitted.path.score_probe(probe).overall[:, None], confidence_features(probe.logits)]
+    pen = fitted.penultimate
+    if pen is not None and pen.means is not None and probe.features is not None:
+        parts.append(np.log1p(np.maximum(pen.score_probe(probe), 0.0))[:, None])
+    lee = fitted.lee
+    if lee is not None and lee.means and probe.stages is not None and len(probe.stages) == len(lee.means):
+        parts.append(np.log1p(np.maximum(lee.score_probe(probe), 0.0)))
+    scores = np.concatenate(parts, axis=1)
+    path = fitted.path.path_features(probe) if path is None else path
+    return {COMBINED_SETS[0]: scores, COMBINED_SETS[1]: np.concatenate([scores, path], axis=1)}
+
+
+def recommend(results: dict[str, dict[str, Any]]) -> str | None:
+    """The detector to use: ``combined`` when it was measured, else the one with the highest AUROC.
+
+    Example:
+        >>> recommend({"path": {"auroc": 0.8}, "combined": {"auroc": 0.9}, "lid": {"auroc": 0.7}})
+        'combined'
+        >>> recommend({"path": {"auroc": 0.8}, "lid": {"auroc": 0.85}})
+        'lid'
+    """
+    if RECOMMENDED in results:
+        return RECOMMENDED
+    return max(results, key=lambda n: results[n]["auroc"]) if results else None
+
+
 def detector_features(
     fitted: FittedDetectors,
     dm: nn.Module,
@@ -313,12 +376,13 @@ def detector_features(
         ``{name: array}`` for the one-pass detectors (``path``, ``max_softmax``,
         ``mahalanobis_penultimate``: ``(N,)`` scores; ``path_supervised``, ``path_supervised_raw``,
         ``path_supervised_full``: ``(N, F)`` features; ``lid``: the per-layer pooled stage features) and, for
-        ``mahalanobis_lee`` (and ``path_supervised`` with preprocessing), ``{magnitude: features}``.
+        ``mahalanobis_lee`` (and ``path_supervised`` with preprocessing), ``{magnitude: features}``,
+        for ``combined`` ``{feature set: features}`` (:func:`combined_features`).
     """
     out: dict[str, Any] = {}
     cache: list[np.ndarray] = []
 
-    def path_features() -> np.ndarray:  # shared by path_supervised and path_supervised_full
+    def path_features() -> np.ndarray:  # shared by path_supervised, path_supervised_full and combined
         if not cache:
             cache.append(fitted.path.path_features(probe))
         return cache[0]
@@ -340,6 +404,8 @@ def detector_features(
             out[name] = np.concatenate(probe.z, axis=1)
         elif name == "path_supervised_full":
             out[name] = np.concatenate([path_features(), *probe.z], axis=1)
+        elif name == "combined":
+            out[name] = combined_features(fitted, probe, path_features())
         elif name == "lid":
             out[name] = probe.stages
         elif name == "mahalanobis_lee":

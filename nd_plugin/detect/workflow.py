@@ -50,6 +50,8 @@ class DetectionResult:
         or ``"stratified-kfold-K"`` (cross-validation over all inputs, when Lee's 5% fit part
         cannot hold enough attacked inputs); protocol_info: its ``name``, ``splits``, ``repeats``,
         ``reason`` and ``description``.
+        recommended: the detector to use (``combined`` when measured, else the highest AUROC;
+        :func:`~nd_plugin.detect.protocol.recommend`).
         transfer: ``{"fitted_on": TAG, "protocol": ..., "detectors": {...}}`` for the supervised
         detectors fitted on another attack of the same clean inputs, or ``None``.
         path_variants: AUROC of every score of :class:`PathDetector` on all inputs (no split).
@@ -76,6 +78,7 @@ class DetectionResult:
     protocol_info: dict[str, Any] = field(default_factory=dict)
     attack_class: str = ""
     attack_args: dict[str, Any] = field(default_factory=dict)
+    recommended: str | None = None
     figures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
