@@ -12,7 +12,12 @@ data order:
   ``bn_scale`` = ``BNScaleImportance()``, ``group_norm`` = ``GroupMagnitudeImportance(p=2)`` (what
   1.6.1 has in place of ``GroupNormImportance``; ``MagnitudeImportance`` is its alias there, so
   ``l1`` is the group L1 norm), each with tp's standard ``BasePruner`` (= ``MetaPruner``), global
-  pruning, one shot, the final linear layer ignored. For every FLOPs target -- the expected FLOPs
+  pruning, one shot, the final linear layer ignored; ``taylor`` = ``GroupTaylorImportance()`` on the
+  gradients of ``--taylor-batches`` training batches, one shot; ``group_sl`` = tp's sparse learning
+  (its ``reproduce/main.py --method group_sl``): ``GroupNormPruner(reg=--sl-reg).regularize`` after
+  every backward for ``--sl-epochs`` (default half the budget, no weight decay), then one-shot
+  pruning by ``GroupMagnitudeImportance(p=2, normalizer="max")`` and fine-tuning for the rest of
+  the budget. Every tp row records its classes and settings. For every FLOPs target -- the expected FLOPs
   each decoupling run reached, plus ``original / T`` for each ``--targets`` T (default 2) -- the
   global pruning ratio is bisected until the pruned model's static FLOPs (the same fvcore counter,
   ``nd_plugin.flops.count_flops``) are within ``--tol`` (2%) of the target; then the pruned model is
@@ -78,7 +83,44 @@ PRUNERS: dict[str, tuple[str, Callable[[], tp.importance.Importance]]] = {
     "l1": ("tp L1", lambda: tp.importance.MagnitudeImportance(p=1)),
     "bn_scale": ("tp BN scale", lambda: tp.importance.BNScaleImportance()),
     "group_norm": ("tp group norm", lambda: tp.importance.GroupMagnitudeImportance(p=2)),
+    # first-order Taylor (Molchanov et al. 2019) on the gradients of --taylor-batches training batches
+    "taylor": ("tp Taylor", lambda: tp.importance.GroupTaylorImportance()),
+    # sparse learning, tp's strongest CIFAR recipe (reproduce/main.py --method group_sl): the
+    # importance normalised by its maximum, as tp does on CIFAR
+    "group_sl": ("tp group SL", lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")),
 }
+#: families whose importance needs gradients of the loss on the pruned model's weights
+NEEDS_GRADIENTS = frozenset({"taylor"})
+#: families that train with ``GroupNormPruner.regularize`` before pruning
+SPARSE_LEARNING = frozenset({"group_sl"})
+
+
+def tp_settings(key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The torch-pruning classes and settings a row of family ``key`` used (recorded with the row)."""
+    importance = {
+        "l1": "MagnitudeImportance(p=1)",
+        "bn_scale": "BNScaleImportance()",
+        "group_norm": "GroupMagnitudeImportance(p=2)",
+        "taylor": "GroupTaylorImportance()",
+        "group_sl": "GroupMagnitudeImportance(p=2, normalizer='max')",
+    }[key]
+    out: dict[str, Any] = {"pruner": "BasePruner", "importance": importance, "global_pruning": True, "one_shot": True}
+    if key in NEEDS_GRADIENTS:
+        out["gradient_batches"] = args.taylor_batches
+    if key in SPARSE_LEARNING:
+        out |= {
+            "regularizer": "GroupNormPruner(reg, alpha=4).regularize after every backward",
+            "reg": args.sl_reg,
+            "sl_epochs": sl_epochs(args),
+            "sl_weight_decay": 0.0,
+            "finetune_epochs": args.epochs - sl_epochs(args),
+        }
+    return out
+
+
+def sl_epochs(args: argparse.Namespace) -> int:
+    """Sparse-learning epochs of the ``group_sl`` rows: ``--sl-epochs``, default half the budget."""
+    return args.epochs // 2 if args.sl_epochs is None else args.sl_epochs
 
 
 @dataclass
@@ -97,6 +139,7 @@ class Result:
         pruning_ratio: the bisected global pruning ratio (torch-pruning rows).
         matched: whether ``flops`` is within the tolerance of ``target``.
         seconds: wall time of training (and, for tp rows, the bisection).
+        settings: the torch-pruning classes and settings (tp rows).
     """
 
     method: str
@@ -110,6 +153,7 @@ class Result:
     pruning_ratio: float | None = None
     matched: bool | None = None
     seconds: float = 0.0
+    settings: dict[str, Any] | None = None
 
 
 def prunable_scope(model: nn.Module, example: torch.Tensor, scope: str) -> set[str] | None:
@@ -123,6 +167,13 @@ def prunable_scope(model: nn.Module, example: torch.Tensor, scope: str) -> set[s
     if scope == "all":
         return None
     return {s.name for s in find_sites(model, example) if s.internal}
+
+
+def ignored_layers(model: nn.Module, scope: set[str] | None) -> list[nn.Module]:
+    """The layers torch-pruning must leave whole: outside ``scope``, or only the last linear layer."""
+    if scope is None:
+        return [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    return [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in scope]
 
 
 def tp_prune(
@@ -150,11 +201,10 @@ def tp_prune(
         RuntimeError: the pruned model no longer runs (tp could not follow the graph).
     """
     pruned = copy.deepcopy(model).eval()
-    linears = [m for m in pruned.modules() if isinstance(m, nn.Linear)]
-    if scope is None:
-        ignored = linears[-1:]
-    else:
-        ignored = [m for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in scope]
+    for copied, original in zip(pruned.parameters(), model.parameters()):  # deepcopy drops .grad (Taylor needs it)
+        if original.grad is not None:
+            copied.grad = original.grad.clone()
+    ignored = ignored_layers(pruned, scope)
     if ratio > 0:
         pruner = tp.pruner.BasePruner(
             pruned,
@@ -241,7 +291,15 @@ def match_flops(
     return best[1], best[2], best[3]
 
 
-def finetune(model: nn.Module, suite: Suite, progress: bool, epochs: int | None = None) -> float:
+def finetune(
+    model: nn.Module,
+    suite: Suite,
+    progress: bool,
+    epochs: int | None = None,
+    *,
+    before_step: Callable[[Trainer], None] | None = None,
+    **overrides: Any,
+) -> tuple[float, nd_plugin.DecoupledModel]:
     """Fine-tunes a plain (possibly pruned) model exactly like the suite's gates-open baseline.
 
     The model is wrapped and trained by :class:`~nd_plugin.train.Trainer` with the suite's resolved
@@ -249,16 +307,71 @@ def finetune(model: nn.Module, suite: Suite, progress: bool, epochs: int | None 
     gate is forced open, so the plain model is trained with the same optimiser, LR schedule,
     augmentation and data order as the decoupling runs.
 
+    Args:
+        model: the plain model; it is wrapped in place (its modules are the trained ones).
+        suite: the suite (data, common options).
+        progress: show the trainer's progress.
+        epochs: plain epochs (default: the suite's whole budget).
+        before_step: the trainer's ``before_step`` hook (sparse learning regularises there).
+        **overrides: other :class:`TrainConfig` fields (e.g. ``weight_decay``).
+
     Returns:
-        Validation top-1.
+        ``(validation top-1, the trained wrapped model)``.
     """
-    overrides = suite.finetune_overrides()
+    settings = suite.finetune_overrides() | overrides
     if epochs is not None:
-        overrides["warmup_epochs"] = epochs
-    cfg = suite.config(**overrides)
+        settings["warmup_epochs"] = epochs
+    cfg = suite.config(**settings)
     seed_everything(cfg.seed)
     dm = nd_plugin.wrap(model, torch.zeros(1, *suite.data.input_size))
-    return float(Trainer(dm, suite.data, cfg, out=None, progress=progress).fit().accuracy)
+    stats = Trainer(dm, suite.data, cfg, out=None, progress=progress, before_step=before_step).fit()
+    return float(stats.accuracy), dm
+
+
+def taylor_gradients(model: nn.Module, suite: Suite, batches: int) -> nn.Module:
+    """A copy of ``model`` holding the cross-entropy gradients of ``batches`` training batches (summed).
+
+    ``GroupTaylorImportance`` scores a channel by ``|weight * grad|``; the batches are the first of
+    a seeded shuffle of the training split, the model in eval mode (BatchNorm statistics untouched).
+    """
+    scored = copy.deepcopy(model).eval()
+    scored.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(suite.args.seed)
+    loader = torch.utils.data.DataLoader(suite.data.train, batch_size=suite.args.batch_size, shuffle=True, generator=generator)
+    for step, (x, y) in enumerate(loader):
+        if step == batches:
+            break
+        torch.nn.functional.cross_entropy(scored(x), y).backward()
+    return scored
+
+
+def sparse_learning(
+    model: nn.Module, suite: Suite, epochs: int, scope: set[str] | None, reg: float, progress: bool
+) -> tuple[nn.Module, float]:
+    """tp's sparse learning: ``epochs`` of training with ``GroupNormPruner.regularize`` after every backward.
+
+    As in torch-pruning's ``reproduce/main.py`` (``--method group_sl``): a ``GroupNormPruner`` over
+    the prunable groups (``scope``), its group-lasso-like gradient term with ``reg`` (alpha 4), no
+    weight decay during this phase; every other setting is the suite's fine-tuning.
+
+    Returns:
+        ``(the regularised plain model, its validation top-1)``.
+    """
+    sparse = copy.deepcopy(model)
+    example = torch.zeros(1, *suite.data.input_size)
+    pruner = tp.pruner.GroupNormPruner(
+        sparse,
+        example,
+        importance=PRUNERS["group_sl"][1](),
+        reg=reg,
+        global_pruning=True,
+        ignored_layers=ignored_layers(sparse, scope),
+    )
+    # the wrapped model trains these very modules, so the pruner's groups see its gradients
+    top1, dm = finetune(
+        sparse, suite, progress, epochs=epochs, before_step=lambda _: pruner.regularize(sparse), weight_decay=0.0
+    )
+    return dm.unwrapped().eval(), top1
 
 
 def training_paths(row: Row, n: int, batch_size: int) -> tuple[nd_plugin.DecoupledModel, nd_plugin.PathStats]:
@@ -422,7 +535,7 @@ def plot(results: list[Result] | list[dict[str, Any]]):
     rows = [r if isinstance(r, Result) else Result(**r) for r in results]
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    markers = {"l1": "s", "bn_scale": "^", "group_norm": "D"}
+    markers = {"l1": "s", "bn_scale": "^", "group_norm": "D", "taylor": "v", "group_sl": "*"}
     for fam, (label, _) in PRUNERS.items():
         pts = sorted((r.reduction, 100 * r.top1) for r in rows if r.family == fam)
         if pts:
@@ -454,7 +567,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5, 0.35], help="decoupling ratios R")
-    p.add_argument("--pruners", nargs="*", choices=list(PRUNERS), default=list(PRUNERS), help="torch-pruning importances")
+    p.add_argument("--pruners", nargs="*", choices=list(PRUNERS), default=list(PRUNERS), help="torch-pruning families")
+    p.add_argument("--taylor-batches", type=int, default=10, help="taylor rows: training batches whose gradients score the channels")
+    p.add_argument("--sl-epochs", type=int, default=None, help="group_sl rows: sparse-learning epochs of the budget (default: half)")
+    p.add_argument("--sl-reg", type=float, default=5e-4, help="group_sl rows: GroupNormPruner's reg (tp's reproduce/main.py default 5e-4)")
     p.add_argument(
         "--targets", type=float, nargs="*", default=[2.0], help="fixed FLOPs reduction targets for tp, besides the decoupling runs' FLOPs"
     )
@@ -478,6 +594,8 @@ def main() -> None:
     args = p.parse_args()
     if args.ratio is not None:
         p.error("use --ratios here")
+    if "group_sl" in args.pruners and not 0 < sl_epochs(args) < args.epochs:
+        p.error(f"--sl-epochs must leave fine-tuning epochs: 0 < {sl_epochs(args)} < --epochs {args.epochs}")
     suite = Suite(args, "compare_pruners")
     data = suite.data
     started = time.perf_counter()
@@ -510,7 +628,7 @@ def main() -> None:
     if not args.no_baseline and not done("fine-tuned (unpruned)"):
         log("fine-tuned, unpruned:")
         t = time.perf_counter()
-        top1 = finetune(copy.deepcopy(plain), suite, args.progress)
+        top1, _ = finetune(copy.deepcopy(plain), suite, args.progress)
         results.append(Result("fine-tuned (unpruned)", "fine-tuned", original, original, 1.0, top1, seconds=time.perf_counter() - t))
         log(f"  top-1 {top1:.4f}")
         save()
@@ -542,19 +660,32 @@ def main() -> None:
     scope = prunable_scope(plain, example, args.baseline_scope)
     for key in args.pruners:
         label, make = PRUNERS[key]
-        for of, target in targets:
-            if done(label, of):
-                continue
-            t = time.perf_counter()
-            pruned, ratio, flops = match_flops(plain, make(), target, data.input_size, scope=scope, tol=args.tol)
+        todo = [(of, target) for of, target in targets if not done(label, of)]
+        if not todo:
+            continue
+        source, budget, t_source = plain, None, time.perf_counter()
+        if key in NEEDS_GRADIENTS:
+            source = taylor_gradients(plain, suite, args.taylor_batches)
+        if key in SPARSE_LEARNING:  # one regularised model, pruned to every target
+            log(f"{label}: {sl_epochs(args)} sparse-learning epochs (reg {args.sl_reg:g}) ...")
+            source, sl_top1 = sparse_learning(plain, suite, sl_epochs(args), scope, args.sl_reg, args.progress)
+            budget = args.epochs - sl_epochs(args)
+            log(f"  after sparse learning: top-1 {sl_top1:.4f}")
+        t_source = time.perf_counter() - t_source
+        for of, target in todo:
+            t = time.perf_counter() - t_source  # a row's seconds include its share of the source (gradients, sparse learning)
+            pruned, ratio, flops = match_flops(source, make(), target, data.input_size, scope=scope, tol=args.tol)
             matched = abs(flops / target - 1) <= args.tol
             log(
                 f"{label} -> {of}: target {fmt_flops(target)}, ratio {ratio:.3f} gives {fmt_flops(flops)} "
                 f"({flops / target - 1:+.1%}{'' if matched else ', NOT within tolerance'}); fine-tuning ..."
             )
-            top1 = finetune(pruned, suite, args.progress)
+            top1, _ = finetune(pruned, suite, args.progress, epochs=budget)
             results.append(
-                Result(label, key, flops, flops, original / flops, top1, target, of, ratio, matched, time.perf_counter() - t)
+                Result(
+                    label, key, flops, flops, original / flops, top1, target, of, ratio, matched, time.perf_counter() - t,
+                    settings=tp_settings(key, args),
+                )
             )
             log(f"  top-1 {top1:.4f}")
             save()
@@ -575,7 +706,7 @@ def main() -> None:
                 name: str, family: str, model: nn.Module, flops: int, pr: float | None, matched: bool, t: float,
                 target: float = target, of: str = of,
             ) -> None:
-                top1 = finetune(model, suite, args.progress, epochs=args.epochs - di_epochs)
+                top1, _ = finetune(model, suite, args.progress, epochs=args.epochs - di_epochs)
                 results.append(Result(name, family, flops, flops, original / flops, top1, target, of, pr, matched, time.perf_counter() - t))
                 log(f"  top-1 {top1:.4f}")
                 save()

@@ -139,6 +139,9 @@ class Trainer:
         on_epoch_end: called as ``on_epoch_end(trainer, epoch)`` on rank 0 after each epoch
             (``trainer.state_dict(epoch)`` and ``trainer.history`` are up to date); replaces the
             writer that ``out`` sets.
+        before_step: called as ``before_step(trainer)`` after each backward pass, before the
+            optimiser step: the gradients are there to change, e.g. torch-pruning's
+            ``pruner.regularize(model)`` for sparse learning.
 
     Example:
         >>> from nd_plugin.adapters import create_model
@@ -160,8 +163,10 @@ class Trainer:
         *,
         progress: bool = True,
         on_epoch_end: Callable[[Trainer, int], None] | None = None,
+        before_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         config = config.resolved()
+        self.before_step = before_step
         self.cfg = config
         self.data = data
         if on_epoch_end is None and out is not None:
@@ -328,6 +333,8 @@ class Trainer:
                 if step % check_every == 0 or step == len(loader) - 1:
                     self._raise_if_nonfinite(first_bad, epoch)
                 self.set_lr(epoch + step / len(loader))
+                if self.before_step is not None:
+                    self.before_step(self)
                 self.optimizer.step()
                 n = y.shape[0]
                 with torch.no_grad():

@@ -109,3 +109,64 @@ def test_decoupling_importance_prunes_the_rarely_on_filters_first(cp) -> None:
     c = kept.shape[0]
     assert c < 16
     torch.testing.assert_close(kept, plain.layer1[0].conv1.weight[16 - c :])
+
+
+def test_taylor_rows_prune_with_the_gradients_they_were_given(cp) -> None:
+    from nd_plugin.adapters import create_model
+
+    torch.manual_seed(0)
+    size = (3, 32, 32)
+    model = create_model("cifar:resnet20", num_classes=10).eval()
+    scope = cp.prunable_scope(model, torch.zeros(1, *size), "internal")
+    for p in model.parameters():  # Taylor scores |w * grad|: layer1.0.conv1's filters 4.. get none at all
+        p.grad = torch.rand_like(p)
+    block = model.layer1[0]
+    for grad in (block.conv1.weight.grad, block.bn1.weight.grad, block.bn1.bias.grad):
+        grad[4:] = 0.0
+    block.conv2.weight.grad[:, 4:] = 0.0
+    pruned = cp.tp_prune(model, cp.PRUNERS["taylor"][1](), 0.5, torch.zeros(1, *size), scope)
+    kept = pruned.layer1[0].conv1.weight
+    assert kept.shape[0] < 16
+    # the copied gradients reached the pruner: the 4 scored filters are the ones kept first
+    torch.testing.assert_close(kept[:4], model.layer1[0].conv1.weight[:4])
+    assert all(p.grad is not None for p in model.parameters())  # the model itself keeps its gradients
+
+
+def test_sparse_learning_regularises_through_the_wrapped_model(cp, tmp_path) -> None:
+    import argparse
+    import copy
+
+    torch.manual_seed(0)
+    from _suite import Suite, add_common_args
+    from nd_plugin.adapters import create_model
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    args = parser.parse_args(
+        ["--data", "synthetic:64", "--weights", "none", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "32",
+         "--out-dir", str(tmp_path)]
+    )
+    suite = Suite(args, "compare_pruners_test")
+    model = create_model("cifar:resnet20", num_classes=suite.data.num_classes)
+    scope = cp.prunable_scope(model, torch.zeros(1, 3, 32, 32), "internal")
+    calls = []
+    original = cp.tp.pruner.GroupNormPruner.regularize
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+
+    cp.tp.pruner.GroupNormPruner.regularize = counting
+    try:
+        strong, _ = cp.sparse_learning(model, suite, 1, scope, reg=1.0, progress=False)
+    finally:
+        cp.tp.pruner.GroupNormPruner.regularize = original
+    assert len(calls) == 1  # one regularised step: 32 training images, batch 32
+    # a strong reg (lr 0.05 x reg 1 x gamma <= 16 < 1) shrinks the in-scope filters against the same step without it
+    _, dm = cp.finetune(copy.deepcopy(model), suite, False, epochs=1, weight_decay=0.0)  # the same step, no reg
+    plain = dm.unwrapped()
+    assert not any(type(m).__name__ == "GatedSite" for m in strong.modules())
+    for name in ("layer1.0.conv1", "layer3.2.conv1"):  # in scope: shrunk
+        assert strong.get_submodule(name).weight.norm() < plain.get_submodule(name).weight.norm()
+    # out of scope (the stem): the same step exactly
+    torch.testing.assert_close(strong.conv1.weight, plain.conv1.weight)
