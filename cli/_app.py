@@ -94,6 +94,10 @@ def decouple_command(
         str | None,
         typer.Option(help="how L_s's target density moves to --ratio: constant (R from the first step, the paper), linear or cubic (from 1 down to R over --density-ramp of the decoupling epochs)"),
     ] = None,
+    sparsity_scope: Annotated[
+        str | None,
+        typer.Option(help="what L_s pulls towards --ratio: layer (each layer's mean density, the paper), input (each input's density) or filter (each filter's on-rate: the network must route)"),
+    ] = None,
     density_ramp: Annotated[float | None, typer.Option(help="share of the decoupling epochs over which the target density moves from 1 to --ratio, in [0, 1]")] = None,
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
     amp: Annotated[bool, typer.Option(help="bf16 autocast on a GPU (--no-amp trains in float32)")] = True,
@@ -121,6 +125,7 @@ def decouple_command(
         "sparsity_gates": sparsity_gates,
         "density_schedule": density_schedule,
         "density_ramp": density_ramp,
+        "sparsity_scope": sparsity_scope,
     }
     cfg = TrainConfig(
         **{k: v for k, v in chosen.items() if v is not None},

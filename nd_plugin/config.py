@@ -9,7 +9,7 @@ import torch
 
 from nd_plugin.errors import ConfigError
 from nd_plugin.gates import ACM_INITS
-from nd_plugin.losses import MI_INITS, MI_SCOPES
+from nd_plugin.losses import MI_INITS, MI_SCOPES, SPARSITY_SCOPES
 
 __all__ = [
     "DENSITY_SCHEDULES",
@@ -101,6 +101,9 @@ class TrainConfig:
             :data:`DENSITY_SCHEDULES` (:func:`density_target`).
         density_ramp: share of the decoupling phase over which the target density moves from 1 to
             ``ratio`` (then it holds), in ``[0, 1]``; ignored by ``constant``.
+        sparsity_scope: what ``L_s`` pulls towards ``ratio``: each layer's mean density (``layer``,
+            the paper), each input's (``input``) or each filter's on-rate (``filter``);
+            :data:`nd_plugin.losses.SPARSITY_SCOPES`.
     """
 
     model: str = "resnet18"
@@ -139,6 +142,7 @@ class TrainConfig:
     sparsity_gates: str = "eval"
     density_schedule: str = "constant"
     density_ramp: float = 0.5
+    sparsity_scope: str = "layer"
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by its default, validated."""
@@ -179,6 +183,7 @@ class TrainConfig:
             "kl_target": KL_TARGETS,
             "sparsity_gates": SPARSITY_GATES,
             "density_schedule": DENSITY_SCHEDULES,
+            "sparsity_scope": SPARSITY_SCOPES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -33,7 +33,7 @@ from torch import nn
 from nd_plugin.errors import ConfigError, InputShapeError
 from nd_plugin.gates import binarize
 
-__all__ = ["MI_INITS", "MI_SCOPES", "DecouplingLoss", "LossTerms"]
+__all__ = ["MI_INITS", "MI_SCOPES", "SPARSITY_SCOPES", "DecouplingLoss", "LossTerms"]
 
 #: Initialisation of the ``L_mi`` classifiers: ``kaiming`` (Kaiming-normal, the authors' release) or
 #: ``torch`` (``nn.Linear``'s default, about 2.45x smaller weights).
@@ -41,6 +41,15 @@ MI_INITS = ("kaiming", "torch")
 #: What ``λ_m`` scales: ``all`` (the classifiers' gradient too, as in the release) or ``gates``
 #: (only what reaches the gates; the classifiers are fitted at full strength).
 MI_SCOPES = ("all", "gates")
+#: What ``L_s`` pulls towards ``R`` (ours, not the paper's, except ``layer``):
+#:
+#: - ``layer``: each layer's number of open gates, averaged over the batch (the paper);
+#: - ``input``: each input's number of open gates in each layer (a per-input budget, as FBS's
+#:   per-input top-k): ``mean_i |‖α_i‖₁ − R·C|``;
+#: - ``filter``: each filter's on-rate over the batch (load balancing, as in mixture-of-experts
+#:   routing): ``Σ_f |mean_i α_if − R|``; a filter that is always on or always off pays, so the
+#:   network must route.
+SPARSITY_SCOPES = ("layer", "input", "filter")
 
 
 @dataclass
@@ -93,6 +102,7 @@ class DecouplingLoss(nn.Module):
         num_classes: number of classes (for the ``L_mi`` classifiers).
         mi_init: initialisation of the ``L_mi`` classifiers, one of :data:`MI_INITS`.
         mi_scope: what ``lambda_m`` scales, one of :data:`MI_SCOPES`.
+        sparsity_scope: what ``L_s`` pulls towards ``ratio``, one of :data:`SPARSITY_SCOPES`.
 
     Example:
         >>> loss_fn = DecouplingLoss(0.01, 1.0, 0.01, 0.6, channels=[4, 8], num_classes=3)
@@ -117,8 +127,14 @@ class DecouplingLoss(nn.Module):
         num_classes: int,
         mi_init: str = "kaiming",
         mi_scope: str = "all",
+        sparsity_scope: str = "layer",
     ) -> None:
         super().__init__()
+        if sparsity_scope not in SPARSITY_SCOPES:
+            raise ConfigError(
+                f"unknown L_s scope {sparsity_scope!r} (sparsity_scope); choose one of {', '.join(SPARSITY_SCOPES)}."
+            )
+        self.sparsity_scope = sparsity_scope
         _check("ratio (--ratio)", ratio, 0.0, 1.0, closed_high=False)
         if mi_init not in MI_INITS:
             raise ConfigError(f"unknown L_mi classifier init {mi_init!r} (--mi-init); choose one of {', '.join(MI_INITS)}.")
@@ -144,6 +160,7 @@ class DecouplingLoss(nn.Module):
         self.register_buffer("_one_hot", one_hot, persistent=False)
         self.register_buffer("_pad_index", layer_of * width + within, persistent=False)
         self.register_buffer("_target_on", torch.tensor(self.channels, dtype=torch.float) * ratio, persistent=False)
+        self.register_buffer("_ratio", torch.tensor(float(ratio)), persistent=False)
         widths = torch.tensor(self.channels, dtype=torch.float)[layer_of] if layers else torch.zeros(0)
         self.register_buffer("_inv_width", 1.0 / widths, persistent=False)
         self._width = width
@@ -163,6 +180,7 @@ class DecouplingLoss(nn.Module):
         _check("ratio (--ratio)", ratio, 0.0, 1.0)
         self.ratio = ratio
         self._target_on.copy_(torch.tensor(self.channels, dtype=torch.float) * ratio)
+        self._ratio.fill_(ratio)
 
     def _segment_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         """``log_softmax`` within each layer's columns of an ``(N, sum C)`` path."""
@@ -311,6 +329,11 @@ class DecouplingLoss(nn.Module):
             total = total + self.lambda_k * kl
         if self.lambda_s > 0:
             counted = alpha if gate_logits is None else binarize(torch.cat(gate_logits, 1).float(), training=False)
-            s = (counted.mean(0) @ self._one_hot - self._target_on).abs().sum()
+            if self.sparsity_scope == "layer":
+                s = (counted.mean(0) @ self._one_hot - self._target_on).abs().sum()
+            elif self.sparsity_scope == "input":
+                s = (counted @ self._one_hot - self._target_on).abs().mean(0).sum()
+            else:  # filter
+                s = (counted.mean(0) - self._ratio).abs().sum()
             total = total + self.lambda_s * s
         return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s)

@@ -192,6 +192,7 @@ class Trainer:
             num_classes=data.num_classes,
             mi_init=config.mi_init,
             mi_scope=config.mi_scope,
+            sparsity_scope=config.sparsity_scope,
         ).to(self.device)
         groups = param_groups(
             self.dm, self.loss_fn, lr=config.lr, acm_lr=config.acm_lr,

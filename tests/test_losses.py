@@ -129,3 +129,30 @@ def test_batched_layers_equal_the_per_layer_sum(channels: list[int]) -> None:
     (grads,) = torch.autograd.grad(terms.total, gates[-1])
     (expected,) = torch.autograd.grad(0.3 * ref["mi"] + 0.7 * ref["kl"], gates[-1])
     torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "scope, expected",
+    [
+        # layer 0 (2 filters, R 0.5 -> 1 on): inputs open 2 and 0 gates -> mean 1 -> |1 - 1| = 0;
+        # layer 1 (4 filters, 2 on): inputs open 4 and 2 -> mean 3 -> |3 - 2| = 1
+        ("layer", 0.0 + 1.0),
+        # per input: layer 0 |2 - 1|, |0 - 1| -> mean 1; layer 1 |4 - 2|, |2 - 2| -> mean 1
+        ("input", 1.0 + 1.0),
+        # per filter on-rates: layer 0 (1/2, 1/2) -> 0; layer 1 (1, 1, 1/2, 1/2) -> 0.5 + 0.5
+        ("filter", 0.0 + 1.0),
+    ],
+)
+def test_sparsity_scopes_by_hand(scope: str, expected: float) -> None:
+    loss_fn = DecouplingLoss(0.0, 0.0, 1.0, 0.5, channels=[2, 4], num_classes=2, sparsity_scope=scope)
+    gates = [torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])]
+    terms = loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]), gates)
+    assert terms.s.item() == pytest.approx(expected)
+    loss_fn.set_ratio(0.25)  # the filter scope follows the schedule too: layer 0 |1/2 - 1/4| x 2 = 0.5
+    if scope == "filter":
+        assert loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]), gates).s.item() == pytest.approx(0.5 + (0.75 * 2 + 0.25 * 2))
+
+
+def test_unknown_sparsity_scope_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match="choose one of layer, input, filter"):
+        DecouplingLoss(channels=[2], num_classes=2, sparsity_scope="channel")

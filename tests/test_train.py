@@ -68,6 +68,7 @@ def _cli(*args: str):
         (["--density-schedule", "exponential"], "--density-schedule must be one of constant, linear, cubic"),
         (["--density-ramp", "1.5"], "--density-ramp must be in [0, 1]"),
         (["--density-ramp", "-0.1"], "--density-ramp must be in [0, 1]"),
+        (["--sparsity-scope", "channel"], "--sparsity-scope must be one of layer, input, filter"),
     ],
 )
 def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], match: str) -> None:
