@@ -41,9 +41,8 @@ def detect_command(
     in a stratified 5-fold cross-validation instead (protocol stratified-kfold-5). Reports AUROC
     (mean ± std) and TPR at 5% FPR.
     """
-    from nd_plugin.commands.detect import run_detection
+    from nd_plugin.commands.detect import parse_attack_args, run_detection
     from nd_plugin.commands.rundir import DETECT_JSON
-    from nd_plugin.detect.attacks import parse_attack_args
     from nd_plugin.errors import ConfigError
 
     source = None

@@ -118,17 +118,21 @@ def detection_section_html(results: Sequence[Mapping[str, Any]]) -> str:
     for d in results:
         try:
             blocks = [("", d["detectors"])] + ([(f" (fitted on {d['transfer']['fitted_on']})", d["transfer"]["detectors"])] if d.get("transfer") else [])
+            rec = d.get("recommended")
             rows = "".join(
-                f"<tr><td>{html.escape(name)}{html.escape(suffix)}</td><td>{m['auroc']:.3f} ± {m.get('auroc_std', 0.0):.3f}</td>"
-                f"<td>{m['tpr_at_5fpr']:.3f}</td></tr>"
+                f"<tr><td>{html.escape(name)}{html.escape(suffix)}{' (recommended)' if name == rec and not suffix else ''}</td>"
+                f"<td>{m['auroc']:.3f} ± {m.get('auroc_std', 0.0):.3f}</td><td>{m['tpr_at_5fpr']:.3f}</td></tr>"
                 for suffix, dets in blocks for name, m in dets.items()
             )
-            head = f"{d['attack'].upper()} ε={d['eps']:.4g}: {d['successful']} of {d['correct']} correctly classified inputs attacked successfully"
+            head = (f"{d['attack'].upper()} ε={d['eps']:.4g}: {d['successful']} of {d['correct']} correctly classified inputs attacked successfully"
+                    f"; protocol {d.get('protocol', 'lee-5/5/90')}" + (f"; recommended detector: {rec}" if rec else ""))
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # an old or partial detect.json: not shown
         parts.append(f"<h3>{html.escape(head)}</h3><table><tr><th>detector</th><th>AUROC</th><th>TPR at 5% FPR</th></tr>{rows}</table>")
     if not parts:
         return ""
     return ('<section id="detection"><h2>Adversarial detection (nd detect)</h2><p>Lee et al.\'s protocol: clean = correctly '
-            "classified, positives = successful attacks; supervised detectors fitted on 5%, tuned on 5%, tested on 90%.</p>"
+            "classified, positives = successful attacks; supervised detectors fitted on 5%, tuned on 5%, tested on 90% "
+            "(lee-5/5/90), or, when the 5% part holds too few attacks, a stratified k-fold cross-validation over all of them "
+            "(stratified-kfold-K). The recommended detector, combined, reads every one-pass detector's evidence.</p>"
             + "".join(parts) + "</section>")

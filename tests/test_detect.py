@@ -486,6 +486,7 @@ def test_run_detection_end_to_end(tiny_run):
     lee = res.detectors["mahalanobis_lee"]
     assert f"<td>mahalanobis_lee</td><td>{lee['auroc']:.3f} ± {lee['auroc_std']:.3f}</td>" in page
     assert "lid (fitted on fgsm-eps0.3)" in page and page.count("<tr><td>") == len(DETECTORS) + len(SUPERVISED)
+    assert "<td>combined (recommended)</td>" in page and "protocol lee-5/5/90; recommended detector: combined" in page
     # a second run reuses the saved detectors (same data, same fit_n): same numbers
     again = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, figures=False, out=tiny_run / "o",
                           detectors=["path", "mahalanobis_lee"], **kw)

@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from nd_plugin.commands import rundir
-from nd_plugin.detect.attacks import AttackSpec, resolve_attack
+from nd_plugin.detect.attacks import AttackSpec, parse_attack_args, resolve_attack
 from nd_plugin.detect.baselines import LEE_MAGNITUDES
 from nd_plugin.detect.metrics import _auroc
 from nd_plugin.detect.protocol import (
@@ -38,7 +38,7 @@ from nd_plugin.detect.protocol import (
 from nd_plugin.detect.workflow import DetectionResult, _subset_loader, mi_weights_of, path_variants
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 
-__all__ = ["load_or_fit", "run_detection"]
+__all__ = ["load_or_fit", "parse_attack_args", "run_detection"]  # parse_attack_args: the CLI's --attack-arg
 
 
 def load_or_fit(
