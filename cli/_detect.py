@@ -28,7 +28,7 @@ def detect_command(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of the input draw and the attack")] = 0,
     detectors: Annotated[str | None, typer.Option(help="comma-separated detectors (default all): path, path_supervised, path_supervised_raw, path_supervised_full, combined, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax")] = None,
-    seeds: Annotated[int, typer.Option(help="repetitions of Lee's 5/5/90 split (mean and std reported); a small set is cross-validated instead (stratified k-fold, about as many fits)")] = 5,
+    seeds: Annotated[int, typer.Option(help="repetitions of Lee's 5/5/90 split (mean and std reported); a small set is cross-validated instead: stratified K-fold, repeated SEEDS // K times")] = 5,
     transfer_from: Annotated[str | None, typer.Option(help="ATTACK:EPS to fit the supervised detectors on and test on --attack, e.g. fgsm:0.05")] = None,
 ) -> None:
     """Attack N test inputs and measure every detector on Lee et al.'s protocol; write detect.json and figures.
@@ -38,11 +38,12 @@ def detect_command(
     supervised detectors fit a logistic regression on 5% of them, choose their hyperparameter on
     5%, and are tested on 90%, over --seeds splits (protocol lee-5/5/90). When the 5% fit part
     cannot hold 10 attacked inputs (a small validation split, a weak attack), every input is used
-    in a stratified 5-fold cross-validation instead (protocol stratified-kfold-5). Reports AUROC
-    (mean ± std) and TPR at 5% FPR.
+    in a stratified K-fold cross-validation instead (protocol stratified-kfold-K: 3 folds, or 5 or
+    10 when 3 would fit on too few attacks). Reports AUROC (mean ± std) and TPR at 5% FPR, and
+    marks the recommended detector (combined).
     """
     from nd_plugin.commands.detect import parse_attack_args, run_detection
-    from nd_plugin.commands.rundir import DETECT_JSON
+    from nd_plugin.run import DETECT_JSON
     from nd_plugin.errors import ConfigError
 
     source = None
