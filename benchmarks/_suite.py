@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from nd_plugin.run import atomic_write_text
-from nd_plugin.train import TrainConfig, decouple, preset, resolve_device
+from nd_plugin.commands.decoupling import decouple
+from nd_plugin.files import atomic_write_text
+from nd_plugin.train import TrainConfig, preset, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = ("lambda_m", "lambda_k", "lambda_s")
@@ -193,6 +194,8 @@ class Row:
     seconds: float
     run_dir: str
     config: dict[str, Any] = field(default_factory=dict)
+    static_top1: float | None = None  # the static network of the same FLOPs (nd_plugin.pruning.dynamic_value)
+    dynamic_value: float | None = None  # top1 - static_top1
 
     def key(self) -> str:
         """What makes two runs the same configuration: every option that changes what is computed."""
@@ -334,12 +337,14 @@ class Suite:
             seconds=seconds,
             run_dir=str(out),
             config=asdict(cfg),
+            static_top1=(summary.get("dynamic_value") or {}).get("static_top1"),
+            dynamic_value=(summary.get("dynamic_value") or {}).get("value"),
         )
         self.rows.append(row)
         log(
             f"  {name}: top-1 {row.top1:.4f} density {row.density:.3f} silent/dynamic/energetic "
             f"{row.silent:.3f}/{row.dynamic:.3f}/{row.energetic:.3f} expected FLOPs x{row.expected_reduction or 0:.2f} "
-            f"({seconds:.0f}s)"
+            f"dynamic value {100 * (row.dynamic_value or 0):+.2f} ({seconds:.0f}s)"
         )
         return row
 

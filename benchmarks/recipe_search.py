@@ -61,11 +61,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r.density:.3f}",
             f"{100 * r.silent:.1f} / {100 * r.dynamic:.1f} / {100 * r.energetic:.1f}%",
             f"{r.expected_reduction or 0:.2f}x",
+            "n/a" if r.dynamic_value is None else f"{100 * r.dynamic_value:+.2f}",
             f"{r.seconds:.0f}s",
         ]
         for r in suite.rows
     ]
-    log(markdown_table(["run", "top-1", "density", "silent / dynamic / energetic", "expected FLOPs", "time"], lines))
+    header = ["run", "top-1", "density", "silent / dynamic / energetic", "expected FLOPs", "dynamic value", "time"]
+    log(markdown_table(header, lines))
     return suite.write(base=base, variants=dict(variants))
 
 
