@@ -5,7 +5,7 @@ Builds a run directory (config + checkpoint) from the public ResNet-56 weights w
 gates that never change would make the analyses trivially cheap; ``--acm random`` (the default)
 gives the ACMs random, seeded weights, so that many filters are dynamic and every analysis
 (decision tree, permutation test, path distribution) does its full work. Then runs
-:func:`nd_plugin.report.build_report` with ``data=imagefolder:DIR`` — decoding the validation
+:func:`nd_plugin.commands.analyze.build_report` with ``data=imagefolder:DIR`` — decoding the validation
 images, collecting raw paths, every analysis, occlusion on 3 images, 7 figures, JSON and HTML —
 and prints the wall time with the report's own per-step timings. Target: under 120 s.
 
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="keep the run + report here (default: a temporary folder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from nd_plugin.report import build_report
+    from nd_plugin.commands.analyze import build_report
 
     classes = sorted(d.name for d in (Path(args.cifar) / "train").iterdir() if d.is_dir())
     with tempfile.TemporaryDirectory() as tmp:

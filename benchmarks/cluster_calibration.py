@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from _suite import git_state
+from nd_plugin.files import atomic_write_text
 from nd_plugin.interpret.calibration import kmeans_agreement, score_tree, structure_free_paths, two_group_paths
 from nd_plugin.interpret.copula import GaussianCopula
-from nd_plugin.run import atomic_write_text
 
 SIZES = [16, 16, 32, 32, 64, 64]
 PART = 3
@@ -72,7 +72,7 @@ def real_copulas(run_dir: str, max_inputs: int) -> tuple[list[GaussianCopula], l
     the validation split: from RUN/paths.npz when it holds raw paths, else collected."""
     import torch
 
-    from nd_plugin.report import _analysis_data
+    from nd_plugin.commands.analyze import _analysis_data
     from nd_plugin.run import open_run
 
     torch.set_num_threads(1)

@@ -62,8 +62,9 @@ step compare_pruners 120 python3 $ROOT/benchmarks/compare_pruners.py --model cif
 step detect_r20 40 python3 $ROOT/benchmarks/detect.py /tmp/runs/r20_classpaths --n 2000 --fit-n 10000 --device cuda --batch-size 500 --json $R/detect_r20.json
 step r18_224 30 python3 - $GRAPHS <<'PY'
 import sys
+from nd_plugin.commands.decoupling import decouple
 from nd_plugin.data import load_data
-from nd_plugin.train import TrainConfig, decouple
+from nd_plugin.train import TrainConfig
 data = load_data("digits", image_size=224)
 cfg = TrainConfig(model="tv:resnet18", data="digits", ratio=0.6, device="cuda", workers=6, cuda_graphs="--no-cuda-graphs" not in sys.argv)
 decouple(cfg, "/tmp/runs/r18_224_digits", data=data, progress=False)

@@ -43,8 +43,8 @@ def detect_command(
     marks the recommended detector (combined).
     """
     from nd_plugin.commands.detect import parse_attack_args, run_detection
-    from nd_plugin.run import DETECT_JSON
     from nd_plugin.errors import ConfigError
+    from nd_plugin.run import DETECT_JSON
 
     source = None
     if transfer_from is not None:

@@ -16,9 +16,12 @@ from nd_plugin.errors import NDError
 from nd_plugin.gates import ACM, GatedSite
 from nd_plugin.losses import DecouplingLoss, LossTerms
 from nd_plugin.paths import GateRecorder, PathStats
+from nd_plugin.run import Run, open_run
 
-# Loaded on first use: these pull in torch-pruning (which imports timm and torchvision), fvcore,
-# scikit-learn or matplotlib, which ``import nd_plugin`` should not pay for.
+# The package's public face, loaded on first use from each name's one home: these pull in
+# torch-pruning (which imports timm and torchvision), fvcore, scikit-learn or matplotlib, which
+# ``import nd_plugin`` should not pay for; ``decouple`` is the commands layer's workflow. This is
+# the package's only module-level ``__getattr__`` (tests/test_layout.py).
 _LAZY = {
     "MahalanobisDetector": "nd_plugin.detect",
     "PathDetector": "nd_plugin.detect",
@@ -31,8 +34,6 @@ _LAZY = {
     "CompactModel": "nd_plugin.pruning",
     "DecouplingImportance": "nd_plugin.pruning",
     "prune": "nd_plugin.pruning",
-    "Run": "nd_plugin.commands.rundir",
-    "open_run": "nd_plugin.commands.rundir",
     "param_groups": "nd_plugin.optim",
     "recalibrate_bn": "nd_plugin.optim",
     "TrainConfig": "nd_plugin.config",

@@ -298,11 +298,3 @@ def load(
         raise ExportError(f"{weights} does not fit the model {file} describes ({problem}; another export's weights?); {fix}.")
     compact.load_state_dict(state)
     return compact.to(device).eval()
-
-
-def __getattr__(name: str) -> Any:
-    if name == "prune_run":  # moved to the commands layer
-        from nd_plugin.commands.pruning import prune_run
-
-        return prune_run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ so a crash or a kill never leaves half a file: text and JSON (:func:`atomic_writ
 :func:`atomic_write_json`), ``torch.save`` (:func:`atomic_save`), NumPy archives
 (:func:`atomic_savez`) and whole folders (:func:`atomic_dir`). The objects of the method modules
 (path statistics, detectors, reports) write themselves with these in their ``save()`` methods;
-what the files of a run directory are called is :mod:`nd_plugin.commands.rundir`'s business.
+what the files of a run directory are called is :mod:`nd_plugin.run`'s business.
 
 Reads are validated: a missing, empty, damaged or foreign file is one line naming it and what to
 do (:func:`load_tensors`, :func:`read_json`).

@@ -6,8 +6,8 @@ functions take an analysis result and return a :class:`matplotlib.figure.Figure`
 touch pyplot or the global backend: figures are created with :class:`~matplotlib.figure.Figure`
 and rendered by the Agg canvas, so importing this module changes nothing for a user's own plots.
 The numbers behind every figure are in the analysis objects (``to_dict()``) and in
-``analysis.json``. The workflow on a run directory, :func:`build_report`, lives in
-:mod:`nd_plugin.commands.analyze` (``nd_plugin.report.build_report`` is the same function).
+``analysis.json``. The workflow on a run directory,
+:func:`~nd_plugin.commands.analyze.build_report`, lives in :mod:`nd_plugin.commands.analyze`.
 
 Example:
     >>> a = analyze_paths(stats, n_permutations=0)
@@ -54,10 +54,9 @@ from nd_plugin.path_figures import (
 from nd_plugin.paths import PathStats
 from nd_plugin.report_figures import plot_decision_tree, plot_occlusion
 
-__all__ = [  # noqa: F822 - build_report: __getattr__
+__all__ = [
     "Analysis",
     "analyze_paths",
-    "build_report",
     "load_images",
     "plot_class_paths",
     "plot_class_stats",
@@ -73,12 +72,6 @@ ANALYSIS_JSON = "analysis.json"
 INDEX_HTML = "index.html"
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("build_report", "_analysis_data"):  # moved to the commands layer; loaded on first use
-        from nd_plugin.commands import analyze
-
-        return getattr(analyze, name)
-    raise AttributeError(f"module 'nd_plugin.report' has no attribute {name!r}")
 
 @dataclass
 class Analysis:

@@ -1,4 +1,4 @@
-"""The run directory: what ``nd decouple`` writes and every other command reads.
+"""The run-directory format: what ``nd decouple`` writes and every other command reads.
 
 ::
 
@@ -14,7 +14,8 @@
     RUN/detector*.npz            ``nd detect``: the fitted detectors
     RUN/detect/TAG/detect.json   ``nd detect``: one attack's results (and its figures)
 
-This module is the one place that knows the layout: its names are the constants below, it
+This module is the one place that knows the layout; it sits below the Trainer (which writes its
+checkpoints through :func:`epoch_writer`) and the commands layer. Its names are the constants below, it
 writes through :mod:`nd_plugin.files` (temporary file or folder, then a rename), keeps the last
 two good checkpoints, locks a directory against a second ``nd decouple``, and validates every
 artefact it reads. A damaged or foreign artefact raises a one-line

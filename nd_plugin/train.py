@@ -5,9 +5,9 @@ is first trained for ``warmup_epochs`` with every gate forced open and cross-ent
 paper fine-tunes an already trained network; then the gates are trained with the decoupling
 losses for ``epochs``. Every epoch ends with a validation pass that collects path statistics and
 a call of ``on_epoch_end``; with a run directory that writes a line in ``metrics.jsonl`` and an
-atomic checkpoint (:mod:`nd_plugin.commands.rundir`), so ``--resume`` continues with the next epoch.
+atomic checkpoint (:mod:`nd_plugin.run`), so ``--resume`` continues with the next epoch.
 :func:`~nd_plugin.commands.decoupling.decouple` (``nd decouple``) runs the whole thing on a run
-directory; ``nd_plugin.train.decouple`` is the same function.
+directory.
 """
 
 from __future__ import annotations
@@ -35,15 +35,7 @@ from nd_plugin.optim import param_groups, recalibrate_bn
 from nd_plugin.paths import PathStats
 from nd_plugin.steps import _compiled, _GraphedStep, eager_step
 
-__all__ = ["TrainConfig", "Trainer", "decouple", "preset", "resolve_device"]  # noqa: F822 - decouple: __getattr__
-
-
-def __getattr__(name: str) -> Any:
-    if name == "decouple":  # moved to the commands layer; loaded here on first use (no import cycle)
-        from nd_plugin.commands.decoupling import decouple
-
-        return decouple
-    raise AttributeError(f"module 'nd_plugin.train' has no attribute {name!r}")
+__all__ = ["TrainConfig", "Trainer", "preset", "resolve_device"]
 
 
 def seed_everything(seed: int) -> None:
@@ -134,7 +126,7 @@ class Trainer:
         config: the options; ``None`` fields get their defaults (:meth:`TrainConfig.resolved`).
         out: a run directory to keep resumable: after each epoch the checkpoint and
             ``metrics.jsonl`` are written there (rank 0 only), by
-            :func:`nd_plugin.commands.rundir.epoch_writer`; ``None``: nothing is written.
+            :func:`nd_plugin.run.epoch_writer`; ``None``: nothing is written.
         progress: show progress bars (rank 0 only).
         on_epoch_end: called as ``on_epoch_end(trainer, epoch)`` on rank 0 after each epoch
             (``trainer.state_dict(epoch)`` and ``trainer.history`` are up to date); replaces the
@@ -170,7 +162,7 @@ class Trainer:
         self.cfg = config
         self.data = data
         if on_epoch_end is None and out is not None:
-            from nd_plugin.commands.rundir import epoch_writer
+            from nd_plugin.run import epoch_writer
 
             on_epoch_end = epoch_writer(out, config.model)
         self.on_epoch_end = on_epoch_end

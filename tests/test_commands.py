@@ -20,23 +20,35 @@ HEAVY = ("timm", "torchvision", "torch_pruning", "fvcore", "sklearn", "matplotli
 
 
 # ----------------------------------------------------------------------------- public names
-def test_old_and_new_import_paths_give_the_same_objects() -> None:
-    import nd_plugin.commands as commands
-    import nd_plugin.detect as detect
-    import nd_plugin.detect.workflow as workflow
-    import nd_plugin.report as report
-    import nd_plugin.run as run
-    import nd_plugin.train as train
-    from nd_plugin.commands import analyze, decoupling, rundir
-    from nd_plugin.commands import detect as detect_cmd
+def test_public_names_come_from_their_one_home() -> None:
+    """Each public name has one module; the package's face hands out that module's object."""
+    from nd_plugin import run
+    from nd_plugin.commands import analyze, decoupling, detect, pruning
 
-    assert nd_plugin.decouple is train.decouple is commands.decouple is decoupling.decouple
-    assert report.build_report is commands.build_report is analyze.build_report
-    assert detect.run_detection is workflow.run_detection is commands.run_detection is detect_cmd.run_detection
-    assert nd_plugin.open_run is run.open_run is commands.open_run is rundir.open_run
-    assert nd_plugin.Run is run.Run is rundir.Run
+    assert nd_plugin.decouple is decoupling.decouple
+    assert nd_plugin.open_run is run.open_run and nd_plugin.Run is run.Run
+    assert callable(analyze.build_report) and callable(pruning.prune_run) and callable(detect.run_detection)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        train.nope  # noqa: B018
+        nd_plugin.nope  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("nd_plugin.train", "decouple"),
+        ("nd_plugin.report", "build_report"),
+        ("nd_plugin.report", "_analysis_data"),
+        ("nd_plugin.export", "prune_run"),
+        ("nd_plugin.detect", "run_detection"),
+        ("nd_plugin.detect.workflow", "run_detection"),
+        ("nd_plugin.detect.workflow", "load_or_fit"),
+        ("nd_plugin.commands", "open_run"),
+    ],
+)
+def test_no_moved_name_is_kept_at_its_old_place(module: str, name: str) -> None:
+    import importlib
+
+    assert not hasattr(importlib.import_module(module), name)
 
 
 def test_import_nd_plugin_and_its_commands_stays_light() -> None:
@@ -54,7 +66,7 @@ def test_the_cli_runs_decouple_analyze_and_detect_through_the_commands_layer() -
     found = set().union(*(_imports(ROOT / "cli" / f) for f in ("_app.py", "_analyze.py", "_detect.py")))
     assert {"nd_plugin.commands.decoupling.decouple", "nd_plugin.commands.analyze.build_report",
             "nd_plugin.commands.detect.run_detection"} <= found
-    assert not {i for i in found if i.startswith(("nd_plugin.train.", "nd_plugin.report.", "nd_plugin.detect.", "nd_plugin.run."))}
+    assert not {i for i in found if i.startswith(("nd_plugin.train.", "nd_plugin.report.", "nd_plugin.detect."))}
 
 
 def test_only_the_atomic_helpers_rename_files_into_place() -> None:
@@ -63,7 +75,7 @@ def test_only_the_atomic_helpers_rename_files_into_place() -> None:
         str(f.relative_to(ROOT)) for d in ("nd_plugin", "adapters", "cli") for f in (ROOT / d).rglob("*.py")
         if "os.replace(" in f.read_text(encoding="utf-8")
     )
-    assert renaming == ["nd_plugin/commands/rundir.py", "nd_plugin/files.py"]
+    assert renaming == ["nd_plugin/files.py", "nd_plugin/run.py"]
 
 
 # ------------------------------------------------------------------------------ atomic writes
@@ -80,8 +92,8 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Pa
 
 
 def test_save_checkpoint_keeps_the_one_before(tmp_path: Path) -> None:
-    from nd_plugin.commands.rundir import CHECKPOINT, PREVIOUS, save_checkpoint
     from nd_plugin.files import load_tensors
+    from nd_plugin.run import CHECKPOINT, PREVIOUS, save_checkpoint
 
     for epoch in (0, 1, 2):
         save_checkpoint(tmp_path, {"model": {"w": torch.full((2,), float(epoch))}, "epoch": epoch}, "cifar:resnet20")
@@ -92,7 +104,7 @@ def test_save_checkpoint_keeps_the_one_before(tmp_path: Path) -> None:
 
 
 def test_run_detections_reads_every_detect_json_and_skips_broken_ones(tmp_path: Path) -> None:
-    from nd_plugin.commands.rundir import Run
+    from nd_plugin.run import Run
 
     for tag, text in (("pgd-eps0.1", '{"attack": "pgd"}'), ("fgsm-eps0.1", '{"attack": "fgsm"}'), ("bim-eps0.1", "{not json")):
         (tmp_path / "detect" / tag).mkdir(parents=True)

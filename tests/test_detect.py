@@ -12,6 +12,7 @@ from torch import nn
 
 import nd_plugin
 from nd_plugin._hooks import ForwardHooks
+from nd_plugin.commands.detect import run_detection
 from nd_plugin.detect import (
     ATTACKS,
     DETECTORS,
@@ -32,7 +33,6 @@ from nd_plugin.detect import (
     lee_splits,
     lid_scores,
     msp_score,
-    run_detection,
     to_normalised,
     to_pixels,
 )

@@ -247,8 +247,8 @@ def test_summary_prune_json_cli_and_report_show_the_dynamic_value(small_run: Pat
     from rich.console import Console
 
     from nd_plugin.cli._prune import print_dynamic_value
+    from nd_plugin.commands.analyze import build_report
     from nd_plugin.commands.pruning import prune_run
-    from nd_plugin.report import build_report
     from nd_plugin.run import open_run
 
     summary = json.loads((small_run / "summary.json").read_text())
@@ -278,7 +278,7 @@ def test_summary_prune_json_cli_and_report_show_the_dynamic_value(small_run: Pat
 def test_report_measures_the_dynamic_value_when_no_file_records_it(small_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    from nd_plugin.report import build_report
+    from nd_plugin.commands.analyze import build_report
 
     run = tmp_path / "copy"
     shutil.copytree(small_run, run)

@@ -23,9 +23,10 @@ import torch
 from typer.testing import CliRunner
 
 from nd_plugin.cli._app import app
+from nd_plugin.commands.decoupling import decouple
 from nd_plugin.errors import NDError
 from nd_plugin.run import open_run
-from nd_plugin.train import TrainConfig, decouple
+from nd_plugin.train import TrainConfig
 
 TINY = dict(data="synthetic:64", batch_size=32, bn_recalibrate=2, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu")
 FAULTS = ("truncated", "emptied", "foreign", "unreadable")

@@ -58,7 +58,7 @@ def _make_run(path: Path, *, classes: list[str] = CLASSES, checkpoint: bool = Tr
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One report, built once for the module (the run has no paths.npz: paths are collected)."""
-    from nd_plugin.report import build_report
+    from nd_plugin.commands.analyze import build_report
 
     run = _make_run(tmp_path_factory.mktemp("runs") / "r")
     index = build_report(run, n_permutations=19)
@@ -121,8 +121,8 @@ def test_index_html_is_offline(report: Path) -> None:
 
 
 def test_report_reuses_raw_paths_npz(tmp_path: Path) -> None:
+    from nd_plugin.commands.analyze import build_report
     from nd_plugin.data import load_data
-    from nd_plugin.report import build_report
     from nd_plugin.run import open_run
 
     run = _make_run(tmp_path / "r")
@@ -244,7 +244,7 @@ def test_report_says_why_the_tree_made_no_split(kind: str, tmp_path: Path) -> No
 
 
 def test_missing_checkpoint(tmp_path: Path) -> None:
-    from nd_plugin.report import build_report
+    from nd_plugin.commands.analyze import build_report
 
     run = _make_run(tmp_path / "r", checkpoint=False)
     with pytest.raises(RunDirError, match="no checkpoint.pt"):
@@ -255,7 +255,8 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
 
 
 def test_bad_images(tmp_path: Path) -> None:
-    from nd_plugin.report import build_report, load_images
+    from nd_plugin.commands.analyze import build_report
+    from nd_plugin.report import load_images
 
     run = _make_run(tmp_path / "r")
     with pytest.raises(DataError, match="does not exist"):
@@ -279,7 +280,7 @@ def test_good_image_file(tmp_path: Path) -> None:
 
 
 def test_patch_larger_than_image(tmp_path: Path) -> None:
-    from nd_plugin.report import build_report
+    from nd_plugin.commands.analyze import build_report
 
     run = _make_run(tmp_path / "r")
     with pytest.raises(InputShapeError, match="patch 40 px does not fit the run's 32x32"):
@@ -287,7 +288,7 @@ def test_patch_larger_than_image(tmp_path: Path) -> None:
 
 
 def test_classes_do_not_match(tmp_path: Path) -> None:
-    from nd_plugin.report import build_report
+    from nd_plugin.commands.analyze import build_report
 
     run = _make_run(tmp_path / "r", classes=list("abcdefghij"))
     with pytest.raises(DataError, match="do not match the run's"):

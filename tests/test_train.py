@@ -19,9 +19,10 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from nd_plugin.cli._app import app
+from nd_plugin.commands.decoupling import decouple
 from nd_plugin.errors import ConfigError, TrainingError
 from nd_plugin.run import open_run
-from nd_plugin.train import TrainConfig, Trainer, decouple
+from nd_plugin.train import TrainConfig, Trainer
 
 TINY = dict(model="cifar:resnet20", data="synthetic:96", batch_size=32, bn_recalibrate=2)
 

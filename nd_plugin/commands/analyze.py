@@ -1,6 +1,6 @@
 """``nd analyze``: analyse a run directory's calculation paths and write its report.
 
-Reads the run (:mod:`nd_plugin.commands.rundir`): its config, model, ``paths.npz`` or data, and
+Reads the run (:mod:`nd_plugin.run`): its config, model, ``paths.npz`` or data, and
 the results of earlier ``nd detect`` runs; analyses with :func:`nd_plugin.report.analyze_paths`
 and :func:`nd_plugin.interpret.occlusion_concepts`; writes ``RUN/report/`` through
 :meth:`nd_plugin.report.Analysis.save`, complete or not at all.
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nd_plugin.commands import rundir
+from nd_plugin import run as rundir
 from nd_plugin.errors import DataError, InputShapeError
 from nd_plugin.files import atomic_dir
 from nd_plugin.interpret import occlusion_concepts
@@ -139,7 +139,7 @@ def build_report(
     when none are given, on the first validation images of a few classes.
 
     Args:
-        run: a run directory (or an opened :class:`~nd_plugin.commands.rundir.Run`).
+        run: a run directory (or an opened :class:`~nd_plugin.run.Run`).
         data: data spec to analyse instead of the run's ``paths.npz``.
         images: image files for the occlusion analysis.
         out: output directory (default ``RUN/report``).

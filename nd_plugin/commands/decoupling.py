@@ -1,7 +1,7 @@
 """``nd decouple``: build the model, wrap it, train it, write the run directory.
 
 The Trainer (:mod:`nd_plugin.train`) trains; this module decides what goes where in the run
-directory (:mod:`nd_plugin.commands.rundir`): it checks and locks ``--out``, writes
+directory (:mod:`nd_plugin.run`): it checks and locks ``--out``, writes
 ``config.json``, hands the Trainer a per-epoch checkpoint writer, and writes ``paths.npz`` and
 ``summary.json`` at the end.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nd_plugin.commands import rundir
+from nd_plugin import run as rundir
 from nd_plugin.config import TrainConfig, resolve_device
 from nd_plugin.decoupled import wrap
 from nd_plugin.distributed import distributed_cleanup
@@ -102,7 +102,7 @@ def decouple(
         >>> cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", ratio=0.6, epochs=1, warmup_epochs=0, batch_size=32)
         >>> summary = decouple(cfg, tmp / "r20", progress=False)
         >>> sorted(summary)[:3], (tmp / "r20" / "paths.npz").is_file()
-        (['density', 'filter_states', 'flops'], True)
+        (['density', 'dynamic_value', 'filter_states'], True)
     """
     from nd_plugin.adapters import create_model, resolve_name
     from nd_plugin.data import load_data

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from nd_plugin.commands import rundir
+from nd_plugin import run as rundir
 from nd_plugin.detect.attacks import AttackSpec, parse_attack_args, resolve_attack
 from nd_plugin.detect.baselines import LEE_MAGNITUDES
 from nd_plugin.detect.metrics import _auroc

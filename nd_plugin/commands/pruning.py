@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from nd_plugin.commands.rundir import PRUNE, open_run
 from nd_plugin.engines import check_engines, engine_runner, side_by_side
 from nd_plugin.errors import ExportError
 from nd_plugin.files import atomic_write_json
 from nd_plugin.paths import check_tolerance
+from nd_plugin.run import PRUNE, open_run
 
 __all__ = ["PRUNE_JSON", "engine_latency", "prune_run", "spread_batches"]
 

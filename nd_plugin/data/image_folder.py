@@ -18,17 +18,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import (
-    _IMG_EXTENSIONS,
-    _SMALL_IMAGE_PX,
+from nd_plugin.data.bundle import (
+    IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SMALL_IMAGE_PX,
     DataBundle,
     TensorImageDataset,
-    _checked_size,
-    _stratified_split,
+    checked_size,
+    stratified_split,
 )
-from .errors import DataError
+from nd_plugin.errors import DataError
 
 __all__ = ["ImageFileDataset", "load_image_folder"]
 
@@ -88,11 +88,11 @@ def _scan_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
             samples += [
                 (os.path.join(dirpath, f), label)
                 for f in sorted(files)
-                if f.lower().endswith(_IMG_EXTENSIONS) and not f.startswith(".")
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
             ]
     if not samples:
         raise DataError(
-            f"empty ImageFolder: no images ({', '.join(_IMG_EXTENSIONS)}) in the class folders "
+            f"empty ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders "
             f"of {root}"
         )
     return classes, samples
@@ -135,11 +135,11 @@ def _folder_datasets(
 
     with Image.open(splits[0][0][0][0]) as im:
         native = (im.height, im.width)
-    size = _checked_size(image_size)
+    size = checked_size(image_size)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     out: list[Dataset] = []
-    if max(native) <= _SMALL_IMAGE_PX:
-        stored = native if size is None or max(size) > _SMALL_IMAGE_PX else size
+    if max(native) <= SMALL_IMAGE_PX:
+        stored = native if size is None or max(size) > SMALL_IMAGE_PX else size
         for samples, augment in splits:
             x = _decode_all(samples, stored, f"decoding {len(samples)} images")
             aug = dict(pad=4, flip=True) if augment else {}
@@ -224,7 +224,7 @@ def _imagefolder(path_str: str, image_size: int | None, train_augment: bool) -> 
     else:
         root = path / "train" if (path / "train").is_dir() else path
         classes, samples = _scan_class_folders(root)
-        tr, va = _stratified_split([t for _, t in samples], 0.1)
+        tr, va = stratified_split([t for _, t in samples], 0.1)
         if len(va) == 0:
             raise DataError(
                 f"too few images in {root} to split off a validation set (need >= 2 per class)"

@@ -21,8 +21,8 @@ with the clean paths of the class the input ends up in. The package:
 - :mod:`~nd_plugin.detect.protocol`: fit, attack, featurise and evaluate every detector
   (:data:`DETECTORS`, among them ``combined``: :func:`combined_features`) on objects;
 - :mod:`~nd_plugin.detect.workflow`: :class:`DetectionResult`, what ``nd detect`` measures.
-  Figures are drawn by :mod:`nd_plugin.detect_figures`; :func:`run_detection`, what ``nd detect``
-  does on a run directory, is :mod:`nd_plugin.commands.detect`'s (re-exported here).
+  Figures are drawn by :mod:`nd_plugin.detect_figures`; what ``nd detect`` does on a run
+  directory, :func:`~nd_plugin.commands.detect.run_detection`, is :mod:`nd_plugin.commands.detect`'s.
 
 Scores follow one convention: higher means "more likely adversarial".
 
@@ -90,20 +90,10 @@ from nd_plugin.detect.protocol import (
 )
 from nd_plugin.detect.workflow import (
     DetectionResult,
-    attack_and_probe,
     mi_weights_of,
 )
 
-
-def __getattr__(name: str):
-    if name == "run_detection":  # the commands layer's; loaded on first use (it imports this package)
-        from nd_plugin.commands.detect import run_detection
-
-        return run_detection
-    raise AttributeError(f"module 'nd_plugin.detect' has no attribute {name!r}")
-
-
-__all__ = [  # noqa: F822 - run_detection: __getattr__
+__all__ = [
     "ATTACKS",
     "COMBINED_SETS",
     "DETECTORS",
@@ -123,7 +113,6 @@ __all__ = [  # noqa: F822 - run_detection: __getattr__
     "Splits",
     "UnknownDetectorError",
     "attack",
-    "attack_and_probe",
     "attack_set",
     "check_detectors",
     "collect_probe",
@@ -148,7 +137,6 @@ __all__ = [  # noqa: F822 - run_detection: __getattr__
     "plan_splits",
     "recommend",
     "resolve_attack",
-    "run_detection",
     "to_normalised",
     "to_pixels",
 ]

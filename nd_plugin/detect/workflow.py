@@ -2,40 +2,29 @@
 
 :class:`DetectionResult` holds one attack's results (:meth:`DetectionResult.save` writes them as
 JSON); :func:`path_variants` and :func:`mi_weights_of` work on fitted detectors and checkpoints.
-The workflow on a run directory, :func:`run_detection`, lives in :mod:`nd_plugin.commands.detect`
-(``nd_plugin.detect.run_detection`` is the same function).
+The workflow on a run directory, :func:`~nd_plugin.commands.detect.run_detection`, lives in
+:mod:`nd_plugin.commands.detect`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from nd_plugin.detect.features import Probe
 from nd_plugin.detect.metrics import _auroc
-from nd_plugin.detect.protocol import FittedDetectors, attack_set
+from nd_plugin.detect.protocol import FittedDetectors
 from nd_plugin.files import atomic_write_json
 
-__all__ = ["DetectionResult", "attack_and_probe", "mi_weights_of", "path_variants", "run_detection"]  # noqa: F822
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("run_detection", "load_or_fit"):  # moved to the commands layer; loaded on first use
-        from nd_plugin.commands import detect
-
-        return getattr(detect, name)
-    raise AttributeError(f"module 'nd_plugin.detect.workflow' has no attribute {name!r}")
+__all__ = ["DetectionResult", "mi_weights_of", "path_variants"]
 
 
 @dataclass
 class DetectionResult:
-    """What :func:`run_detection` measured (also written as ``detect.json``).
+    """What :func:`~nd_plugin.commands.detect.run_detection` measured (also written as ``detect.json``).
 
     Attributes:
         attack, eps, steps: the attack (a short name or a torchattacks class name in lower case);
@@ -117,23 +106,3 @@ def path_variants(fitted: FittedDetectors, clean: Probe, adv: Probe) -> dict[str
             cs, as_ = det.score_probe(clean, method=m, combine=c).overall, det.score_probe(adv, method=m, combine=c).overall
             out[name] = {"auroc": round(_auroc(cs, as_), 4)}
     return out
-
-
-def attack_and_probe(
-    dm: nn.Module,
-    loader: Any,
-    attack: str,
-    eps: float,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    steps: int = 10,
-    feature_layer: str | None = None,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    gate_inputs: bool = False,
-) -> tuple[Probe, Probe, int, int]:
-    """``(clean, attacked, drawn, correct)`` of :func:`~nd_plugin.detect.protocol.attack_set` (kept for existing callers)."""
-    s = attack_set(dm, loader, attack, eps, mean=mean, std=std, steps=steps, feature_layer=feature_layer, seed=seed,
-                   device=device, gate_inputs=gate_inputs)
-    return s.clean, s.adv, s.drawn, s.correct

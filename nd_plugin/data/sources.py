@@ -1,0 +1,181 @@
+"""The built-in data sources behind :func:`load_data`: digits, CIFAR-10/100, synthetic data, and
+(through :mod:`nd_plugin.data.image_folder`) image folders.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nd_plugin.data.bundle import (
+    DIGITS_MEAN,
+    DIGITS_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataBundle,
+    TensorImageDataset,
+    checked_size,
+    data_root,
+    stratified_split,
+)
+from nd_plugin.errors import DataError
+
+__all__ = ["KNOWN_SPECS", "load_data"]
+
+#: The specs :func:`load_data` understands (for messages and ``--help``).
+KNOWN_SPECS: tuple[str, ...] = (
+    "digits", "cifar10", "cifar100", "imagefolder:PATH", "synthetic[:N]",
+)
+_SYNTHETIC_SEED = 0
+_SYNTHETIC_DEFAULT_N = 1000
+
+
+def _digits(image_size: int | None, train_augment: bool) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    size = checked_size(image_size) or (32, 32)
+    x = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp_(0, 1)
+    x = x.expand(-1, 3, -1, -1).contiguous()
+    y = torch.as_tensor(digits.target, dtype=torch.long)
+    tr, va = stratified_split(y.numpy(), 0.2)
+    classes = [str(c) for c in digits.target_names]
+    kw = dict(mean=DIGITS_MEAN, std=DIGITS_STD, classes=classes)
+    pad = max(1, size[0] // 8) if train_augment else 0  # no flips: mirrored digits change meaning
+    return DataBundle(
+        train=TensorImageDataset(x[tr], y[tr], pad=pad, **kw),
+        val=TensorImageDataset(x[va], y[va], **kw),
+        num_classes=10,
+        classes=classes,
+        mean=DIGITS_MEAN,
+        std=DIGITS_STD,
+        input_size=(3, *size),
+        name="digits",
+    )
+
+
+def _synthetic(n: int, image_size: int | None) -> DataBundle:
+    size = checked_size(image_size) or (32, 32)
+    g = torch.Generator().manual_seed(_SYNTHETIC_SEED)
+    num_classes = 10
+    colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 2 - 1
+    patterns = F.interpolate(
+        torch.rand(num_classes, 3, 4, 4, generator=g) * 2 - 1, size=size, mode="bilinear",
+        align_corners=False,
+    )
+    y = torch.arange(n) % num_classes
+    y = y[torch.randperm(n, generator=g)]
+    noise = torch.randn(n, 3, *size, generator=g)
+    x = (0.5 + 0.2 * colours[y] + 0.15 * patterns[y] + 0.1 * noise).clamp_(0, 1)
+    tr, va = stratified_split(y.numpy(), 0.2)
+    mean = tuple(round(v, 4) for v in x[tr].mean(dim=(0, 2, 3)).tolist())
+    std = tuple(round(v, 4) for v in x[tr].std(dim=(0, 2, 3)).tolist())
+    classes = [f"class{i}" for i in range(num_classes)]
+    kw = dict(mean=mean, std=std, classes=classes)
+    return DataBundle(
+        train=TensorImageDataset(x[tr], y[tr], **kw),
+        val=TensorImageDataset(x[va], y[va], **kw),
+        num_classes=num_classes,
+        classes=classes,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        input_size=(3, *size),
+        name=f"synthetic:{n}",
+    )
+
+
+def _cifar(name: str, image_size: int | None, train_augment: bool, download: bool) -> DataBundle:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root = data_root()
+    splits = {}
+    for train in (True, False):
+        try:
+            splits[train] = cls(str(root), train=train, download=download)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
+            raise DataError(
+                f"{name} not found (or corrupt) under {root} (ND_DATA_DIR sets the location); "
+                f"pass --download when online, or use imagefolder:PATH for a local copy"
+            ) from e
+        except OSError as e:  # network errors while downloading
+            raise DataError(f"could not download {name} to {root}: {e}") from e
+    size = checked_size(image_size)
+    classes = list(splits[True].classes)
+
+    def tensors(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return images, torch.as_tensor(ds.targets)
+
+    kw = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=size, classes=classes)
+    aug = dict(pad=4, flip=True) if train_augment else {}
+    return DataBundle(
+        train=TensorImageDataset(*tensors(splits[True]), **aug, **kw),
+        val=TensorImageDataset(*tensors(splits[False]), **kw),
+        num_classes=len(classes),
+        classes=classes,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        input_size=(3, *(size or (32, 32))),
+        name=name,
+    )
+
+
+def load_data(
+    spec: str,
+    *,
+    image_size: int | None = None,
+    train_augment: bool = True,
+    download: bool = False,
+) -> DataBundle:
+    """Loads a data set by spec (see the module docstring for the specs).
+
+    Args:
+        spec: ``digits``, ``cifar10``, ``cifar100``, ``imagefolder:PATH`` or ``synthetic[:N]``.
+        image_size: Side of the (square) images yielded; None keeps the data set's own size
+            (32 for digits, CIFAR and synthetic; the files' size for small image folders; 224 for
+            large image folders).
+        train_augment: Augment the training split (random crop and flip); the validation split
+            is never augmented.
+        download: Download CIFAR when it is not under :func:`data_root` (needs network).
+
+    Returns:
+        The :class:`DataBundle`.
+
+    Raises:
+        DataError: Unknown spec, missing or empty data, bad ``image_size``.
+
+    Example:
+        >>> data = load_data("synthetic:200", image_size=16)
+        >>> data.input_size, data.num_classes
+        ((3, 16, 16), 10)
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"data spec must be a non-empty string; known: {', '.join(KNOWN_SPECS)}")
+    spec = spec.strip()
+    kind, sep, arg = spec.partition(":")
+    kind = kind.lower()
+    if kind == "digits" and not sep:
+        return _digits(image_size, train_augment)
+    if kind in ("cifar10", "cifar100") and not sep:
+        return _cifar(kind, image_size, train_augment, download)
+    if kind == "imagefolder":
+        from nd_plugin.data.image_folder import _imagefolder
+
+        return _imagefolder(arg, image_size, train_augment)
+    if kind == "synthetic":
+        n = _SYNTHETIC_DEFAULT_N
+        if sep:
+            try:
+                n = int(arg)
+            except ValueError:
+                n = 0
+            if n < 20:
+                raise DataError(f"synthetic:N needs an integer N >= 20, got '{arg}'")
+        return _synthetic(n, image_size)
+    hint = " (for a folder of images write imagefolder:PATH)" if os.path.isdir(spec) else ""
+    raise DataError(f"unknown data set '{spec}'{hint}; known: {', '.join(KNOWN_SPECS)}")
