@@ -158,7 +158,8 @@ def expected_flops(compact, stats, *, by_module: dict[str, int] | None = None, p
         stats: path statistics of the decoupled model it was pruned from (or already restricted
             with ``compact.compact_stats``).
         by_module: fvcore counts of ``compact`` (computed when omitted).
-        plan: its :class:`~nd_plugin.pruning.plan.DynamicPlan` (computed when omitted).
+        plan: its :class:`~nd_plugin.pruning.plan.DynamicPlan`, or that of the decoupled model it
+            was pruned from (traced when omitted).
 
     Returns:
         The :class:`ExpectedFlops`.
@@ -175,7 +176,7 @@ def expected_flops(compact, stats, *, by_module: dict[str, int] | None = None, p
         stats = compact.compact_stats(stats)
     counts = by_module if by_module is not None else flops_by_module(compact, compact.input_size)
     counts = {k.removeprefix("model."): v for k, v in counts.items()}  # names relative to compact.model
-    plan = plan if plan is not None else analyse(compact.model, dynamic, compact.input_size)
+    plan = plan.restricted(dynamic) if plan is not None else analyse(compact.model, dynamic, compact.input_size)
     channels = {s.name: s.channels for s in compact.gate_sites}
     # module -> (source layer of its inputs, layer of its outputs)
     scaled: dict[str, list[str | None]] = {}

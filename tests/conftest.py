@@ -1,4 +1,8 @@
-"""Shared pytest fixtures: the read-only ``../shared`` material, when it is there."""
+"""Shared pytest fixtures: a finished run, and the read-only ``../shared`` material when it is there.
+
+Shared helpers that are not fixtures (small networks, real images, benchmark scripts as modules)
+are in ``_helpers.py`` beside this file.
+"""
 
 from __future__ import annotations
 
@@ -39,3 +43,22 @@ def cifar10_jpeg(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     if not (root / "test").is_dir():
         pytest.fail(f"{archive} has no test/ folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def _resnet20_run_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch cifar:resnet20 run on 64 synthetic images, trained once per session."""
+    from nd_plugin.commands.decoupling import decouple
+    from nd_plugin.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("resnet20-run") / "run"
+    cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", batch_size=32, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu")
+    decouple(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture
+def resnet20_run(_resnet20_run_once: Path, tmp_path: Path) -> Path:
+    """A copy of the session's finished cifar:resnet20 run for this test alone (its own ``prune.json``,
+    ``report/``, ...): ``config.json``, ``checkpoint.pt``, ``metrics.jsonl``, ``paths.npz``, ``summary.json``."""
+    return Path(shutil.copytree(_resnet20_run_once, tmp_path / "resnet20-run"))

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from _helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cp():
-    """The benchmark script as a module (it imports ``_suite`` from its own folder)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("compare_pruners")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    """The benchmark script as a module (loaded from its file; see ``_helpers.load_benchmark``)."""
+    return load_benchmark("compare_pruners")
 
 
 def test_match_flops_hits_target_on_internal_channels(cp) -> None:

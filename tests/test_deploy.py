@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_prune import decoupled
+from _helpers import decoupled
 
 from nd_plugin.errors import ConfigError
 from nd_plugin.pruning import apply_record, dynamic_runtime, keep_count, mix_records, plan_record, static_record

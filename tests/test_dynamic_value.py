@@ -8,22 +8,19 @@ network coincide (value exactly 0).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import decoupled, real_images
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_prune import decoupled, real_images  # noqa: E402
-
-import nd_plugin  # noqa: E402
-from nd_plugin.flops import count_flops, expected_flops  # noqa: E402
-from nd_plugin.paths import PathStats  # noqa: E402
-from nd_plugin.pruning import (  # noqa: E402
+import nd_plugin
+from nd_plugin.flops import count_flops, expected_flops
+from nd_plugin.paths import PathStats
+from nd_plugin.pruning import (
     DynamicValue,
     PruneRecord,
     StaticFlops,
@@ -33,8 +30,8 @@ from nd_plugin.pruning import (  # noqa: E402
     match_static,
     prune,
 )
-from nd_plugin.pruning.synthetic import synthetic_gates  # noqa: E402
-from nd_plugin.pruning.value import describe, static_ranking  # noqa: E402
+from nd_plugin.pruning.synthetic import synthetic_gates
+from nd_plugin.pruning.value import describe, static_ranking
 
 
 class HandNet(nn.Module):
@@ -229,19 +226,7 @@ def test_summary_records_the_dynamic_value() -> None:
     assert "dynamic_value" not in summarize(dm, stats)
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished one-epoch cifar:resnet20 run on 64 synthetic images (summary.json written)."""
-    pytest.importorskip("nd_plugin.adapters")
-    from nd_plugin import TrainConfig, decouple
-
-    out = tmp_path_factory.mktemp("dv-run") / "run"
-    cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", batch_size=32, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu")
-    decouple(cfg, out, progress=False)
-    return out
-
-
-def test_summary_prune_json_cli_and_report_show_the_dynamic_value(small_run: Path, tmp_path: Path) -> None:
+def test_summary_prune_json_cli_and_report_show_the_dynamic_value(resnet20_run: Path, tmp_path: Path) -> None:
     import io
 
     from rich.console import Console
@@ -251,13 +236,13 @@ def test_summary_prune_json_cli_and_report_show_the_dynamic_value(small_run: Pat
     from nd_plugin.commands.pruning import prune_run
     from nd_plugin.run import open_run
 
-    summary = json.loads((small_run / "summary.json").read_text())
+    summary = json.loads((resnet20_run / "summary.json").read_text())
     recorded = summary["dynamic_value"]
     assert recorded["inputs"] == 10 and recorded["value"] == recorded["gated_top1"] - recorded["static_top1"]
     assert recorded["gated_flops"] == summary["flops"]["compact_expected"]
 
-    result = prune_run(small_run, latency_repeats=1, engines=["eager"])
-    on_disk = json.loads((small_run / "prune.json").read_text())["dynamic_value"]
+    result = prune_run(resnet20_run, latency_repeats=1, engines=["eager"])
+    on_disk = json.loads((resnet20_run / "prune.json").read_text())["dynamic_value"]
     assert on_disk == result["dynamic_value"]
     for key in ("value", "gated_top1", "static_top1", "gated_flops", "static_flops", "dynamic_share", "kept"):
         assert on_disk[key] == pytest.approx(recorded[key])  # the same model, statistics and split
@@ -267,21 +252,21 @@ def test_summary_prune_json_cli_and_report_show_the_dynamic_value(small_run: Pat
     print_dynamic_value(result, Console(file=buf, width=300))
     assert "dynamic value" in buf.getvalue() and f"{100 * on_disk['value']:+.2f} points" in buf.getvalue()
 
-    assert open_run(small_run).dynamic_value() == (recorded, small_run / "summary.json")
-    index = build_report(small_run, out=tmp_path / "report", n_permutations=0, num_occlusion_images=0, figures=False)
+    assert open_run(resnet20_run).dynamic_value() == (recorded, resnet20_run / "summary.json")
+    index = build_report(resnet20_run, out=tmp_path / "report", n_permutations=0, num_occlusion_images=0, figures=False)
     page = index.read_text()
     assert "dynamic value" in page and f"{100 * recorded['value']:+.2f} points" in page
     analysis = json.loads((tmp_path / "report" / "analysis.json").read_text())
     assert analysis["dynamic_value"]["source"].startswith("recorded in")
 
 
-def test_report_measures_the_dynamic_value_when_no_file_records_it(small_run: Path, tmp_path: Path) -> None:
+def test_report_measures_the_dynamic_value_when_no_file_records_it(resnet20_run: Path, tmp_path: Path) -> None:
     import shutil
 
     from nd_plugin.commands.analyze import build_report
 
     run = tmp_path / "copy"
-    shutil.copytree(small_run, run)
+    shutil.copytree(resnet20_run, run)
     for name in ("summary.json", "prune.json"):
         (run / name).unlink(missing_ok=True)
     build_report(run, n_permutations=0, num_occlusion_images=0, figures=False)

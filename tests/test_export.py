@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import TinyNet, decoupled
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_prune import TinyNet, decoupled  # noqa: E402
-
-import nd_plugin  # noqa: E402
-from nd_plugin import export as export_mod  # noqa: E402
-from nd_plugin.commands.pruning import prune_run  # noqa: E402
-from nd_plugin.errors import ConfigError, ExportError, RunDirError  # noqa: E402
-from nd_plugin.export import export, load  # noqa: E402
-from nd_plugin.pruning import prune  # noqa: E402
+import nd_plugin
+from nd_plugin import export as export_mod
+from nd_plugin.commands.pruning import prune_run
+from nd_plugin.errors import ConfigError, ExportError, RunDirError
+from nd_plugin.export import export, load
+from nd_plugin.pruning import prune
 
 
 @pytest.fixture(scope="module")
@@ -113,21 +110,9 @@ def test_cli_prints_one_line_for_user_errors(tmp_path: Path) -> None:
     assert len(lines) == 1 and "tolerance" in lines[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished one-epoch cifar:resnet20 run on 64 synthetic images."""
-    pytest.importorskip("nd_plugin.adapters")
-    from nd_plugin import TrainConfig, decouple
-
-    out = tmp_path_factory.mktemp("prune-run") / "run"
-    cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", batch_size=32, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu")
-    decouple(cfg, out, progress=False)
-    return out
-
-
-def test_prune_run_decides_per_layer_and_exports_static_forms(tiny_run: Path, tmp_path: Path) -> None:
+def test_prune_run_decides_per_layer_and_exports_static_forms(resnet20_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "export"
-    result = prune_run(tiny_run, out, latency_repeats=2, round_to=8, engines=["eager", "ort"])
+    result = prune_run(resnet20_run, out, latency_repeats=2, round_to=8, engines=["eager", "ort"])
     decisions = result["deployment"]["decisions"]
     assert [d["site"] for d in decisions] == json.loads((out / "manifest.json").read_text())["prune"]["sites"]
     assert all(d["mode"] in ("dynamic", "static") and d["reason"] for d in decisions)
@@ -141,12 +126,45 @@ def test_prune_run_decides_per_layer_and_exports_static_forms(tiny_run: Path, tm
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(program(x), static(x), rtol=1e-4, atol=1e-4)
-    assert json.loads((tiny_run / "prune.json").read_text())["round_to"] == 8
+    assert json.loads((resnet20_run / "prune.json").read_text())["round_to"] == 8
 
 
-def test_prune_run_tolerance_reports_agreement_instead_of_failing(tiny_run: Path) -> None:
-    result = prune_run(tiny_run, tolerance=0.3, latency_repeats=1, engines=["eager"])
+def test_prune_run_tolerance_reports_agreement_instead_of_failing(resnet20_run: Path) -> None:
+    result = prune_run(resnet20_run, tolerance=0.3, latency_repeats=1, engines=["eager"])
     assert result["equality"]["strict"] is False and result["equality"]["ok"] is True
+
+
+def test_prune_run_traces_each_network_once(resnet20_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nd prune`` builds one torch-pruning DependencyGraph per network it works on, three in all:
+
+    1. ``Run.build_model`` -> ``wrap()``: the network as the registry builds it (no gates yet), to
+       find the gate sites;
+    2. the gated network: every record (the exact compact model, the static one, the per-layer mix)
+       is decided on this graph and applied to a copy of the model without tracing the copy;
+    3. its gate-free twin (every gate replaced by conv + norm): the runtime plan (consumers, norms
+       to fold) of every compact form, their expected FLOPs, the dense baseline's folding and the
+       dynamic value's FLOPs counter all use it (removing filters changes none of it).
+
+    The compact networks are the gated and the gate-free network with fewer channels: no graph of
+    their own. (With ``--export``, the export's own check rebuilds each form from the directory
+    alone, as a user's ``nd_plugin.load`` does, and traces that rebuild.)
+    """
+    import torch_pruning as tp
+
+    from nd_plugin.gates import GatedSite
+    from nd_plugin.pruning import FixedSite
+
+    built: list[str] = []
+    build = tp.DependencyGraph.build_dependency
+
+    def counting(self, model, *args, **kwargs):
+        kinds = {type(m) for m in model.modules()}
+        built.append("gated" if GatedSite in kinds else "gate-free" if FixedSite in kinds else "as built")
+        return build(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", counting)
+    prune_run(resnet20_run, latency_repeats=1, engines=["eager", "onnx"])
+    assert built == ["as built", "gated", "gate-free"]
 
 
 def test_unknown_engine_is_a_config_error(tmp_path: Path) -> None:

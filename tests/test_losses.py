@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_wrap import TinyNet
+from _helpers import ResidualTinyNet
 
 import nd_plugin
 from nd_plugin.errors import ConfigError
@@ -66,7 +66,7 @@ def test_bad_hyper_parameters(kw: dict, match: str) -> None:
 
 def test_all_lambdas_zero_is_plain_cross_entropy_training() -> None:
     torch.manual_seed(0)
-    dm_a = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8))
+    dm_a = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8))
     dm_b = copy.deepcopy(dm_a)
     loss_fn = DecouplingLoss(0.0, 0.0, 0.0, 0.5, channels=[6], num_classes=3)
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from _helpers import ResidualTinyNet
 from torch import nn
 
 import nd_plugin
@@ -16,25 +17,6 @@ from nd_plugin.errors import ConfigError, InputShapeError, NothingToGateError, U
 from nd_plugin.gates import ACM, GatedSite, binarize
 from nd_plugin.losses import DecouplingLoss
 from nd_plugin.paths import GateRecorder, PathStats
-
-
-class TinyNet(nn.Module):
-    """conv-bn-relu x3 with a residual add around the last conv."""
-
-    def __init__(self, num_classes: int = 3) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.conv1 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 4, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.stem(x))
-        y = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(x + self.bn2(self.conv2(y)))
-        return self.fc(x.mean((2, 3)))
 
 
 def test_binarize_eval_is_hard_threshold() -> None:
@@ -72,7 +54,7 @@ def test_kaiming_acm_init_depends_on_the_input_from_the_start() -> None:
 
 def test_pre_gate_after_activation_pools_the_relu_output() -> None:
     torch.manual_seed(0)
-    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8), sites="all")
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8), sites="all")
     assert [s.activation for s in dm.gate_sites] == ["relu", None]  # conv1 -> relu; conv2 -> add
     dm.eval()
     x = torch.randn(2, 3, 8, 8)
@@ -106,7 +88,7 @@ def test_acm_initial_logits_do_not_depend_on_the_input() -> None:
 
 @pytest.mark.parametrize("sites, expected", [("internal", ["conv1"]), ("all", ["conv1", "conv2"])])
 def test_sites_found_by_tracing(sites: str, expected: list[str]) -> None:
-    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8), sites=sites)
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8), sites=sites)
     assert dm.site_names == expected
     info = dm.gate_sites[0]
     assert info.norm == "bn1" and info.channels == 6 and info.internal
@@ -115,12 +97,12 @@ def test_sites_found_by_tracing(sites: str, expected: list[str]) -> None:
 
 
 def test_sites_callable_and_names() -> None:
-    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8), sites=lambda s: s.name == "conv2")
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8), sites=lambda s: s.name == "conv2")
     assert dm.site_names == ["conv2"] and not dm.gate_sites[0].internal
-    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8), sites=["conv2", "conv1"])
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8), sites=["conv2", "conv1"])
     assert dm.site_names == ["conv1", "conv2"]  # path order is execution order
     with pytest.raises(NothingToGateError, match="'stem' is not a gate site"):
-        nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8), sites=["stem"])
+        nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8), sites=["stem"])
 
 
 @pytest.mark.parametrize("sites", ["internal", "all"])
@@ -153,7 +135,7 @@ def test_return_path_shapes_and_sites_metadata() -> None:
 
 
 def test_wrap_works_under_inference_mode() -> None:
-    model = TinyNet()
+    model = ResidualTinyNet()
     with torch.inference_mode():
         dm = nd_plugin.wrap(model, torch.randn(1, 3, 8, 8))
     assert dm.site_names == ["conv1"]
@@ -170,15 +152,15 @@ def test_wrap_errors() -> None:
     with pytest.raises(NothingToGateError, match="no nn.Conv2d"):
         nd_plugin.wrap(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), torch.randn(1, 3, 2, 2))
     with pytest.raises(InputShapeError, match="expects 3"):
-        nd_plugin.wrap(TinyNet(), torch.randn(1, 1, 8, 8))
+        nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 1, 8, 8))
     with pytest.raises(InputShapeError, match="one \\(N, C, H, W\\) tensor"):
-        nd_plugin.wrap(TinyNet(), torch.randn(3, 8, 8))
+        nd_plugin.wrap(ResidualTinyNet(), torch.randn(3, 8, 8))
     only_stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
     with pytest.raises(NothingToGateError, match="no gate site"):
         nd_plugin.wrap(only_stem, torch.randn(1, 3, 5, 5))
 
 
-class Untraceable(TinyNet):
+class Untraceable(ResidualTinyNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.stem(x))
         y = torch.relu(self.bn1(self.conv1(x))).detach()  # leaves autograd: tracing loses stem, conv1
@@ -191,7 +173,7 @@ def test_untraceable_model_is_refused_with_one_message() -> None:
 
 
 def test_recorder_removes_hooks_when_forward_raises() -> None:
-    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8), sites="all")
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8), sites="all")
     sites = dm.sites()
     with pytest.raises(RuntimeError):
         with GateRecorder(sites, pre_gate=True):
@@ -203,7 +185,7 @@ def test_recorder_removes_hooks_when_forward_raises() -> None:
 
 
 def _force_gates(dm: nd_plugin.DecoupledModel) -> None:
-    """Deterministic gates for TinyNet conv1 (6 filters): 2 silent, 2 energetic, 2 input-dependent."""
+    """Deterministic gates for ResidualTinyNet conv1 (6 filters): 2 silent, 2 energetic, 2 input-dependent."""
     site = dm.sites()[0]
     with torch.no_grad():
         site.acm.fc1.weight.zero_()
@@ -220,7 +202,7 @@ def _force_gates(dm: nd_plugin.DecoupledModel) -> None:
 
 def test_path_stats_exact_counts(tmp_path) -> None:
     torch.manual_seed(0)
-    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8)).eval()
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8)).eval()
     _force_gates(dm)
     dm.model.stem.weight.data.zero_()
     dm.model.stem.bias.data.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
@@ -245,10 +227,10 @@ def test_path_stats_exact_counts(tmp_path) -> None:
 
 
 def test_gate_modules_deepcopy_and_state_dict_roundtrip() -> None:
-    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8))
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8))
     clone = copy.deepcopy(dm)
     assert clone.site_names == dm.site_names
-    fresh = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8))
+    fresh = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8))
     fresh.load_state_dict(dm.state_dict())
 
 
@@ -295,7 +277,7 @@ def test_wrap_and_train_step_coverage(name: str) -> None:
 
 
 def test_paths_of_a_model_without_gated_layers() -> None:
-    dm = nd_plugin.wrap(TinyNet(), torch.randn(1, 3, 8, 8)).eval()
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8)).eval()
     empty = nd_plugin.DecoupledModel(dm.model, [], dm.input_size)  # e.g. a compact model with no dynamic layer left
     stats = empty.paths([(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))])
     assert stats.n == 4 and stats.num_filters == 0 and stats.class_n.tolist() == [2, 1, 1]

@@ -146,7 +146,8 @@ def prune_run(
     from nd_plugin.optim import gate_parameters
     from nd_plugin.pruning import apply_record, check_round_to, dynamic_runtime, dynamic_value, fold_batchnorm, prune
     from nd_plugin.pruning.deploy import plan_deployment
-    from nd_plugin.pruning.plan import plain_copy
+    from nd_plugin.pruning.plan import analyse, plain_copy
+    from nd_plugin.pruning.value import StaticFlops
 
     tolerance = check_tolerance(tolerance)
     round_to = check_round_to(round_to)
@@ -157,7 +158,13 @@ def prune_run(
     stats = run.stats()
     cfg = run.config
     dm = run.build_model()
-    exact = prune(dm, stats, tolerance)
+    # torch-pruning traces each network once (wrap() above traced the model it wrapped): the gated
+    # network, whose graph decides and removes the filters of every record (each applied to a
+    # copy), and its gate-free twin, whose plan (consumers, foldable norms) serves every compact
+    # model, the dense baseline and the FLOPs counts.
+    dg = dm.dependency_graph()
+    net = analyse(dm.model, dm.site_names, dm.input_size)
+    exact = prune(dm, stats, tolerance, dg=dg)
     data = run.data()
     batches = spread_batches(data.val, max(accuracy_inputs, check_inputs))
     inputs = torch.cat([x for x, _ in batches])[:check_inputs]
@@ -174,25 +181,28 @@ def prune_run(
         torch.set_num_threads(threads)
     try:
         margin = -math.inf if keep_gates else 0.0
-        plan = plan_deployment(dm, stats, inputs[:8], tolerance=tolerance, round_to=round_to, repeats=latency_repeats, margin=margin)
+        plan = plan_deployment(
+            dm, stats, inputs[:8], tolerance=tolerance, round_to=round_to, repeats=latency_repeats, margin=margin, dg=dg, plan=net
+        )
     finally:
         torch.set_num_threads(previous)
-    compact = apply_record(dm, plan.record)
-    static = apply_record(dm, plan.static)
+    compact = apply_record(dm, plan.record, dg=dg)
+    static = apply_record(dm, plan.static, dg=dg)
     with dm.gates_open():
         original_flops = count_flops(dm, dm.input_size)
-    exp_exact, exp_eager = expected_flops(exact, stats), expected_flops(compact, stats)
+    exp_exact, exp_eager = expected_flops(exact, stats, plan=net), expected_flops(compact, stats, plan=net)
     static_flops = count_flops(static, static.input_size)
-    dense = fold_batchnorm(plain_copy(dm.model), inputs[:1], inplace=True)
-    forms = {"eager": dynamic_runtime(compact)}
-    static_plain = fold_batchnorm(plain_copy(static.model), inputs[:1])
+    dense = fold_batchnorm(plain_copy(dm.model), inputs[:1], inplace=True, norms=net.norms)
+    forms = {"eager": dynamic_runtime(compact, plan=net)}
+    static_plain = fold_batchnorm(plain_copy(static.model), inputs[:1], norms=net.norms)
     forms.update({e: static_plain for e in engines if e != "eager"})
     forms = {e: forms[e] for e in engines}
     latency = engine_latency(dense, forms, inputs, repeats=latency_repeats, threads=threads)
     # the gated model (tolerance 0: the exact compact model's expected FLOPs) against the static
     # network of the same FLOPs, on the whole validation split
+    gated_flops = exp_exact if tolerance == 0.0 else expected_flops(prune(dm, stats, dg=dg), stats, plan=net)
     value = dynamic_value(
-        dm, stats, data.loader("val", batch_size=256, shuffle=False), gated_flops=exp_exact.total if tolerance == 0.0 else None
+        dm, stats, data.loader("val", batch_size=256, shuffle=False), gated_flops=gated_flops.total, counter=StaticFlops(dm, plan=net)
     )
     orig_params = sum(p.numel() for p in dm.parameters()) - sum(p.numel() for p in gate_parameters(dm))
     eager_key = "eager/b1"

@@ -33,11 +33,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from nd_plugin._hooks import HookOwner
 from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.paths import PathStats
+from nd_plugin.pruning.plan import DynamicPlan, analyse
 from nd_plugin.pruning.runtime import DynamicRuntime, dynamic_runtime
 from nd_plugin.pruning.structural import (
     PruneRecord,
@@ -210,6 +212,8 @@ def plan_deployment(
     round_to: int = 1,
     repeats: int = 20,
     margin: float = 0.0,
+    dg: tp.DependencyGraph | None = None,
+    plan: DynamicPlan | None = None,
 ) -> DeployPlan:
     """Decides, per gated layer, whether the eager runtime keeps its gate, by measured batch-1 cost.
 
@@ -222,16 +226,21 @@ def plan_deployment(
         round_to: channel block of the static layers.
         repeats: timed batch-1 calls per model (alternating dynamic and static).
         margin: a gate stays only when its unit is faster than the static one by this fraction.
+        dg: torch-pruning's graph of ``dm`` (:meth:`~nd_plugin.DecoupledModel.dependency_graph`),
+            traced when omitted; every record is planned and applied with it.
+        plan: the :class:`~nd_plugin.pruning.plan.DynamicPlan` of ``dm``'s gated layers
+            (:func:`~nd_plugin.pruning.plan.analyse`), traced when omitted; both runtimes use it.
 
     Returns:
         The :class:`DeployPlan`.
     """
-    dg = _graph(dm)
+    dg = dg if dg is not None else _graph(dm)
+    plan = plan if plan is not None else analyse(dm.model, dm.site_names, dm.input_size)
     dynamic = plan_record(dm, stats, tolerance, dg=dg)
     static = static_record(dm, stats, threshold=threshold, round_to=round_to, dg=dg)
     groups = coupled_sites(dm, stats, dg=dg)
-    rt_dynamic = dynamic_runtime(apply_record(dm, dynamic))
-    rt_static = dynamic_runtime(apply_record(dm, static))
+    rt_dynamic = dynamic_runtime(apply_record(dm, dynamic, dg=dg), plan=plan)
+    rt_static = dynamic_runtime(apply_record(dm, static, dg=dg), plan=plan)
     gated = [g for g in groups if any(s not in set(dynamic.static) for s in g)]
     units = _units(rt_dynamic, gated)
     singles = [inputs[i : i + 1] for i in range(len(inputs))]

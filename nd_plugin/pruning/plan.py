@@ -8,6 +8,8 @@ layer then computes only its active filters but scatters them back into a full-w
 
 The analysis runs torch-pruning's DependencyGraph on a gate-free copy of the compact model (every
 gated site replaced by its conv and norm), so the groups contain only the network's own layers.
+Removing filters changes none of this, so the plan of the decoupled model (every gated layer)
+serves every compact model pruned from it (:meth:`DynamicPlan.restricted`).
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ class DynamicPlan:
 
     sites: dict[str, SitePlan]
     norms: list[tuple[str, str]]
+
+    def restricted(self, dynamic: Sequence[str]) -> DynamicPlan:
+        """The plan of a compact model pruned from this plan's network, whose dynamic layers are ``dynamic``.
+
+        Removing filters changes no layer's producers or consumers, and every gate is replaced by its
+        conv and norm before the analysis, so the plan of the gated network (all its gated layers)
+        serves each compact model pruned from it: one trace for all of them.
+
+        Raises:
+            KeyError: ``dynamic`` names a layer this plan does not hold.
+        """
+        return DynamicPlan({s: self.sites[s] for s in dynamic}, list(self.norms))
 
     def producer_of(self, consumer: str) -> str | None:
         """The narrow dynamic layer whose channels ``consumer`` reads, if any."""

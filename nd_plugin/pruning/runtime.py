@@ -60,7 +60,9 @@ def fold_pairs(model: nn.Module, pairs: Sequence[tuple[str, str]]) -> nn.Module:
     return model
 
 
-def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor, *, inplace: bool = False) -> nn.Module:
+def fold_batchnorm(
+    model: nn.Module, example_inputs: torch.Tensor, *, inplace: bool = False, norms: Sequence[tuple[str, str]] | None = None
+) -> nn.Module:
     """Folds every BatchNorm that reads only one conv's output into that conv (eval only).
 
     This is the fair baseline for latency: the compact runtime folds its norms too.
@@ -69,6 +71,8 @@ def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor, *, inplace: b
         model: a CNN (ungated: gated sites' norms are folded by :func:`dynamic_runtime`).
         example_inputs: one input batch for tracing.
         inplace: modify ``model`` instead of a deep copy.
+        norms: the ``(conv, norm)`` name pairs to fold when already known (``DynamicPlan.norms`` of
+            the network ``model`` is a gate-free copy of); traced when omitted.
 
     Returns:
         The folded model, in eval mode.
@@ -83,12 +87,13 @@ def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor, *, inplace: b
         True
     """
     model = (model if inplace else copy.deepcopy(model)).eval()
-    for p in model.parameters():
-        p.requires_grad_(True)  # tracing follows autograd
-    with torch.enable_grad():
-        dg = build_graph(model, example_inputs)
-    names = {m: n for n, m in model.named_modules()}
-    model = fold_pairs(model, fusable_norms(dg, names))
+    if norms is None:
+        for p in model.parameters():
+            p.requires_grad_(True)  # tracing follows autograd
+        with torch.enable_grad():
+            dg = build_graph(model, example_inputs)
+        norms = fusable_norms(dg, {m: n for n, m in model.named_modules()})
+    model = fold_pairs(model, norms)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -329,13 +334,17 @@ class DynamicRuntime(nn.Module):
 
 
 @torch.no_grad()
-def dynamic_runtime(compact, *, cache_size: int = 64, channels_last: bool = False) -> DynamicRuntime:
+def dynamic_runtime(
+    compact, *, cache_size: int = 64, channels_last: bool = False, plan: DynamicPlan | None = None
+) -> DynamicRuntime:
     """Builds the batch-1 dynamic runtime of a compact model.
 
     Args:
         compact: a :class:`~nd_plugin.pruning.CompactModel` (left untouched).
         cache_size: weight slices cached per layer and active set (0: gather on every call).
         channels_last: run convolutions in channels-last memory format.
+        plan: the :class:`~nd_plugin.pruning.plan.DynamicPlan` of ``compact`` or of the decoupled
+            model it was pruned from (:func:`~nd_plugin.pruning.plan.analyse`); traced when omitted.
 
     Returns:
         The :class:`DynamicRuntime` (eval mode, no gradients).
@@ -346,7 +355,7 @@ def dynamic_runtime(compact, *, cache_size: int = 64, channels_last: bool = Fals
         True
     """
     dynamic = [s.name for s in compact.gate_sites]
-    plan = analyse(compact.model, dynamic, compact.input_size)
+    plan = plan.restricted(dynamic) if plan is not None else analyse(compact.model, dynamic, compact.input_size)
     model = copy.deepcopy(compact.model).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -227,9 +227,17 @@ def _graph(dm: DecoupledModel) -> tp.DependencyGraph:
         return build_graph(dm.model, torch.randn(1, *dm.input_size, device=device))
 
 
-def _remove(dm: DecoupledModel, removed: Mapping[str, Sequence[int]], dg: tp.DependencyGraph) -> None:
-    """Removes, group by group, the given original filter indices of each gated layer."""
+def _removal(dm: DecoupledModel, removed: Mapping[str, Sequence[int]], dg: tp.DependencyGraph) -> list[_Step]:
+    """What removing the given original filter indices of each gated layer does to each module.
+
+    The groups are read from ``dg`` (built on ``dm.model``, which is not changed); every index is
+    an original one, so the removals of all groups can be applied at once, to ``dm`` or to any
+    copy of it (:func:`_apply_removal`): one trace serves every record of the network.
+    """
     convs = _gated_convs(dm.model, dm.site_names)
+    names = {m: n for n, m in dm.model.named_modules()}
+    params = {p: n for n, p in dm.model.named_parameters()}
+    steps: dict[tuple[str, Any], _Step] = {}
     done: set[str] = set()
     for name in dm.site_names:
         idxs = sorted(int(i) for i in removed.get(name, ()))
@@ -238,15 +246,50 @@ def _remove(dm: DecoupledModel, removed: Mapping[str, Sequence[int]], dg: tp.Dep
         conv = dm.model.get_submodule(name).conv
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs)
         for dep, dep_idxs in group:
-            other = convs.get(dep.target.module)
+            target = dep.target.module
+            other = convs.get(target)
             if other is not None and dg.is_out_channel_pruning_fn(dep.handler):
                 if other != name and sorted(int(i) for i in dep_idxs) != sorted(int(i) for i in removed.get(other, ())):
                     raise StatsMismatchError(
                         f"{name} and {other} share channels but the record removes different ones from them."
                     )
                 done.add(other)
-        group.prune()
+            where = names.get(target) if isinstance(target, nn.Module) else params.get(target)
+            if where is None:  # an op of the trace (reshape, concat, ...): nothing of the model to change
+                continue
+            step = steps.setdefault((where, dep.handler), _Step(where, dep.handler, dep.target.pruning_dim, isinstance(target, nn.Parameter)))
+            step.idxs.update(_plain_idxs(dep_idxs))
         done.add(name)
+    return list(steps.values())
+
+
+@dataclass
+class _Step:
+    """One torch-pruning handler on one module (or unwrapped parameter) of the model, by name."""
+
+    name: str
+    handler: Any
+    dim: int
+    parameter: bool
+    idxs: set[int] = field(default_factory=set)
+
+
+def _plain_idxs(idxs: Sequence[Any]) -> list[int]:
+    # torch-pruning's hybrid indices carry the root index beside the plain one
+    return [int(getattr(i, "idx", i)) for i in idxs]
+
+
+def _apply_removal(model: nn.Module, steps: Sequence[_Step]) -> None:
+    """Applies :func:`_removal`'s steps to ``model`` (``dm.model`` or a deep copy of it), in place."""
+    for step in steps:
+        step.handler.__self__.pruning_dim = step.dim  # as torch-pruning's Dependency.__call__ does
+        idxs = sorted(step.idxs)
+        if step.parameter:
+            parent, _, leaf = step.name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, leaf, step.handler(getattr(owner, leaf), idxs))
+        else:
+            step.handler(model.get_submodule(step.name), idxs)
 
 
 def apply_record(
@@ -261,7 +304,9 @@ def apply_record(
         dm: the decoupled model (unpruned).
         record: which filters to keep and which gates to drop.
         inplace: modify ``dm`` rather than a copy.
-        dg: a dependency graph already built on ``dm.model`` (only with ``inplace``).
+        dg: torch-pruning's graph of ``dm`` (:meth:`~nd_plugin.DecoupledModel.dependency_graph`,
+            eval mode), traced when omitted. ``dm`` is not traced again: the removal read from its
+            graph is applied to the copy, so one graph serves every record of ``dm``.
 
     Returns:
         The compact model, in eval mode.
@@ -278,10 +323,10 @@ def apply_record(
             "the prune record was made for other gated layers than this model has; rebuild the model "
             "with the same architecture and `sites` as the run."
         )
+    steps = _removal(dm, {s: record.removed(s) for s in record.sites}, _with_graph(dm, dg))
     dm = dm if inplace else copy.deepcopy(dm)
     was_grad = [p.requires_grad for p in dm.parameters()]
-    dg = dg if (inplace and dg is not None) else _graph(dm)
-    _remove(dm, {s: record.removed(s) for s in record.sites}, dg)
+    _apply_removal(dm.model, steps)
     for p, g in zip(dm.parameters(), was_grad):
         p.requires_grad_(g)
     static = set(record.static)
@@ -303,6 +348,7 @@ def prune(
     tolerance: float = 0.0,
     *,
     inplace: bool = False,
+    dg: tp.DependencyGraph | None = None,
 ) -> CompactModel:
     """Removes silent filters for good, drops energetic gates, keeps dynamic gates.
 
@@ -319,6 +365,8 @@ def prune(
             least ``1 - tolerance`` as energetic. 0 (the default) keeps the function exact on the
             inputs of ``stats``.
         inplace: modify ``dm`` instead of a deep copy.
+        dg: torch-pruning's graph of ``dm`` (traced when omitted); one trace serves both the
+            decision and the removal.
 
     Returns:
         The :class:`CompactModel` (eval mode); ``.record`` says what was removed.
@@ -336,10 +384,9 @@ def prune(
     """
     tolerance = check_tolerance(tolerance)
     check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
-    dm = dm if inplace else copy.deepcopy(dm)
-    dg = _graph(dm)  # one trace serves both the decision and the removal
+    dg = _with_graph(dm, dg)
     record = plan_record(dm, stats, tolerance, dg=dg)
-    return apply_record(dm, record, inplace=True, dg=dg)
+    return apply_record(dm, record, inplace=inplace, dg=dg)
 
 
 def _group_removal(

@@ -42,7 +42,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ import torch
 from nd_plugin._hooks import HookOwner
 from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.paths import PathStats
+
+if TYPE_CHECKING:
+    from nd_plugin.pruning.plan import DynamicPlan
 
 __all__ = ["DynamicValue", "StaticFlops", "dynamic_value", "fixed_gates", "match_static", "static_ranking"]
 
@@ -137,6 +140,8 @@ class StaticFlops:
 
     Args:
         dm: the decoupled model.
+        plan: the :class:`~nd_plugin.pruning.plan.DynamicPlan` of ``dm``'s gated layers
+            (``analyse(dm.model, dm.site_names, dm.input_size)``), traced when omitted.
 
     Example:
         >>> counter = StaticFlops(dm)
@@ -144,7 +149,7 @@ class StaticFlops:
         True
     """
 
-    def __init__(self, dm: DecoupledModel) -> None:
+    def __init__(self, dm: DecoupledModel, plan: DynamicPlan | None = None) -> None:
         from nd_plugin.flops import flops_by_module
         from nd_plugin.pruning.plan import analyse
 
@@ -154,7 +159,7 @@ class StaticFlops:
         self.counts = {k: (0 if _ACM.search(k) else v) for k, v in counts.items()}
         self.counts[""] = counts[""] - acm
         self.dense = int(self.counts[""])  #: every filter kept, no ACM: the original network
-        self.plan = analyse(dm.model, dm.site_names, dm.input_size)
+        self.plan = plan.restricted(dm.site_names) if plan is not None else analyse(dm.model, dm.site_names, dm.input_size)
 
     def __call__(self, keep: np.ndarray) -> float:
         """FLOPs of the static network that keeps the filters where ``keep`` (``(F,)``) is true."""
