@@ -101,7 +101,7 @@ def run_detection(
     write ``detect.json`` and PNG figures.
 
     Args:
-        run: a run directory (path or :class:`~nd_plugin.commands.rundir.Run`).
+        run: a run directory (path or :class:`~nd_plugin.run.Run`).
         attack: a short name of :data:`~nd_plugin.detect.attacks.ATTACKS` or any torchattacks
             attack's class name (case-insensitive; :func:`~nd_plugin.detect.attacks.list_attacks`).
         eps: L∞ budget in (0, 1] pixel units.
