@@ -26,16 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
+#: the benchmarks' shared modules, in import order (``_tp_baselines`` imports ``_suite``)
+_SHARED = ("_suite", "_tp_baselines")
+
+
 def load_benchmark(name: str) -> ModuleType:
     """``benchmarks/NAME.py`` as a module, loaded from its file (the folder is not a package).
 
-    The scripts import their shared code with ``from _suite import ...``, so ``benchmarks/_suite.py``
-    is loaded the same way first, as ``sys.modules["_suite"]`` (once; later loads reuse it). The
+    The scripts import their shared code with ``from _suite import ...`` (and ``_tp_baselines``), so
+    those modules are loaded the same way first, as ``sys.modules["_suite"]`` etc. (once; later loads
+    reuse them). The
     script is registered as ``sys.modules["benchmarks.NAME"]`` while it runs (its dataclasses look
     their module up there) and loaded afresh by each call.
     """
-    if "_suite" not in sys.modules:
-        _load(BENCHMARKS / "_suite.py", "_suite")
+    for shared in _SHARED:
+        if shared not in sys.modules:
+            _load(BENCHMARKS / f"{shared}.py", shared)
     return _load(BENCHMARKS / f"{name}.py", f"benchmarks.{name}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch_pruning as tp
 from _helpers import load_benchmark
 
 
@@ -12,6 +13,14 @@ from _helpers import load_benchmark
 def cp():
     """The benchmark script as a module (loaded from its file; see ``_helpers.load_benchmark``)."""
     return load_benchmark("compare_pruners")
+
+
+@pytest.fixture(scope="module")
+def tb(cp):
+    """``benchmarks/_tp_baselines.py``, the tp side of the script (loaded with it)."""
+    import sys
+
+    return sys.modules["_tp_baselines"]
 
 
 def test_match_flops_hits_target_on_internal_channels(cp) -> None:
@@ -102,20 +111,20 @@ def test_decoupling_importance_prunes_the_rarely_on_filters_first(cp) -> None:
     torch.testing.assert_close(kept, plain.layer1[0].conv1.weight[16 - c :])
 
 
-def test_taylor_rows_prune_with_the_gradients_they_were_given(cp) -> None:
+def test_taylor_rows_prune_with_the_gradients_they_were_given(cp, tb) -> None:
     from nd_plugin.adapters import create_model
 
     torch.manual_seed(0)
     size = (3, 32, 32)
     model = create_model("cifar:resnet20", num_classes=10).eval()
-    scope = cp.prunable_scope(model, torch.zeros(1, *size), "internal")
+    scope = tb.prunable_scope(model, torch.zeros(1, *size), "internal")
     for p in model.parameters():  # Taylor scores |w * grad|: layer1.0.conv1's filters 4.. get none at all
         p.grad = torch.rand_like(p)
     block = model.layer1[0]
     for grad in (block.conv1.weight.grad, block.bn1.weight.grad, block.bn1.bias.grad):
         grad[4:] = 0.0
     block.conv2.weight.grad[:, 4:] = 0.0
-    pruned = cp.tp_prune(model, cp.PRUNERS["taylor"][1](), 0.5, torch.zeros(1, *size), scope)
+    pruned = tb.tp_prune(model, tb.PRUNERS["taylor"][1](), 0.5, torch.zeros(1, *size), scope)
     kept = pruned.layer1[0].conv1.weight
     assert kept.shape[0] < 16
     # the copied gradients reached the pruner: the 4 scored filters are the ones kept first
@@ -123,7 +132,7 @@ def test_taylor_rows_prune_with_the_gradients_they_were_given(cp) -> None:
     assert all(p.grad is not None for p in model.parameters())  # the model itself keeps its gradients
 
 
-def test_sparse_learning_regularises_through_the_wrapped_model(cp, tmp_path) -> None:
+def test_sparse_learning_regularises_through_the_wrapped_model(cp, tmp_path, monkeypatch) -> None:
     import argparse
     import copy
 
@@ -141,17 +150,14 @@ def test_sparse_learning_regularises_through_the_wrapped_model(cp, tmp_path) -> 
     model = create_model("cifar:resnet20", num_classes=suite.data.num_classes)
     scope = cp.prunable_scope(model, torch.zeros(1, 3, 32, 32), "internal")
     calls = []
-    original = cp.tp.pruner.GroupNormPruner.regularize
+    original = tp.pruner.GroupNormPruner.regularize
 
     def counting(self, *a, **k):
         calls.append(1)
         return original(self, *a, **k)
 
-    cp.tp.pruner.GroupNormPruner.regularize = counting
-    try:
-        strong, _ = cp.sparse_learning(model, suite, 1, scope, reg=1.0, progress=False)
-    finally:
-        cp.tp.pruner.GroupNormPruner.regularize = original
+    monkeypatch.setattr(tp.pruner.GroupNormPruner, "regularize", counting)
+    strong, _ = cp.sparse_learning(model, suite, 1, scope, reg=1.0, progress=False)
     assert len(calls) == 1  # one regularised step: 32 training images, batch 32
     # a strong reg (lr 0.05 x reg 1 x gamma <= 16 < 1) shrinks the in-scope filters against the same step without it
     _, dm = cp.finetune(copy.deepcopy(model), suite, False, epochs=1, weight_decay=0.0)  # the same step, no reg
