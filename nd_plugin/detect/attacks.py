@@ -257,11 +257,6 @@ def resolve_attack(
     return AttackSpec(key, cls_name, kwargs | user, user)
 
 
-def _check_attack(name: str, eps: float) -> str:
-    """The short or lower-case class name of a known attack (checks ``eps`` too)."""
-    return resolve_attack(name, eps).name
-
-
 _BOOLS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
 
 
