@@ -281,7 +281,7 @@ def parse_attack_args(pairs: Iterable[str] | None) -> dict[str, Any]:
         name, text = name.strip(), text.strip()
         if not sep or not name.isidentifier():
             raise AttackArgumentError(
-                f"an attack argument takes NAME=VALUE (e.g. --attack-arg steps=20), got {pair!r}.", parameter=name or None
+                f"an attack argument takes NAME=VALUE (e.g. steps=20), got {pair!r}.", parameter=name or None
             )
         if name in out:
             raise AttackArgumentError(f"attack parameter {name!r} is given twice.", parameter=name)
