@@ -308,9 +308,11 @@ def describe(d: Mapping[str, Any]) -> str:
 
 
 def dynamic_share(stats: PathStats) -> float:
-    """Fraction of the gated filters that are on for some inputs of ``stats`` and off for others."""
-    counts = np.asarray(stats.counts)
-    return float(np.mean((counts > 0) & (counts < stats.n))) if counts.size else 0.0
+    """Fraction of the gated filters that are on for some inputs of ``stats`` and off for others
+    (:func:`nd_plugin.interpret.filter_states`' dynamic share, the paper's definition)."""
+    from nd_plugin.interpret.states import filter_states
+
+    return filter_states(stats).shares["dynamic"]
 
 
 @torch.no_grad()
