@@ -14,17 +14,12 @@ import typer
 __all__ = ["prune_command", "print_dynamic_value", "print_prune_table"]
 
 
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"
-
-
 def print_prune_table(result: dict[str, Any]) -> None:
     """Prints params, static FLOPs, expected FLOPs and batch-1 latency, original vs compact."""
     from rich.console import Console
     from rich.table import Table
+
+    from nd_plugin.flops import format_si as _si
 
     flops, params, lat = result["flops"], result["params"], result["latency_ms"]
     table = Table(title=f"nd prune {result['run']} (tolerance {result['tolerance']})")

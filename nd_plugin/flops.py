@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ExpectedFlops", "count_flops", "expected_flops", "flops_by_module", "flops_summary", "uncounted_ops"]
+__all__ = ["ExpectedFlops", "count_flops", "expected_flops", "flops_by_module", "flops_summary", "format_si", "uncounted_ops"]
 
 
 # element-wise, pooling and shape ops: fvcore counts none of them, by the convention that a model's
@@ -111,6 +111,19 @@ def flops_by_module(model: nn.Module, input_size: Sequence[int]) -> dict[str, in
         return counts
     finally:
         model.train(was_training)
+
+
+def format_si(value: float) -> str:
+    """A count (FLOPs, parameters) with a G / M / k suffix and two decimals.
+
+    Example:
+        >>> format_si(26_700_000), format_si(2_500), format_si(12)
+        ('26.70M', '2.50k', '12')
+    """
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:

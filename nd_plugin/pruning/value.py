@@ -292,12 +292,7 @@ def describe(d: Mapping[str, Any]) -> str:
         ...           "gated_flops": 2e6, "static_flops": 2.01e6, "dynamic_share": 0.2})
         '+1.25 points (gated 90.00% vs static 88.75% at 2.00M vs 2.01M FLOPs, 400 inputs); dynamic share 20.0%'
     """
-
-    def si(v: float) -> str:
-        for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-            if abs(v) >= scale:
-                return f"{v / scale:.2f}{unit}"
-        return f"{v:.0f}"
+    from nd_plugin.flops import format_si as si
 
     same = f", same prediction on {d['agreement']:.1%}" if d.get("agreement") is not None else ""
     return (
