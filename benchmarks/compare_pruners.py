@@ -420,7 +420,7 @@ def main() -> None:
             log(f"  after sparse learning: top-1 {sl_top1:.4f}")
         t_source = time.perf_counter() - t_source
         for of, target in todo:
-            t = time.perf_counter() - t_source  # a row's seconds include its share of the source (gradients, sparse learning)
+            t = time.perf_counter() - t_source  # every row's seconds include the whole source time (gradients, sparse learning), not a share
             pruned, ratio, flops = match_flops(source, make(), target, data.input_size, scope=scope, tol=args.tol)
             matched = abs(flops / target - 1) <= args.tol
             log(
