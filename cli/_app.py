@@ -171,6 +171,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         table.add_row("FLOPs original", f"{flops['original'] / 1e6:.2f}M")
         table.add_row("FLOPs static (silent removed)", f"{flops['compact_static'] / 1e6:.2f}M ({flops['static_reduction']:.2f}x fewer)")
         table.add_row("FLOPs expected (dynamic)", f"{flops['compact_expected'] / 1e6:.2f}M ({flops['expected_reduction']:.2f}x fewer)")
+    value = summary.get("dynamic_value")
+    if value:
+        table.add_row("dynamic value (vs static twin)", f"{100 * value['value']:+.2f} points")
     Console().print(table)
 
 

@@ -399,3 +399,16 @@ def test_learning_rate_changes_per_step(schedule: str, epochs: int, expected: li
     got = [lr_factor(1 + i / 2, cfg) for i in range(2 * epochs)]
     assert got == pytest.approx(expected)
     assert lr_factor(0.5, cfg) == pytest.approx(0.1 if schedule == "step" else 0.5)  # mid-warm-up
+
+
+def test_decouple_prints_the_dynamic_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    import nd_plugin.cli._app as cli_app
+
+    console = Console(record=True, width=120)
+    monkeypatch.setattr(cli_app, "Console", lambda: console)
+    summary = {"top1": 0.9, "density": 0.5, "filter_states": {"silent": 0.2, "dynamic": 0.3, "energetic": 0.5},
+               "dynamic_value": {"value": 0.0125}}
+    cli_app.print_summary(summary, tmp_path)
+    assert "dynamic value (vs static twin)" in console.export_text() and "+1.25 points" in console.export_text()
