@@ -411,4 +411,5 @@ def test_decouple_prints_the_dynamic_value(tmp_path: Path, monkeypatch: pytest.M
     summary = {"top1": 0.9, "density": 0.5, "filter_states": {"silent": 0.2, "dynamic": 0.3, "energetic": 0.5},
                "dynamic_value": {"value": 0.0125}}
     cli_app.print_summary(summary, tmp_path)
-    assert "dynamic value (vs static twin)" in console.export_text() and "+1.25 points" in console.export_text()
+    text = console.export_text()
+    assert "dynamic value (vs static twin)" in text and "+1.25 points" in text
