@@ -159,7 +159,8 @@ class DecouplingLoss(nn.Module):
         one_hot = F.one_hot(layer_of, layers).float() if layers else torch.zeros(0, 0)
         self.register_buffer("_one_hot", one_hot, persistent=False)
         self.register_buffer("_pad_index", layer_of * width + within, persistent=False)
-        self.register_buffer("_target_on", torch.tensor(self.channels, dtype=torch.float) * ratio, persistent=False)
+        self.register_buffer("_widths", torch.tensor(self.channels, dtype=torch.float), persistent=False)
+        # L_s's target, a tensor updated in place (a density schedule moves it; graphs and compile see it)
         self.register_buffer("_ratio", torch.tensor(float(ratio)), persistent=False)
         widths = torch.tensor(self.channels, dtype=torch.float)[layer_of] if layers else torch.zeros(0)
         self.register_buffer("_inv_width", 1.0 / widths, persistent=False)
@@ -179,7 +180,6 @@ class DecouplingLoss(nn.Module):
         """
         _check("ratio (--ratio)", ratio, 0.0, 1.0)
         self.ratio = ratio
-        self._target_on.copy_(torch.tensor(self.channels, dtype=torch.float) * ratio)
         self._ratio.fill_(ratio)
 
     def _segment_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
@@ -329,10 +329,11 @@ class DecouplingLoss(nn.Module):
             total = total + self.lambda_k * kl
         if self.lambda_s > 0:
             counted = alpha if gate_logits is None else binarize(torch.cat(gate_logits, 1).float(), training=False)
+            target_on = self._widths * self._ratio  # open gates wanted per layer, R * C_l
             if self.sparsity_scope == "layer":
-                s = (counted.mean(0) @ self._one_hot - self._target_on).abs().sum()
+                s = (counted.mean(0) @ self._one_hot - target_on).abs().sum()
             elif self.sparsity_scope == "input":
-                s = (counted @ self._one_hot - self._target_on).abs().mean(0).sum()
+                s = (counted @ self._one_hot - target_on).abs().mean(0).sum()
             else:  # filter
                 s = (counted.mean(0) - self._ratio).abs().sum()
             total = total + self.lambda_s * s

@@ -124,9 +124,9 @@ def test_trainer_moves_the_sparsity_target_along_the_schedule() -> None:
     trainer = Trainer(dm, data, cfg, progress=False)
     # global epoch 1 is the first decoupling epoch; the ramp covers decoupling epochs [0, 2)
     assert trainer.set_density_target(1.0) == pytest.approx(1.0)
-    assert trainer.loss_fn._target_on.tolist() == [float(c) for c in trainer.loss_fn.channels]
+    assert trainer.loss_fn.ratio == pytest.approx(1.0) and trainer.loss_fn._ratio.item() == pytest.approx(1.0)
     assert trainer.set_density_target(2.0) == pytest.approx(0.7)  # 0.4 + 0.6 * (1 - 1/2)
-    assert trainer.loss_fn._target_on.tolist() == pytest.approx([0.7 * c for c in trainer.loss_fn.channels])
+    assert trainer.loss_fn._ratio.item() == pytest.approx(0.7)
     assert trainer.set_density_target(3.5) == pytest.approx(0.4)
     trainer.cfg.epochs = 1  # warm-up, then one decoupling epoch whose second half holds R
     trainer.fit()
