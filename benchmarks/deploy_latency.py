@@ -37,13 +37,14 @@ import torch_pruning as tp
 from compare_pruners import match_flops, prunable_scope
 
 from _suite import git_state
-from nd_plugin.commands.pruning import _accuracy, spread_batches
+from nd_plugin.commands.pruning import spread_batches
 from nd_plugin.engines import check_engines, engine_runner, side_by_side
 from nd_plugin.flops import count_flops, expected_flops
 from nd_plugin.pruning import apply_record, dynamic_runtime, fold_batchnorm
 from nd_plugin.pruning.deploy import plan_deployment
 from nd_plugin.pruning.plan import plain_copy
 from nd_plugin.run import open_run
+from nd_plugin.utilities import accuracy
 
 
 def _val(run, n: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -89,10 +90,10 @@ def forms_of(run_dir: str, round_to: int, decide_threads: int, acc_images: int) 
         "flops": {"dense": dense_flops, "runtime": eager_flops, "static": static_flops, "tp": tp_flops},
         "accuracy": {
             "images": sum(len(y) for _, y in batches),
-            "gated": _accuracy(dm, batches),
-            "runtime": _accuracy(eager, batches),
-            "static": _accuracy(static, batches),
-            "tp (not fine-tuned)": _accuracy(tp_model, batches),
+            "gated": accuracy(dm, batches),
+            "runtime": accuracy(eager, batches),
+            "static": accuracy(static, batches),
+            "tp (not fine-tuned)": accuracy(tp_model, batches),
         },
         "deployment": {**plan.to_dict(), "seconds": decide_s, "round_to": round_to},
     }

@@ -36,8 +36,9 @@ from nd_plugin.detect import (
     fit_detectors,
 )
 from nd_plugin.detect.protocol import attack_set
-from nd_plugin.detect.workflow import _subset_loader, mi_weights_of, path_variants
+from nd_plugin.detect.workflow import mi_weights_of, path_variants
 from nd_plugin.run import open_run
+from nd_plugin.utilities import subset_loader
 
 
 def parse_attack(spec: str) -> tuple[str, float]:
@@ -86,7 +87,7 @@ def main() -> None:
     if args.fitted:
         fitted = FittedDetectors.load(args.fitted, dm)
     else:
-        fit_loader = _subset_loader(bundle.train, args.fit_n, args.batch_size, args.seed)
+        fit_loader = subset_loader(bundle.train, args.fit_n, args.batch_size, args.seed)
         fitted = fit_detectors(dm, fit_loader, mi_weights=mi_weights_of(run.load_checkpoint("cpu")), device=args.device)
     density = float(np.mean([s.mean() for s in (fitted.path.arrays[f"freq_{l}"] for l in range(fitted.path.num_layers))]))
     print(f"fitted on {fitted.meta['fit_n']} training inputs in {fitted.meta['fit_seconds']} s "
@@ -106,7 +107,7 @@ def main() -> None:
     feat_kw = {"std": std, "detectors": names, "path_magnitudes": path_mags, "batch_size": args.batch_size}
     for name, eps in attacks:
         t1 = time.perf_counter()
-        loader = _subset_loader(bundle.val, args.n, args.batch_size, args.seed)
+        loader = subset_loader(bundle.val, args.n, args.batch_size, args.seed)
         aset = attack_set(dm, loader, name, eps, mean=mean, std=std, steps=args.steps,
                           feature_layer=fitted.penultimate.feature_layer, stages=fitted.lee.layers, seed=args.seed, device=args.device)
         t_attack = time.perf_counter() - t1

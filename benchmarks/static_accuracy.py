@@ -20,6 +20,7 @@ import torch
 from nd_plugin.flops import count_flops
 from nd_plugin.pruning import apply_record, dynamic_value, static_record
 from nd_plugin.run import open_run
+from nd_plugin.utilities import accuracy
 
 
 def main() -> None:
@@ -32,21 +33,13 @@ def main() -> None:
     dm, stats = run.build_model().eval(), run.stats()
     loader = run.data().loader("val", batch_size=500, shuffle=False)
 
-    def top1(model: torch.nn.Module) -> float:
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in loader:
-                correct += int((model(x).argmax(1) == y).sum())
-                total += len(y)
-        return correct / total
-
     with dm.gates_open():
         dense = count_flops(dm, dm.input_size)
-    out = {"gated": top1(dm)}
+    out = {"gated": accuracy(dm, loader)}
     for threshold, block in ((0.5, 1), (0.5, 8), (0.0, 1), (0.0, 8)):
         compact = apply_record(dm, static_record(dm, stats, threshold=threshold, round_to=block))
         out[f"threshold {threshold} round_to {block}"] = {
-            "top1": top1(compact),
+            "top1": accuracy(compact, loader),
             "static_reduction": dense / count_flops(compact, compact.input_size),
         }
     out["same FLOPs as the gated model"] = dynamic_value(dm, stats, loader).to_dict()

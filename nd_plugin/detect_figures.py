@@ -15,7 +15,7 @@ import numpy as np
 from nd_plugin.detect.baselines import MahalanobisDetector, msp_score
 from nd_plugin.detect.detectors import PathDetector, PathScore
 from nd_plugin.detect.features import Probe
-from nd_plugin.detect.metrics import _auroc
+from nd_plugin.utilities import auroc
 
 __all__ = ["detection_figures"]
 
@@ -38,7 +38,7 @@ def detection_figures(
     ):
         y = np.r_[np.zeros(len(c)), np.ones(len(a))]
         f, t, _ = roc_curve(y, np.nan_to_num(np.r_[c, a], posinf=1e300))
-        ax.plot(f, t, label=f"{label} (AUROC {_auroc(c, a):.3f})")
+        ax.plot(f, t, label=f"{label} (AUROC {auroc(c, a):.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.axvline(0.05, color="grey", lw=0.5)
     ax.set(xlabel="false-positive rate (clean flagged)", ylabel="true-positive rate (attacks flagged)", title=title)
@@ -59,7 +59,7 @@ def detection_figures(
     ax.set_xticks(xs, detector.site_names, rotation=70, fontsize=7)
     ax.set_ylabel(f"standardised path score ({'gauss' if detector.method == 'joint' else detector.method})")
     ax2 = ax.twinx()
-    ax2.plot(xs, [_auroc(cs.per_layer[:, l], as_.per_layer[:, l]) for l in range(L)], "s--", color="k", ms=3, label="layer AUROC")
+    ax2.plot(xs, [auroc(cs.per_layer[:, l], as_.per_layer[:, l]) for l in range(L)], "s--", color="k", ms=3, label="layer AUROC")
     ax2.set_ylim(0.4, 1.0)
     ax2.set_ylabel("AUROC of the layer alone")
     ax.set_title(f"Path divergence per gated layer, {title}", fontsize=9)

@@ -21,7 +21,6 @@ from torch import nn
 from nd_plugin import run as rundir
 from nd_plugin.detect.attacks import AttackSpec, parse_attack_args, resolve_attack
 from nd_plugin.detect.baselines import LEE_MAGNITUDES
-from nd_plugin.detect.metrics import _auroc
 from nd_plugin.detect.protocol import (
     PATH_FILE,
     SUPERVISED,
@@ -35,8 +34,9 @@ from nd_plugin.detect.protocol import (
     plan,
     recommend,
 )
-from nd_plugin.detect.workflow import DetectionResult, _subset_loader, mi_weights_of, path_variants
+from nd_plugin.detect.workflow import DetectionResult, mi_weights_of, path_variants
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
+from nd_plugin.utilities import auroc, subset_loader
 
 __all__ = ["load_or_fit", "parse_attack_args", "run_detection"]  # parse_attack_args: the CLI's --attack-arg
 
@@ -56,7 +56,7 @@ def load_or_fit(
             if (run.path / PATH_FILE).exists():  # saved but damaged or another model's: say so, touch nothing
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise RunDirError(f"the saved detectors ({run.path / PATH_FILE} and beside it) cannot be used ({reason}); refit them with `nd detect {run.path} --refit`.") from None
-    loader = _subset_loader(bundle.train, fit_n, batch_size, seed)
+    loader = subset_loader(bundle.train, fit_n, batch_size, seed)
     say(f"fitting the detectors on {len(loader.dataset)} training inputs")
     fitted = fit_detectors(dm, loader, mi_weights=mi, device=device, meta={"data": data_spec})
     say(f"fitted in {fitted.meta['fit_seconds']} s")
@@ -167,7 +167,7 @@ def run_detection(
     available = len(bundle.val)
 
     def attacked(a: AttackSpec) -> AttackedSet:
-        loader = _subset_loader(bundle.val, n, batch_size, seed)
+        loader = subset_loader(bundle.val, n, batch_size, seed)
         budget = float(a.kwargs.get("eps", eps))
         say(f"attacking {len(loader.dataset)} test inputs with {a.name} (eps={budget:.4g})")
         return attack_set(
@@ -205,7 +205,7 @@ def run_detection(
             "layer": name,
             "clean_mean": round(float(cs.per_layer[:, l].mean()), 4),
             "attacked_mean": round(float(as_.per_layer[:, l].mean()), 4),
-            "auroc": round(_auroc(cs.per_layer[:, l], as_.per_layer[:, l]), 4),
+            "auroc": round(auroc(cs.per_layer[:, l], as_.per_layer[:, l]), 4),
         }
         for l, name in enumerate(det.site_names)
     ]

@@ -27,20 +27,12 @@ from nd_plugin.errors import ExportError
 from nd_plugin.files import atomic_write_json
 from nd_plugin.paths import check_tolerance
 from nd_plugin.run import PRUNE, open_run
+from nd_plugin.utilities import accuracy
 
 __all__ = ["PRUNE_JSON", "engine_latency", "prune_run", "spread_batches"]
 
 PRUNE_JSON = PRUNE
 STRICT_RTOL = 1e-4
-
-
-def _accuracy(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
 
 
 def spread_batches(dataset: torch.utils.data.Dataset, n: int, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -214,9 +206,9 @@ def prune_run(
         "equality": equality,
         "accuracy": {
             "inputs": sum(len(y) for _, y in batches),
-            "gated": _accuracy(dm, batches),
-            "eager": _accuracy(compact, batches),
-            "static": _accuracy(static, batches),
+            "gated": accuracy(dm, batches),
+            "eager": accuracy(compact, batches),
+            "static": accuracy(static, batches),
         },
         "params": {
             "original": orig_params,

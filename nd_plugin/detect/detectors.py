@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from nd_plugin.detect.features import Probe, _ProbeHooks, collect_probe
-from nd_plugin.detect.metrics import _auroc
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 from nd_plugin.files import atomic_savez
+from nd_plugin.utilities import auroc
 
 __all__ = ["PathDetector", "PathScore"]
 
@@ -250,7 +250,7 @@ class PathDetector:
             a[f"cal_mean_{m}"], a[f"cal_std_{m}"] = mean, np.where(std > 1e-12, std, 1.0)
             true_s, wrong_s = self._raw(hp, m, hp.labels), self._raw(hp, m, wrong)
             a[f"weight_{m}"] = np.array(
-                [max(_auroc(true_s[:, l], wrong_s[:, l]) - 0.5, 0.0) for l in range(self.num_layers)]
+                [max(auroc(true_s[:, l], wrong_s[:, l]) - 0.5, 0.0) for l in range(self.num_layers)]
             )
         return self
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from nd_plugin.errors import DetectionError
+from nd_plugin.utilities import auroc
 
 __all__ = [
     "KFOLD",
@@ -55,14 +56,6 @@ def detection_metrics(clean: np.ndarray, adversarial: np.ndarray, *, fpr: float 
     f, t, _ = roc_curve(y, s)
     return {"auroc": float(roc_auc_score(y, s)), "tpr_at_fpr": float(t[f <= fpr + 1e-12].max())}
 
-
-def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if neg.size == 0 or pos.size == 0:
-        return 0.5
-    s = np.nan_to_num(np.r_[neg, pos], posinf=1e300)
-    return float(roc_auc_score(np.r_[np.zeros(neg.size), np.ones(pos.size)], s))
 
 
 #: Lee et al.'s split of the attacked data: 5% to fit the regression, 5% to choose its
@@ -363,7 +356,7 @@ def evaluate_supervised(
             reg = _regression(xf, yf, seed)
             xv, yv = _part(clean, adv, adv_index, val)
             pv = reg.predict_proba(xv)[:, 1]
-            auc = _auroc(pv[yv == 0], pv[yv == 1])
+            auc = auroc(pv[yv == 0], pv[yv == 1])
             if best is None or auc > best[0]:
                 best = (auc, key, reg)
         _, key, reg = best

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from nd_plugin.detect.features import Probe
-from nd_plugin.detect.metrics import _auroc
 from nd_plugin.detect.protocol import FittedDetectors
 from nd_plugin.files import atomic_write_json
+from nd_plugin.utilities import auroc
 
 __all__ = ["DetectionResult", "mi_weights_of", "path_variants"]
 
@@ -79,14 +79,6 @@ class DetectionResult:
         atomic_write_json(path, self.to_dict())
 
 
-def _subset_loader(dataset: Any, n: int | None, batch_size: int, seed: int):
-    from torch.utils.data import DataLoader, Subset
-
-    total = len(dataset)
-    idx = np.random.default_rng(seed).permutation(total)[: (total if n is None else min(n, total))]
-    return DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False)
-
-
 def mi_weights_of(checkpoint: dict[str, Any]) -> list[np.ndarray] | None:
     """The ``L_mi`` classifiers' weights ``(K, C_l)`` saved in a run's checkpoint (``None`` when absent)."""
     loss = checkpoint.get("loss") or {}
@@ -104,5 +96,5 @@ def path_variants(fitted: FittedDetectors, clean: Probe, adv: Probe) -> dict[str
         for c in det.COMBINES if m not in det.OVERALL_ONLY else ("mean",):
             name = m if m in det.OVERALL_ONLY else f"{m}/{c}"
             cs, as_ = det.score_probe(clean, method=m, combine=c).overall, det.score_probe(adv, method=m, combine=c).overall
-            out[name] = {"auroc": round(_auroc(cs, as_), 4)}
+            out[name] = {"auroc": round(auroc(cs, as_), 4)}
     return out
