@@ -160,8 +160,11 @@ class MahalanobisDetector:
         return det
 
 
-#: Lee et al.'s input-preprocessing magnitudes (pixel units; ``ADV_Generate_LID_Mahalanobis.py``).
-LEE_MAGNITUDES = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+#: Lee et al.'s input-preprocessing magnitudes (pixel units), in the order of their
+#: ``ADV_Generate_LID_Mahalanobis.py``'s ``m_list``: the magnitude is chosen by the validation
+#: AUROC and the first one listed wins a tie (``ADV_Regression.py``; ``evaluate_supervised`` too),
+#: so the order decides between magnitudes that separate the validation part equally well.
+LEE_MAGNITUDES = (0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005)
 
 
 class LeeMahalanobis:
@@ -285,6 +288,8 @@ class LeeMahalanobis:
                     xg = xb.clone().requires_grad_(True)
                     d = self._distances(run_pooled(net, xg, self.layers, keep_grad=True, stop_at=l))[l]
                     (grad,) = torch.autograd.grad(d.min(1).values.sum(), xg)
+                    # sign(0) = 0: a pixel the distance does not depend on stays put (the authors'
+                    # ``(grad >= 0) * 2 - 1`` moves it by +ε; docs/notes/detect.md, "Lee et al. against the reference code")
                     step = grad.sign() * scale
                     with torch.no_grad():
                         for m in moved:
