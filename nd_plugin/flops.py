@@ -23,13 +23,23 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ExpectedFlops", "count_flops", "expected_flops", "flops_by_module", "flops_summary", "format_si", "uncounted_ops"]
+__all__ = [
+    "ExpectedFlops",
+    "count_flops",
+    "expected_flops",
+    "flops_by_module",
+    "flops_summary",
+    "format_si",
+    "fvcore_nn",
+    "uncounted_ops",
+]
 
 
 # element-wise, pooling and shape ops: fvcore counts none of them, by the convention that a model's
@@ -42,6 +52,24 @@ _NEGLIGIBLE = re.compile(
     r"rsub|exp|sqrt|rsqrt|pow|abs|floor_divide|fill_|zeros_like|ones_like|to|type_as)_?$"
 )
 _logger = logging.getLogger(__name__)
+
+
+def fvcore_nn() -> ModuleType:
+    """``fvcore.nn``, imported without the ``torch.jit.script`` FutureWarning its import raises.
+
+    ``import fvcore.nn`` compiles fvcore's focal loss with ``torch.jit.script``, which torch
+    deprecates with a FutureWarning that says nothing to our users; that warning, and only during
+    that import, is silenced. Every module of ours that needs ``fvcore.nn`` imports it through here.
+
+    Example:
+        >>> fvcore_nn().FlopCountAnalysis.__name__
+        'FlopCountAnalysis'
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import fvcore.nn
+
+    return fvcore.nn
 
 
 def uncounted_ops(analysis: Any) -> dict[str, int]:
@@ -63,9 +91,7 @@ def uncounted_ops(analysis: Any) -> dict[str, int]:
 
 
 def _analysis(model: nn.Module, inputs: torch.Tensor):
-    from fvcore.nn import FlopCountAnalysis
-
-    analysis = FlopCountAnalysis(model, (inputs,))
+    analysis = fvcore_nn().FlopCountAnalysis(model, (inputs,))
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
@@ -95,11 +121,9 @@ def flops_by_module(model: nn.Module, input_size: Sequence[int]) -> dict[str, in
         level = logger.level
         logger.setLevel(logging.ERROR)
         try:
-            with warnings.catch_warnings():  # fvcore's tracer calls the deprecated torch.jit.script
-                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-                analysis = _analysis(model, _example(model, input_size))
-                counts = dict(analysis.by_module())
-                missed = uncounted_ops(analysis)
+            analysis = _analysis(model, _example(model, input_size))
+            counts = dict(analysis.by_module())
+            missed = uncounted_ops(analysis)
         finally:
             logger.setLevel(level)
         if missed:

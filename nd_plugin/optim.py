@@ -133,12 +133,12 @@ def recalibrate_bn(
         ConfigError: ``batches`` < 1.
         DataError: the loader is empty.
     """
-    from fvcore.nn import update_bn_stats
-    from fvcore.nn.precise_bn import BN_MODULE_TYPES
+    from nd_plugin.flops import fvcore_nn
 
+    precise_bn = fvcore_nn().precise_bn
     if batches < 1:
         raise ConfigError(f"batches must be >= 1, got {batches}.")
-    norms = [m for m in dm.modules() if isinstance(m, BN_MODULE_TYPES) and m.track_running_stats]
+    norms = [m for m in dm.modules() if isinstance(m, precise_bn.BN_MODULE_TYPES) and m.track_running_stats]
     if not norms:
         return []
     try:
@@ -154,7 +154,7 @@ def recalibrate_bn(
     try:
         for m in norms:
             m.train()
-        update_bn_stats(dm, _inputs(loader, device), num_iters=batches)
+        precise_bn.update_bn_stats(dm, _inputs(loader, device), num_iters=batches)
         for m, (mean, var, _) in zip(norms, buffers):
             mean.copy_(m.running_mean)
             var.copy_(m.running_var)
