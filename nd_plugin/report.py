@@ -365,7 +365,7 @@ def write_report(
                 f"<figcaption>{esc(caption)}</figcaption></figure>"
             )
     meta = analysis.meta
-    from nd_plugin.detect_figures import detection_section_html
+    from nd_plugin.detect.figures import detection_section_html
 
     sections.append(detection_section_html(analysis.detections))  # nd detect's tables, when the run has them
     source = esc(", ".join(f"{k}: {v}" for k, v in meta.items() if isinstance(v, (str, int, float))))

@@ -480,7 +480,7 @@ def test_run_detection_end_to_end(tiny_run):
         assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all((tiny_run / f).is_file() for f in ("detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"))
     from nd_plugin import open_run
-    from nd_plugin.detect_figures import detection_section_html
+    from nd_plugin.detect.figures import detection_section_html
 
     page = detection_section_html(open_run(tiny_run).detections())  # what the report shows
     lee = res.detectors["mahalanobis_lee"]

@@ -142,7 +142,7 @@ def run_detection(
         ...
         nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, combined, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
     """
-    from nd_plugin.detect_figures import detection_figures
+    from nd_plugin.detect.figures import detection_figures
 
     spec = resolve_attack(attack, eps, steps=steps, attack_kwargs=attack_args)
     key, eps = spec.name, float(spec.kwargs.get("eps", eps))

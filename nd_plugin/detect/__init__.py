@@ -21,7 +21,7 @@ with the clean paths of the class the input ends up in. The package:
 - :mod:`~nd_plugin.detect.protocol`: fit, attack, featurise and evaluate every detector
   (:data:`DETECTORS`, among them ``combined``: :func:`combined_features`) on objects;
 - :mod:`~nd_plugin.detect.workflow`: :class:`DetectionResult`, what ``nd detect`` measures.
-  Figures are drawn by :mod:`nd_plugin.detect_figures`; what ``nd detect`` does on a run
+  Figures are drawn by :mod:`~nd_plugin.detect.figures`; what ``nd detect`` does on a run
   directory, :func:`~nd_plugin.commands.detect.run_detection`, is :mod:`nd_plugin.commands.detect`'s.
 
 Scores follow one convention: higher means "more likely adversarial".

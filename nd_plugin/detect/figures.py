@@ -1,7 +1,8 @@
-"""Figures of ``nd detect`` (ROC curves, per-layer path divergence, class paths), report side.
+"""Figures of ``nd detect`` (ROC curves, per-layer path divergence, class paths) and its report section.
 
-The detection package computes; this module draws. It selects no matplotlib backend: the CLI and
-the report run headless through matplotlib's default selection (``MPLBACKEND`` is respected).
+The one module of :mod:`nd_plugin.detect` that draws; the package does not import it, and it
+imports matplotlib only inside its functions. It selects no matplotlib backend: the CLI and the
+report run headless through matplotlib's default selection (``MPLBACKEND`` is respected).
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ __all__ = ["detection_figures"]
 
 
 def detection_figures(
-    out_dir: Path, detector: PathDetector, maha: MahalanobisDetector, clean: Probe, adv: Probe,
-    cs: PathScore, as_: PathScore, attack: str, eps: float,
+    out_dir: Path,
+    detector: PathDetector,
+    maha: MahalanobisDetector,
+    clean: Probe,
+    adv: Probe,
+    cs: PathScore,
+    as_: PathScore,
+    attack: str,
+    eps: float,
 ) -> list[str]:
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
@@ -73,6 +81,7 @@ def detection_figures(
     # Fig. H-style: mean binary paths by predicted class, clean vs attacked
     k = clean.logits.shape[1]
     if k <= 100:
+
         def class_paths(p: Probe) -> np.ndarray:
             g = np.concatenate(p.gates, axis=1).astype(np.float64)
             m = np.full((k, g.shape[1]), np.nan)
@@ -117,22 +126,32 @@ def detection_section_html(results: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for d in results:
         try:
-            blocks = [("", d["detectors"])] + ([(f" (fitted on {d['transfer']['fitted_on']})", d["transfer"]["detectors"])] if d.get("transfer") else [])
+            blocks = [("", d["detectors"])] + (
+                [(f" (fitted on {d['transfer']['fitted_on']})", d["transfer"]["detectors"])] if d.get("transfer") else []
+            )
             rec = d.get("recommended")
             rows = "".join(
                 f"<tr><td>{html.escape(name)}{html.escape(suffix)}{' (recommended)' if name == rec and not suffix else ''}</td>"
                 f"<td>{m['auroc']:.3f} ± {m.get('auroc_std', 0.0):.3f}</td><td>{m['tpr_at_5fpr']:.3f}</td></tr>"
-                for suffix, dets in blocks for name, m in dets.items()
+                for suffix, dets in blocks
+                for name, m in dets.items()
             )
-            head = (f"{d['attack'].upper()} ε={d['eps']:.4g}: {d['successful']} of {d['correct']} correctly classified inputs attacked successfully"
-                    f"; protocol {d.get('protocol', 'lee-5/5/90')}" + (f"; recommended detector: {rec}" if rec else ""))
+            head = (
+                f"{d['attack'].upper()} ε={d['eps']:.4g}: {d['successful']} of {d['correct']} correctly classified inputs attacked successfully"
+                f"; protocol {d.get('protocol', 'lee-5/5/90')}" + (f"; recommended detector: {rec}" if rec else "")
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # an old or partial detect.json: not shown
-        parts.append(f"<h3>{html.escape(head)}</h3><table><tr><th>detector</th><th>AUROC</th><th>TPR at 5% FPR</th></tr>{rows}</table>")
+        parts.append(
+            f"<h3>{html.escape(head)}</h3><table><tr><th>detector</th><th>AUROC</th><th>TPR at 5% FPR</th></tr>{rows}</table>"
+        )
     if not parts:
         return ""
-    return ('<section id="detection"><h2>Adversarial detection (nd detect)</h2><p>Lee et al.\'s protocol: clean = correctly '
-            "classified, positives = successful attacks; supervised detectors fitted on 5%, tuned on 5%, tested on 90% "
-            "(lee-5/5/90), or, when the 5% part holds too few attacks, a stratified k-fold cross-validation over all of them "
-            "(stratified-kfold-K). The recommended detector, combined, reads every one-pass detector's evidence.</p>"
-            + "".join(parts) + "</section>")
+    return (
+        '<section id="detection"><h2>Adversarial detection (nd detect)</h2><p>Lee et al.\'s protocol: clean = correctly '
+        "classified, positives = successful attacks; supervised detectors fitted on 5%, tuned on 5%, tested on 90% "
+        "(lee-5/5/90), or, when the 5% part holds too few attacks, a stratified k-fold cross-validation over all of them "
+        "(stratified-kfold-K). The recommended detector, combined, reads every one-pass detector's evidence.</p>"
+        + "".join(parts)
+        + "</section>"
+    )
