@@ -2,7 +2,7 @@
 
 The dump holds the fitted path detector (``detector.npz``) and, per attack, the forward passes of
 the clean inputs and of their successful attacks (soft paths and logits). The detectors that read
-only those (:data:`nd_plugin.detect.protocol.PATH_ONLY`) are evaluated on the same Lee et al.
+only those (``nd_plugin.detect.list_detectors(reads=())``) are evaluated on the same Lee et al.
 protocol as ``detect.py`` (``evaluate``: 5 / 5 / 90 splits, the same seeds), so the numbers are
 those ``detect.py`` would print for them on the same run, data and draws.
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from _suite import git_state
-from nd_plugin.detect import PathDetector, Probe
-from nd_plugin.detect.protocol import PATH_ONLY, AttackedSet, FittedDetectors, check_detectors, detector_features, evaluate
+from nd_plugin.detect import PathDetector, Probe, list_detectors, resolve_detectors
+from nd_plugin.detect.protocol import AttackedSet, FittedDetectors, detector_features, evaluate
 
 
 def _probe(arrays: dict[str, np.ndarray], tag: str, layers: int) -> Probe:
@@ -47,14 +47,15 @@ def load_set(file: Path, layers: int) -> AttackedSet:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dump", type=Path)
-    ap.add_argument("--detectors", default=",".join(PATH_ONLY))
+    path_only = list_detectors(reads=())  # what a dump's paths and logits feed
+    ap.add_argument("--detectors", default=",".join(path_only))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--transfer", default="", help="FIT>TEST pairs of dumped attacks, e.g. fgsm:0.05>pgd:0.0314")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    names = check_detectors(args.detectors.split(","))
-    if not set(names) <= set(PATH_ONLY):
-        ap.error(f"only the path-only detectors can be evaluated from a dump: {', '.join(PATH_ONLY)}")
+    names = [d.name for d in resolve_detectors(args.detectors.split(","))]
+    if not set(names) <= set(path_only):
+        ap.error(f"only the path-only detectors can be evaluated from a dump: {', '.join(path_only)}")
     t0 = time.perf_counter()
     det = PathDetector.load(args.dump / "detector.npz")
     fitted = FittedDetectors(path=det, penultimate=None, lee=None, meta={})

@@ -15,11 +15,13 @@ __all__ = [
     "InputShapeError",
     "CheckpointMismatchError",
     "DataError",
+    "UnknownDataSourceError",
     "ConfigError",
     "RunDirError",
     "TrainingError",
     "UnknownAttackError",
     "AttackArgumentError",
+    "UnknownDetectorError",
     "DetectionError",
     "StatsMismatchError",
     "ExportError",
@@ -62,6 +64,10 @@ class DataError(NDError, ValueError):
     """A data set that is missing, empty, or does not fit the run."""
 
 
+class UnknownDataSourceError(DataError):
+    """A data spec whose scheme no data source is registered for (the message lists the registered ones)."""
+
+
 class ConfigError(NDError, ValueError):
     """An option outside its valid range (ratio, lambda, device, ...)."""
 
@@ -88,6 +94,10 @@ class AttackArgumentError(ConfigError):
     def __init__(self, message: str, parameter: str | None = None) -> None:
         super().__init__(message)
         self.parameter = parameter
+
+
+class UnknownDetectorError(ConfigError):
+    """A detector name that the detector registry does not hold (the message lists the registered ones)."""
 
 
 class DetectionError(NDError, RuntimeError):

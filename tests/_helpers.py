@@ -166,3 +166,90 @@ def decoupled(kind: str, seed: int = 0, sites: str = "internal"):
     loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, len(x), 16)]
     stats = dm.paths(loader, raw=True)
     return dm, stats, x
+
+
+# --- adversarial detection (tests/test_detect*.py) ------------------------------------------
+
+#: The normalisation of the detection tests' toy images (CIFAR's).
+DETECT_MEAN = (0.485, 0.456, 0.406)
+DETECT_STD = (0.229, 0.224, 0.225)
+
+
+def _detect_stage(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class DetectTiny(nn.Module):
+    """Stem and two stages named like a ResNet's (Lee's feature sites: input:layer1, layer1, layer2)."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        self.stem, self.layer1, self.layer2 = _detect_stage(3, 8), _detect_stage(8, 16), _detect_stage(16, 16)
+        self.fc = nn.Linear(16, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
+
+
+def detect_toy_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes of 8×8 images: which colour channel is brightened. Normalised like CIFAR."""
+    from nd_plugin.detect import to_normalised
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    px = 0.7 * torch.rand(n, 3, 8, 8, generator=g)
+    px[torch.arange(n), y] += 0.3
+    return to_normalised(px, DETECT_MEAN, DETECT_STD), y
+
+
+def detect_model() -> nn.Module:
+    """A :class:`DetectTiny` trained a few steps on :func:`detect_toy_data`, wrapped with every site gated
+    and ACMs that actually read their input (non-trivial gates); eval mode, seeded."""
+    torch.manual_seed(0)
+    net = DetectTiny()
+    x, y = detect_toy_data(256, seed=0)
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    for _ in range(30):  # a few steps: a classifier whose predictions depend on the input
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    model = nd_plugin.wrap(net.eval(), torch.randn(1, 3, 8, 8), sites="all")
+    for site in model.sites():
+        nn.init.normal_(site.acm.fc1.weight, std=1.0)
+        nn.init.normal_(site.acm.fc2.weight, std=3.0)
+        nn.init.constant_(site.acm.fc2.bias, 0.5)
+    return model.eval()
+
+
+def detect_clean_set(dm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """480 toy inputs labelled with the model's own predictions: a "clean" set it classifies correctly."""
+    x, _ = detect_toy_data(480, seed=1)
+    with torch.no_grad():
+        y = dm(x).argmax(1)
+    assert len(set(y.tolist())) == 3
+    return x, y
+
+
+def fake_detect_run(path: Path, dm: nn.Module, checkpoint: bool = True) -> Path:
+    """A run directory with a real config and checkpoint; its model and data are the tiny ones
+    (monkeypatch ``Run.build_model`` and ``Run.data``, e.g. with :class:`DetectBundle`)."""
+    import json
+
+    cfg = {"model": "tiny", "num_classes": 3, "data": "tiny", "input_size": [3, 8, 8], "sites": dm.site_names,
+           "mean": list(DETECT_MEAN), "std": list(DETECT_STD)}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg))
+    if checkpoint:
+        loss = {f"classifiers.{l}.weight": torch.randn(3, s.acm.fc2.out_features) for l, s in enumerate(dm.sites())}
+        torch.save({"model": dm.state_dict(), "loss": loss, "epoch": 1}, path / "checkpoint.pt")
+    return path
+
+
+class DetectBundle:
+    """The toy inputs as a data bundle: the same tensors as the training and the validation split."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        from torch.utils.data import TensorDataset
+
+        self.train = TensorDataset(x, y)
+        self.val = TensorDataset(x, y)
+        self.mean, self.std = DETECT_MEAN, DETECT_STD

@@ -1,30 +1,30 @@
-"""Tests of nd_plugin.detect: attacks, the path detector, baselines, metrics, `nd detect` errors."""
+"""Tests of nd_plugin.detect's parts: attacks, probes, the path detector, the baselines, the metrics.
+
+The protocol on a run directory and ``nd detect``: test_detect_run.py; the detector base class,
+the registry and the built-in detectors: test_detect_registry.py.
+"""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import DETECT_MEAN as MEAN
+from _helpers import DETECT_STD as STD
+from _helpers import detect_clean_set, detect_model
 from torch import nn
 
-import nd_plugin
 from nd_plugin._hooks import ForwardHooks
-from nd_plugin.commands.detect import run_detection
 from nd_plugin.detect import (
     ATTACKS,
-    DETECTORS,
     LeeMahalanobis,
     MahalanobisDetector,
     PathDetector,
     PixelSpaceModel,
     Probe,
-    UnknownDetectorError,
     attack,
-    check_detectors,
     collect_probe,
+    confidence_features,
     detection_metrics,
     evaluate_supervised,
     evaluate_unsupervised,
@@ -37,44 +37,9 @@ from nd_plugin.detect import (
     to_pixels,
 )
 from nd_plugin.detect.features import run_pooled
-from nd_plugin.detect.protocol import SUPERVISED
-from nd_plugin.errors import (
-    ConfigError,
-    DetectionError,
-    NDError,
-    RunDirError,
-    UnknownAttackError,
-)
+from nd_plugin.errors import ConfigError, DetectionError, NDError, RunDirError, UnknownAttackError
 
 pytest.importorskip("torchattacks")
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-def _stage(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class Tiny(nn.Module):
-    """Stem and two stages named like a ResNet's (Lee's feature sites: input:layer1, layer1, layer2)."""
-
-    def __init__(self, k: int = 3) -> None:
-        super().__init__()
-        self.stem, self.layer1, self.layer2 = _stage(3, 8), _stage(8, 16), _stage(16, 16)
-        self.fc = nn.Linear(16, k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
-
-
-def _toy_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three classes of 8×8 images: which colour channel is brightened. Normalised like CIFAR."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    px = 0.7 * torch.rand(n, 3, 8, 8, generator=g)
-    px[torch.arange(n), y] += 0.3
-    return to_normalised(px, MEAN, STD), y
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,29 +53,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def dm():
-    torch.manual_seed(0)
-    net = Tiny()
-    x, y = _toy_data(256, seed=0)
-    opt = torch.optim.Adam(net.parameters(), lr=0.02)
-    for _ in range(30):  # a few steps: a classifier whose predictions depend on the input
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    model = nd_plugin.wrap(net.eval(), torch.randn(1, 3, 8, 8), sites="all")
-    for site in model.sites():  # non-trivial gates: ACMs that actually read their input
-        nn.init.normal_(site.acm.fc1.weight, std=1.0)
-        nn.init.normal_(site.acm.fc2.weight, std=3.0)
-        nn.init.constant_(site.acm.fc2.bias, 0.5)
-    return model.eval()
+    return detect_model()
 
 
 @pytest.fixture(scope="module")
 def clean(dm):
-    x, _ = _toy_data(480, seed=1)
-    with torch.no_grad():
-        y = dm(x).argmax(1)  # labels the model agrees with: a "clean" set it classifies correctly
-    assert len(set(y.tolist())) == 3
-    return x, y
+    return detect_clean_set(dm)
 
 
 # ------------------------------------------------------------------ metrics
@@ -277,9 +225,6 @@ def test_probe_select_and_concat(dm, clean):
     assert np.array_equal(both.logits, p.logits) and (both.labels == -1).all()
 
 
-# ------------------------------------------------------------------ run_detection / nd detect
-
-
 # ------------------------------------------------------------------ features, baselines, protocol
 
 
@@ -315,12 +260,20 @@ def test_evaluate_unsupervised_hand_made():
 def test_evaluate_unsupervised_means_and_stds_over_the_test_parts():
     """Four clean inputs, attacks of the first three; two test parts whose AUROC and TPR are counted by hand."""
     clean, adv, adv_index = np.array([0.0, 1.0, 2.0, 3.0]), np.array([2.5, 0.5, 3.5]), np.array([0, 1, 2])
-    splits = [(np.array([], int), np.array([], int), np.array([0, 1, 2, 3])), (np.array([], int), np.array([], int), np.array([1, 2]))]
+    splits = [
+        (np.array([], int), np.array([], int), np.array([0, 1, 2, 3])),
+        (np.array([], int), np.array([], int), np.array([1, 2])),
+    ]
     r = evaluate_unsupervised(clean, adv, adv_index, splits)
     # part 1: attacks 2.5, 0.5, 3.5 beat 3, 1, 4 of the 4 clean scores: AUROC 8/12; above every clean score (FPR 0): 1 of 3
     # part 2: clean 1, 2 and their attacks 0.5, 3.5: AUROC 2/4; 1 of 2 attacks above both clean scores
-    assert r == {"auroc": round((8 / 12 + 2 / 4) / 2, 4), "auroc_std": round((8 / 12 - 2 / 4) / 2, 4),
-                 "tpr_at_5fpr": round((1 / 3 + 1 / 2) / 2, 4), "tpr_at_5fpr_std": round((1 / 2 - 1 / 3) / 2, 4), "seeds": 2}
+    assert r == {
+        "auroc": round((8 / 12 + 2 / 4) / 2, 4),
+        "auroc_std": round((8 / 12 - 2 / 4) / 2, 4),
+        "tpr_at_5fpr": round((1 / 3 + 1 / 2) / 2, 4),
+        "tpr_at_5fpr_std": round((1 / 2 - 1 / 3) / 2, 4),
+        "seeds": 2,
+    }
 
 
 def test_evaluate_supervised_chooses_informative_feature_and_transfers():
@@ -374,6 +327,7 @@ def test_path_scores_all_class_mi_and_features(dm, clean):
     k = 3
     mi = [np.random.default_rng(l).normal(size=(k, g.shape[1])) for l, g in enumerate(probe.gates)]
     det = PathDetector(knn_per_class=32, k=3).fit_probe(probe, dm.site_names, mi_weights=mi)
+
     def raw(m: str) -> np.ndarray:
         return det._overall(probe, m, probe.preds)
 
@@ -413,169 +367,7 @@ def test_path_preprocessing_moves_paths_towards_a_class(dm, clean):
         assert not m._forward_hooks
 
 
-# ------------------------------------------------------------------ run_detection / nd detect
-
-
-def test_run_detection_validates_before_loading(tmp_path):
-    with pytest.raises(UnknownAttackError, match="known attacks"):
-        run_detection(tmp_path, attack="nope")
-    with pytest.raises(ConfigError, match="eps must be"):
-        run_detection(tmp_path, eps=2.0)
-    with pytest.raises(UnknownDetectorError, match="known detectors: path, path_supervised"):
-        run_detection(tmp_path, detectors=["path", "odin"])
-    with pytest.raises(UnknownAttackError):
-        run_detection(tmp_path, transfer_from=("jsma2", 0.1))  # JSMA itself is a torchattacks attack
-    with pytest.raises(RunDirError, match="no config.json"):
-        run_detection(tmp_path)
-    assert check_detectors(None) == list(DETECTORS)
-
-
-def _fake_run(tmp_path, dm, checkpoint: bool = True):
-    """A run directory with a real config and checkpoint; its model and data are the tiny ones (monkeypatched)."""
-    cfg = {"model": "tiny", "num_classes": 3, "data": "tiny", "input_size": [3, 8, 8], "sites": dm.site_names,
-           "mean": list(MEAN), "std": list(STD)}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    if checkpoint:
-        loss = {f"classifiers.{l}.weight": torch.randn(3, s.acm.fc2.out_features) for l, s in enumerate(dm.sites())}
-        torch.save({"model": dm.state_dict(), "loss": loss, "epoch": 1}, tmp_path / "checkpoint.pt")
-    return tmp_path
-
-
-class _Bundle:
-    def __init__(self, x, y):
-        from torch.utils.data import TensorDataset
-
-        self.train = TensorDataset(x, y)
-        self.val = TensorDataset(x, y)
-        self.mean, self.std = MEAN, STD
-
-
-@pytest.fixture()
-def tiny_run(dm, clean, tmp_path, monkeypatch):
-    from nd_plugin.run import Run
-
-    x, y = clean
-    monkeypatch.setattr(Run, "build_model", lambda self, device="cpu", **kw: dm)
-    monkeypatch.setattr(Run, "data", lambda self, spec=None, **kw: _Bundle(x, y))
-    return _fake_run(tmp_path, dm)
-
-
-def test_run_detection_end_to_end(tiny_run):
-    kw = {"steps": 3, "batch_size": 120, "seeds": 2, "magnitudes": (0.0, 0.005), "path_magnitudes": (0.0, 0.005)}
-    res = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, transfer_from=("fgsm", 0.3), **kw)
-    assert res.correct == 480 and res.successful >= 200 and res.protocol == "lee-5/5/90" and res.transfer["protocol"] == "lee-5/5/90"
-    assert set(res.detectors) == set(DETECTORS)
-    for name, m in res.detectors.items():
-        assert m["seeds"] == 2, name  # the numbers themselves: test_evaluate_unsupervised_means_and_stds_over_the_test_parts
-    # PGD at 0.3 moves inputs far from the clean data: the feature-ensemble detectors see it
-    assert res.detectors["mahalanobis_lee"]["auroc"] > 0.9 and res.detectors["path_supervised"]["auroc"] > 0.8
-    assert res.detectors["mahalanobis_lee"]["chosen"][0] in (0.0, 0.005)
-    assert res.detectors["path_supervised"]["chosen"][0] in (0.0, 0.005)  # preprocessing through the path score
-    assert res.transfer["fitted_on"] == "fgsm-eps0.3" and set(res.transfer["detectors"]) == set(SUPERVISED)
-    assert res.recommended == "combined" and res.detectors["combined"]["auroc"] > 0.8
-    assert set(res.detectors["combined"]["chosen"]) <= {"scores", "scores+path_features"}
-    out = json.loads((tiny_run / "detect" / "pgd-eps0.3" / "detect.json").read_text())
-    assert out["detectors"]["lid"] == res.detectors["lid"] and out["detector"]["fit_n"] == "480"
-    for f in res.figures:
-        assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert all((tiny_run / f).is_file() for f in ("detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"))
-    from nd_plugin import open_run
-    from nd_plugin.detect.figures import detection_section_html
-
-    page = detection_section_html(open_run(tiny_run).detections())  # what the report shows
-    lee = res.detectors["mahalanobis_lee"]
-    assert f"<td>mahalanobis_lee</td><td>{lee['auroc']:.3f} ± {lee['auroc_std']:.3f}</td>" in page
-    assert "lid (fitted on fgsm-eps0.3)" in page and page.count("<tr><td>") == len(DETECTORS) + len(SUPERVISED)
-    assert "<td>combined (recommended)</td>" in page and "protocol lee-5/5/90; recommended detector: combined" in page
-    # a second run reuses the saved detectors (same data, same fit_n): same numbers
-    again = run_detection(tiny_run, attack="pgd", eps=0.3, n=480, figures=False, out=tiny_run / "o",
-                          detectors=["path", "mahalanobis_lee"], **kw)
-    assert again.detector["fit_seconds"] == res.detector["fit_seconds"]
-    assert again.detectors["path"] == res.detectors["path"] and again.detectors["mahalanobis_lee"] == res.detectors["mahalanobis_lee"]
-
-
-def test_run_detection_small_set_is_cross_validated(tiny_run):
-    """Too few attacks for Lee's 5% fit part (issue 24): every input is used in a stratified k-fold, and the output says so."""
-    res = run_detection(tiny_run, attack="pgd", eps=0.3, n=100, steps=2, figures=False, detectors=["path", "lid"], seeds=5)
-    assert res.protocol.startswith("stratified-kfold-") and res.protocol_info["name"] == res.protocol
-    k = int(res.protocol.rsplit("-", 1)[1])
-    assert res.detectors["lid"]["seeds"] == res.detectors["path"]["seeds"] == res.protocol_info["splits"] == k * max(1, 5 // k)
-    assert "Lee's 5% fit part would hold" in res.protocol_info["reason"]
-    saved = json.loads((Path(res.out_dir) / "detect.json").read_text())
-    assert saved["protocol"] == res.protocol and saved["protocol_info"]["splits"] == res.protocol_info["splits"]
-    assert saved["attack_class"] == "PGD" and saved["attack_args"] == {"eps": 0.3, "alpha": 0.075, "steps": 2, "random_start": True}
-    res = run_detection(tiny_run, attack="pgd", eps=0.3, n=100, steps=2, figures=False, detectors=["path", "max_softmax"], seeds=1)
-    assert set(res.detectors) == {"path", "max_softmax"} and res.protocol == "lee-5/5/90"  # unsupervised: no fit part needed
-
-
-def test_run_detection_too_small_for_any_estimate(tiny_run):
-    with pytest.raises(DetectionError, match=r"only \d+ of the \d+ correctly classified inputs were attacked successfully; .*"
-                       r"at least 15 successful attacks: raise eps \(--eps, now 0.3.*--n, now 12.*--detectors path,max_softmax\)$"):
-        run_detection(tiny_run, attack="pgd", eps=0.3, n=12, steps=2, figures=False, detectors=["path", "lid", "max_softmax"])
-
-
-def test_run_detection_any_torchattacks_attack(tiny_run):
-    res = run_detection(tiny_run, attack="TPGD", eps=0.3, n=100, figures=False, detectors=["path"], seeds=1,
-                        attack_args={"steps": 2, "alpha": 0.1})
-    assert res.attack == "tpgd" and res.attack_class == "TPGD" and res.steps == 2
-    assert res.attack_args == {"eps": 0.3, "alpha": 0.1, "steps": 2} and res.successful > 0
-    assert Path(res.out_dir).name == "tpgd-eps0.3-alpha=0.1-steps=2"  # the parameters set are in the folder's name
-
-
-def test_cli_small_run_prints_the_protocol_and_a_table(tiny_run):
-    from typer.testing import CliRunner
-
-    from nd_plugin.cli._app import app
-
-    r = CliRunner().invoke(app, ["detect", str(tiny_run), "--attack", "Pgd", "--eps", "0.3", "--n", "100", "--detectors", "path,lid",
-                                 "--attack-arg", "steps=2", "--attack-arg", "random_start=false"])
-    assert r.exit_code == 0, r.output
-    assert "protocol stratified-kfold-" in r.output and "Lee's 5% fit part would hold" in r.output
-    assert "lid " in r.output and "AUROC" in r.output and "pgd-eps0.3-random_start=False-steps=2" in r.output
-    # no combined measured: the highest AUROC of those measured is recommended, and marked in the table
-    rows = {ln.split()[0].lstrip("*"): float(ln.split()[2]) for ln in r.output.splitlines() if "AUROC" in ln}
-    best = max(rows, key=rows.get)
-    assert set(rows) == {"path", "lid"} and f"recommended: {best} (*)" in r.output and f" *{best} " in r.output
-
-
-def test_run_detection_zero_success(tiny_run):
-    with pytest.raises(DetectionError, match=r"succeeded on none .*\(success rate 0\)"):
-        run_detection(tiny_run, attack="fgsm", eps=1e-6, n=30, figures=False, detectors=["path"])
-
-
-def test_run_detection_without_checkpoint(dm, tmp_path):
-    with pytest.raises(RunDirError, match="has no checkpoint.pt"):
-        run_detection(_fake_run(tmp_path, dm, checkpoint=False))
-
-
-def test_cli_one_line_errors(dm, tmp_path):
-    from typer.testing import CliRunner
-
-    from nd_plugin.cli._app import app
-
-    runner = CliRunner()
-    bare = _fake_run(tmp_path / "bare", dm, checkpoint=False) if (tmp_path / "bare").mkdir() is None else None
-    for args, msg in (
-        (["detect", str(tmp_path), "--attack", "nope"], "known attacks"),
-        (["detect", str(tmp_path), "--eps", "0"], "eps must be in (0, 1]"),
-        (["detect", str(tmp_path), "--eps", "1.5"], "eps must be in (0, 1]"),
-        (["detect", str(tmp_path), "--detectors", "path,odin"], "unknown detector 'odin'"),
-        (["detect", str(tmp_path), "--transfer-from", "fgsm:x"], "ATTACK:EPS"),
-        (["detect", str(tmp_path / "missing")], "does not exist"),
-        (["detect", str(bare)], "has no checkpoint.pt"),
-    ):
-        r = runner.invoke(app, args)
-        assert r.exit_code != 0
-        text = r.output.strip()
-        assert msg in text and "Traceback" not in text and len(text.splitlines()) == 1, text
-
-
-# ------------------------------------------------------------------ the combined detector (issue 24, item 3)
-
-
 def test_confidence_features_and_lee_scores_without_a_pass(dm, clean):
-    from nd_plugin.detect import confidence_features
-
     x, y = clean
     probe = collect_probe(dm, [(x, y)], feature_layer="fc", stages=find_stage_layers(dm.model))
     f = confidence_features(probe.logits)
@@ -585,26 +377,3 @@ def test_confidence_features_and_lee_scores_without_a_pass(dm, clean):
     assert np.allclose(lee.score_probe(probe), lee.scores(dm, x, (0.0,), std=STD)[0.0], rtol=1e-3)  # float64 vs float32
     with pytest.raises(DetectionError, match="no stage features"):
         lee.score_probe(collect_probe(dm, x[:4]))
-
-
-def test_combined_detector_features_and_recommendation(dm, clean):
-    from nd_plugin.detect import COMBINED_SETS, combined_features, detector_features, fit_detectors, recommend
-
-    x, y = clean
-    fitted = fit_detectors(dm, [(x, y)])
-    probe = collect_probe(dm, x[:20], feature_layer="fc", stages=fitted.lee.layers)
-    sets = combined_features(fitted, probe)
-    assert tuple(sets) == COMBINED_SETS
-    L, k, stages = len(dm.site_names), 3, len(fitted.lee.layers)
-    assert sets["scores"].shape == (20, 1 + 6 + 1 + stages)
-    path = fitted.path.path_features(probe)
-    assert np.array_equal(sets["scores+path_features"], np.c_[sets["scores"], path]) and path.shape[1] == L * 2 * k
-    assert np.allclose(sets["scores"][:, 0], fitted.path.score_probe(probe).overall)
-    # a probe without penultimate or stage features: the scores it has (the path score and the confidence)
-    bare = combined_features(fitted, collect_probe(dm, x[:20]))
-    assert bare["scores"].shape == (20, 7)
-    out = detector_features(fitted, dm, x[:20], probe, std=STD, detectors=["combined", "path_supervised"])
-    assert np.array_equal(out["combined"]["scores+path_features"][:, 8 + stages :], out["path_supervised"])
-    assert "combined" in DETECTORS and "combined" in SUPERVISED
-    assert recommend({"path": {"auroc": 0.99}, "combined": {"auroc": 0.9}}) == "combined"
-    assert recommend({}) is None

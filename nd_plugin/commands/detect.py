@@ -20,14 +20,13 @@ from torch import nn
 
 from nd_plugin import run as rundir
 from nd_plugin.detect.attacks import AttackSpec, parse_attack_args, resolve_attack
+from nd_plugin.detect.base import Detector, list_detectors, resolve_detectors
 from nd_plugin.detect.baselines import LEE_MAGNITUDES
 from nd_plugin.detect.protocol import (
     PATH_FILE,
-    SUPERVISED,
     AttackedSet,
     FittedDetectors,
     attack_set,
-    check_detectors,
     detector_features,
     evaluate,
     fit_detectors,
@@ -42,8 +41,18 @@ __all__ = ["load_or_fit", "parse_attack_args", "run_detection"]  # parse_attack_
 
 
 def load_or_fit(
-    run: Any, dm: nn.Module, bundle: Any, data_spec: str, *, mi: list[np.ndarray] | None, fit_n: int | None,
-    refit: bool, batch_size: int, device: str, seed: int, say: Callable[[str], None],
+    run: Any,
+    dm: nn.Module,
+    bundle: Any,
+    data_spec: str,
+    *,
+    mi: list[np.ndarray] | None,
+    fit_n: int | None,
+    refit: bool,
+    batch_size: int,
+    device: str,
+    seed: int,
+    say: Callable[[str], None],
 ) -> FittedDetectors:
     """The run's saved detectors when they were fitted on ``data_spec`` with ``fit_n`` inputs; else fits and saves them."""
     want = str(len(bundle.train) if fit_n is None else min(fit_n, len(bundle.train)))
@@ -55,7 +64,9 @@ def load_or_fit(
         except (RunDirError, DetectionError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             if (run.path / PATH_FILE).exists():  # saved but damaged or another model's: say so, touch nothing
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise RunDirError(f"the saved detectors ({run.path / PATH_FILE} and beside it) cannot be used ({reason}); refit them with `nd detect {run.path} --refit`.") from None
+                raise RunDirError(
+                    f"the saved detectors ({run.path / PATH_FILE} and beside it) cannot be used ({reason}); refit them with `nd detect {run.path} --refit`."
+                ) from None
     loader = subset_loader(bundle.train, fit_n, batch_size, seed)
     say(f"fitting the detectors on {len(loader.dataset)} training inputs")
     fitted = fit_detectors(dm, loader, mi_weights=mi, device=device, meta={"data": data_spec})
@@ -80,7 +91,7 @@ def run_detection(
     device: str = "cpu",
     seed: int = 0,
     figures: bool = True,
-    detectors: Sequence[str] | None = None,
+    detectors: Sequence[str | Detector] | None = None,
     seeds: int = 5,
     transfer_from: tuple[str, float] | None = None,
     magnitudes: Sequence[float] = LEE_MAGNITUDES,
@@ -117,10 +128,12 @@ def run_detection(
         device: where to run.
         seed: seed of the input draw and the attack.
         figures: write the PNG figures.
-        detectors: names to measure (default all of :data:`~nd_plugin.detect.protocol.DETECTORS`).
+        detectors: names (or :class:`~nd_plugin.detect.base.Detector` instances) to measure
+            (default: every registered detector, :func:`~nd_plugin.detect.base.list_detectors`).
         seeds: repetitions of the 5 / 5 / 90 split.
         transfer_from: ``(attack, eps)`` to fit the supervised detectors on, tested on ``attack``.
-        magnitudes: Lee's preprocessing magnitudes (pixel units) to choose from.
+        magnitudes: Lee's preprocessing magnitudes (pixel units) to choose from
+            (``mahalanobis_lee``'s option, when it is named).
         path_magnitudes: the same for ``path_supervised``, through the path score's gradient
             (default ``(0.0,)``: none).
         log: receives progress lines.
@@ -140,13 +153,14 @@ def run_detection(
         >>> run_detection("/nonexistent/run", attack="fgsm", eps=0.05, detectors=["odin"])
         Traceback (most recent call last):
         ...
-        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, combined, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
+        nd_plugin.errors.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, combined, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
     """
     from nd_plugin.detect.figures import detection_figures
 
     spec = resolve_attack(attack, eps, steps=steps, attack_kwargs=attack_args)
     key, eps = spec.name, float(spec.kwargs.get("eps", eps))
-    names = check_detectors(detectors)
+    options = {"mahalanobis_lee": {"magnitudes": tuple(magnitudes)}, "path_supervised": {"magnitudes": tuple(path_magnitudes)}}
+    chosen = resolve_detectors(detectors, options)
     source = resolve_attack(transfer_from[0], transfer_from[1], steps=steps) if transfer_from else None
     for label, value in (("n", n), ("seeds", seeds)) + ((("fit_n", fit_n),) if fit_n is not None else ()):
         if not isinstance(value, int) or value < 1:
@@ -163,7 +177,7 @@ def run_detection(
         run, dm, bundle, data_spec, mi=mi, fit_n=fit_n, refit=refit, batch_size=batch_size, device=device, seed=seed, say=say
     )
 
-    feat_kw = {"std": std, "detectors": names, "magnitudes": magnitudes, "path_magnitudes": path_magnitudes, "batch_size": batch_size}
+    feat_kw = {"std": std, "detectors": chosen, "batch_size": batch_size}
     available = len(bundle.val)
 
     def attacked(a: AttackSpec) -> AttackedSet:
@@ -171,8 +185,17 @@ def run_detection(
         budget = float(a.kwargs.get("eps", eps))
         say(f"attacking {len(loader.dataset)} test inputs with {a.name} (eps={budget:.4g})")
         return attack_set(
-            dm, loader, a, budget, mean=mean, std=std, steps=steps, feature_layer=fitted.penultimate.feature_layer,
-            stages=fitted.lee.layers, seed=seed, device=device,
+            dm,
+            loader,
+            a,
+            budget,
+            mean=mean,
+            std=std,
+            steps=steps,
+            feature_layer=fitted.penultimate.feature_layer,
+            stages=fitted.lee.layers,
+            seed=seed,
+            device=device,
         )
 
     def hint(a: AttackSpec) -> str:
@@ -180,24 +203,27 @@ def run_detection(
         ways.append("use a stronger attack (e.g. --attack pgd)")
         if n < available:
             ways.append(f"draw more inputs (--n, now {n}; the validation split holds {available})")
-        unsupervised = [d for d in names if d not in SUPERVISED] or ["path", "mahalanobis_penultimate", "max_softmax"]
+        unsupervised = [d.name for d in chosen if not d.supervised] or list_detectors(supervised=False)
         return ", ".join(ways) + f", or measure only the unsupervised detectors (--detectors {','.join(unsupervised)})"
 
     t0 = time.perf_counter()
     aset = attacked(spec)
-    splits = plan(aset, names, seeds=seeds, hint=hint(spec))  # before the features: a set too small stops here
+    splits = plan(aset, chosen, seeds=seeds, hint=hint(spec))  # before the features: a set too small stops here
     say(f"protocol: {splits.protocol} ({splits.reason})")
     adv_f = detector_features(fitted, dm, aset.x_adv, aset.adv, **feat_kw)
     say(f"scoring {aset.correct} clean and {aset.successful} attacked inputs")
     clean_f = detector_features(fitted, dm, aset.x_clean, aset.clean, **feat_kw)
-    results = evaluate(clean_f, adv_f, aset, splits=splits)
+    results = evaluate(clean_f, adv_f, aset, detectors=chosen, splits=splits)
     transfer = None
-    if source is not None and any(nm in SUPERVISED for nm in names):
+    if source is not None and any(d.supervised for d in chosen):
         src = attacked(source)
-        src_splits = plan(src, names, seeds=seeds, hint=hint(source))
+        src_splits = plan(src, chosen, seeds=seeds, hint=hint(source))
         src_f = detector_features(fitted, dm, src.x_adv, src.adv, **feat_kw)
-        transfer = {"fitted_on": src.tag, "protocol": src_splits.protocol,
-                    "detectors": evaluate(clean_f, src_f, src, splits=src_splits, transfer=(adv_f, aset))}
+        transfer = {
+            "fitted_on": src.tag,
+            "protocol": src_splits.protocol,
+            "detectors": evaluate(clean_f, src_f, src, detectors=chosen, splits=src_splits, transfer=(adv_f, aset)),
+        }
     det = fitted.path
     cs, as_ = det.score_probe(aset.clean), det.score_probe(aset.adv)
     per_layer = [
@@ -212,13 +238,31 @@ def run_detection(
     out_dir = Path(out) if out is not None else run.path / rundir.DETECT / aset.tag
     out_dir.mkdir(parents=True, exist_ok=True)
     result = DetectionResult(
-        attack=key, eps=float(eps), steps=aset.steps, n=aset.drawn, correct=aset.correct, successful=aset.successful,
-        success_rate=round(aset.successful / aset.correct, 4), clean_accuracy=round(aset.correct / aset.drawn, 4),
-        detectors=results, path_variants=path_variants(fitted, aset.clean, aset.adv), per_layer=per_layer,
-        detector={"method": det.method, "combine": det.combine, "file": str(run.path / PATH_FILE), **fitted.meta,
-                  "evaluate_seconds": round(time.perf_counter() - t0, 1)},
-        out_dir=str(out_dir), transfer=transfer, protocol=splits.protocol, protocol_info=splits.to_dict(),
-        attack_class=spec.cls, attack_args=_plain(spec.kwargs), recommended=recommend(results),
+        attack=key,
+        eps=float(eps),
+        steps=aset.steps,
+        n=aset.drawn,
+        correct=aset.correct,
+        successful=aset.successful,
+        success_rate=round(aset.successful / aset.correct, 4),
+        clean_accuracy=round(aset.correct / aset.drawn, 4),
+        detectors=results,
+        path_variants=path_variants(fitted, aset.clean, aset.adv),
+        per_layer=per_layer,
+        detector={
+            "method": det.method,
+            "combine": det.combine,
+            "file": str(run.path / PATH_FILE),
+            **fitted.meta,
+            "evaluate_seconds": round(time.perf_counter() - t0, 1),
+        },
+        out_dir=str(out_dir),
+        transfer=transfer,
+        protocol=splits.protocol,
+        protocol_info=splits.to_dict(),
+        attack_class=spec.cls,
+        attack_args=_plain(spec.kwargs),
+        recommended=recommend(results),
     )
     if figures:
         result.figures = detection_figures(out_dir, det, fitted.penultimate, aset.clean, aset.adv, cs, as_, key, eps)

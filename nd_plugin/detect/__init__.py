@@ -18,8 +18,13 @@ with the clean paths of the class the input ends up in. The package:
   (Ma et al. 2018);
 - :mod:`~nd_plugin.detect.metrics`: AUROC / TPR at 5% FPR, Lee's 5 / 5 / 90 protocol and, for
   sets too small for it, stratified K-fold cross-validation (:func:`plan_splits`);
-- :mod:`~nd_plugin.detect.protocol`: fit, attack, featurise and evaluate every detector
-  (:data:`DETECTORS`, among them ``combined``: :func:`combined_features`) on objects;
+- :mod:`~nd_plugin.detect.base`: the extension point: :class:`Detector` (what a detector reads,
+  :class:`DetectorInput`, and how it is measured) and its registry (:func:`register_detector`,
+  :func:`list_detectors`, :func:`create_detector`);
+- :mod:`~nd_plugin.detect.builtin`: the built-in detectors, registered as a user's are (among
+  them ``combined``, the recommended one: :func:`combined_features`);
+- :mod:`~nd_plugin.detect.protocol`: fit, attack, featurise and evaluate every registered
+  detector on objects;
 - :mod:`~nd_plugin.detect.workflow`: :class:`DetectionResult`, what ``nd detect`` measures.
   Figures are drawn by :mod:`~nd_plugin.detect.figures`; what ``nd detect`` does on a run
   directory, :func:`~nd_plugin.commands.detect.run_detection`, is :mod:`nd_plugin.commands.detect`'s.
@@ -47,6 +52,15 @@ from nd_plugin.detect.attacks import (
     to_normalised,
     to_pixels,
 )
+from nd_plugin.detect.base import (
+    Detector,
+    DetectorInput,
+    create_detector,
+    list_detectors,
+    register_detector,
+    resolve_detectors,
+    unregister_detector,
+)
 from nd_plugin.detect.baselines import (
     LEE_MAGNITUDES,
     LID_KS,
@@ -55,6 +69,19 @@ from nd_plugin.detect.baselines import (
     confidence_features,
     lid_scores,
     msp_score,
+)
+from nd_plugin.detect.builtin import (
+    COMBINED_SETS,
+    LID,
+    Combined,
+    MahalanobisLee,
+    MahalanobisPenultimate,
+    MaxSoftmax,
+    PathDistance,
+    PathSupervised,
+    PathSupervisedFull,
+    PathSupervisedRaw,
+    combined_features,
 )
 from nd_plugin.detect.detectors import PathDetector, PathScore
 from nd_plugin.detect.features import (
@@ -74,14 +101,10 @@ from nd_plugin.detect.metrics import (
     plan_splits,
 )
 from nd_plugin.detect.protocol import (
-    COMBINED_SETS,
-    DETECTORS,
+    RECOMMENDED,
     AttackedSet,
     FittedDetectors,
-    UnknownDetectorError,
     attack_set,
-    check_detectors,
-    combined_features,
     detector_features,
     evaluate,
     fit_detectors,
@@ -96,28 +119,38 @@ from nd_plugin.detect.workflow import (
 __all__ = [
     "ATTACKS",
     "COMBINED_SETS",
-    "DETECTORS",
     "LEE_MAGNITUDES",
+    "LID",
     "LID_KS",
+    "RECOMMENDED",
     "AttackSpec",
     "AttackedSet",
+    "Combined",
     "DetectionResult",
+    "Detector",
+    "DetectorInput",
     "FittedDetectors",
     "LeeMahalanobis",
     "MahalanobisDetector",
+    "MahalanobisLee",
+    "MahalanobisPenultimate",
+    "MaxSoftmax",
     "PathDetector",
+    "PathDistance",
     "PathScore",
+    "PathSupervised",
+    "PathSupervisedFull",
+    "PathSupervisedRaw",
     "PixelSpaceModel",
     "PooledHooks",
     "Probe",
     "Splits",
-    "UnknownDetectorError",
     "attack",
     "attack_set",
-    "check_detectors",
     "collect_probe",
     "combined_features",
     "confidence_features",
+    "create_detector",
     "detection_metrics",
     "detector_features",
     "evaluate",
@@ -130,13 +163,17 @@ __all__ = [
     "lee_splits",
     "lid_scores",
     "list_attacks",
+    "list_detectors",
     "mi_weights_of",
     "msp_score",
     "parse_attack_args",
     "plan",
     "plan_splits",
     "recommend",
+    "register_detector",
     "resolve_attack",
+    "resolve_detectors",
     "to_normalised",
     "to_pixels",
+    "unregister_detector",
 ]

@@ -12,17 +12,10 @@
 - :func:`evaluate`: every detector on those splits, optionally fitted on one attack and tested on
   another (transfer).
 
-Detector names (:data:`DETECTORS`): ``path`` (unsupervised, one forward pass), ``path_supervised``
-(logistic regression over per-layer path features: distances to every class mean and class
-posteriors), ``path_supervised_raw`` (the same regression over the raw soft path),
-``path_supervised_full`` (over both: the per-layer path features and the raw soft path),
-``combined`` (the path score, the classifier's confidence statistics and, where the probe holds
-them, the penultimate and Lee's per-layer Mahalanobis distances, with or without the per-layer
-path features, the set chosen on the choice part: every one-pass detector's evidence in one
-regression; :func:`combined_features`),
-``mahalanobis_lee`` (Lee et al.: feature ensemble, tied covariance, preprocessing, regression),
-``lid`` (Ma et al., ICLR 2018, k chosen on held-out attacked data), ``mahalanobis_penultimate``
-(the penultimate-only, unsupervised ablation of Lee et al.), ``max_softmax``.
+The detectors are whatever the registry holds (:func:`~nd_plugin.detect.base.list_detectors`:
+the built-in ones of :mod:`nd_plugin.detect.builtin`, then a user's); each is a
+:class:`~nd_plugin.detect.base.Detector` that says what it reads and how it is measured, so
+nothing here names one, except :data:`RECOMMENDED`.
 """
 
 from __future__ import annotations
@@ -39,15 +32,8 @@ import torch
 from torch import nn
 
 from nd_plugin.detect.attacks import AttackSpec, attack, resolve_attack
-from nd_plugin.detect.baselines import (
-    LEE_MAGNITUDES,
-    LID_KS,
-    LeeMahalanobis,
-    MahalanobisDetector,
-    confidence_features,
-    lid_scores,
-    msp_score,
-)
+from nd_plugin.detect.base import Detector, DetectorInput, list_detectors, resolve_detectors
+from nd_plugin.detect.baselines import LeeMahalanobis, MahalanobisDetector
 from nd_plugin.detect.detectors import PathDetector
 from nd_plugin.detect.features import (
     Probe,
@@ -55,25 +41,14 @@ from nd_plugin.detect.features import (
     find_feature_layer,
     find_stage_layers,
 )
-from nd_plugin.detect.metrics import (
-    Splits,
-    evaluate_supervised,
-    evaluate_unsupervised,
-    lee_splits,
-    plan_splits,
-)
-from nd_plugin.errors import ConfigError, DetectionError, RunDirError
+from nd_plugin.detect.metrics import Splits, lee_splits, plan_splits
+from nd_plugin.errors import DetectionError, RunDirError
 
 __all__ = [
-    "COMBINED_SETS",
-    "DETECTORS",
-    "PATH_ONLY",
+    "RECOMMENDED",
     "AttackedSet",
     "FittedDetectors",
-    "UnknownDetectorError",
     "attack_set",
-    "check_detectors",
-    "combined_features",
     "detector_features",
     "evaluate",
     "fit_detectors",
@@ -81,43 +56,10 @@ __all__ = [
     "recommend",
 ]
 
-#: Every detector :func:`evaluate` measures, in the order of the tables.
-DETECTORS = (
-    "path", "path_supervised", "path_supervised_raw", "path_supervised_full", "combined",
-    "mahalanobis_lee", "lid", "mahalanobis_penultimate", "max_softmax",
-)  # fmt: skip
-#: Detectors with a logistic regression fitted on attacked inputs (Lee's protocol).
-SUPERVISED = ("path_supervised", "path_supervised_raw", "path_supervised_full", "combined", "mahalanobis_lee", "lid")
 #: The detector a report recommends when it was measured (:func:`recommend`).
 RECOMMENDED = "combined"
-#: Detectors that read only the forward pass's path and logits (no extra pass, no features).
-PATH_ONLY = ("path", "path_supervised", "path_supervised_raw", "path_supervised_full", "max_softmax")
 
 PATH_FILE, PENULTIMATE_FILE, LEE_FILE = "detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"
-
-
-class UnknownDetectorError(ConfigError):
-    """A detector name that :data:`DETECTORS` does not hold."""
-
-
-def check_detectors(names: Iterable[str] | None) -> list[str]:
-    """The detector names, checked (``None``: all of :data:`DETECTORS`).
-
-    Example:
-        >>> check_detectors(["path", "lid"])
-        ['path', 'lid']
-        >>> check_detectors(["odin"])
-        Traceback (most recent call last):
-        ...
-        nd_plugin.detect.protocol.UnknownDetectorError: unknown detector 'odin'; known detectors: path, path_supervised, path_supervised_raw, path_supervised_full, combined, mahalanobis_lee, lid, mahalanobis_penultimate, max_softmax.
-    """
-    out = list(DETECTORS) if names is None else [str(n).strip() for n in names]
-    for n in out:
-        if n not in DETECTORS:
-            raise UnknownDetectorError(f"unknown detector {n!r}; known detectors: {', '.join(DETECTORS)}.")
-    if not out:
-        raise UnknownDetectorError(f"no detector named; known detectors: {', '.join(DETECTORS)}.")
-    return out
 
 
 @dataclass
@@ -263,8 +205,10 @@ def attack_set(
         UnknownAttackError, AttackArgumentError, ConfigError: bad attack name, parameter or eps.
         DetectionError: no input classified correctly, or no attack succeeded.
     """
-    spec = attack_name if isinstance(attack_name, AttackSpec) else resolve_attack(
-        attack_name, eps, steps=steps, attack_kwargs=attack_kwargs
+    spec = (
+        attack_name
+        if isinstance(attack_name, AttackSpec)
+        else resolve_attack(attack_name, eps, steps=steps, attack_kwargs=attack_kwargs)
     )
     key = spec.name
     eps = float(spec.kwargs.get("eps", eps))
@@ -296,48 +240,18 @@ def attack_set(
             "(success rate 0): nothing to detect; raise eps (--eps) or use a stronger attack (e.g. pgd)."
         )
     return AttackedSet(
-        key, float(eps), int(spec.user_kwargs.get("steps", steps)), drawn, correct, Probe.concat(clean_parts),
-        Probe.concat(adv_parts), np.concatenate(index), torch.cat(xs_clean), torch.cat(xs_adv), spec,
+        key,
+        float(eps),
+        int(spec.user_kwargs.get("steps", steps)),
+        drawn,
+        correct,
+        Probe.concat(clean_parts),
+        Probe.concat(adv_parts),
+        np.concatenate(index),
+        torch.cat(xs_clean),
+        torch.cat(xs_adv),
+        spec,
     )
-
-
-#: The two feature sets of the ``combined`` detector; the regression chooses between them on the
-#: choice part, as Lee's chooses a preprocessing magnitude (:func:`combined_features`).
-COMBINED_SETS = ("scores", "scores+path_features")
-
-
-def combined_features(fitted: FittedDetectors, probe: Probe, path: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The features of the ``combined`` detector, all read from one forward pass: ``{set: (N, F)}``.
-
-    ``"scores"``: the path detector's overall score, the classifier's confidence statistics
-    (:func:`~nd_plugin.detect.baselines.confidence_features`: max softmax, entropy, margins, max
-    logit, log-sum-exp) and, where the probe and the fitted detectors hold them, ``log(1 + d)`` of
-    the penultimate Mahalanobis distance and of Lee's per-layer distances without preprocessing.
-    ``"scores+path_features"``: the same and the per-layer path features of ``path_supervised``
-    (:meth:`~nd_plugin.detect.detectors.PathDetector.path_features`; pass them as ``path`` when
-    already computed). The few scores fit well on a few dozen attacked inputs; the per-layer
-    features add what they see when there are hundreds (docs/notes/detect.md, issue 24).
-
-    Example:
-        >>> import nd_plugin
-        >>> from nd_plugin.adapters.cifar import CifarResNet
-        >>> dm = nd_plugin.wrap(CifarResNet(8, num_classes=3).eval(), torch.randn(1, 3, 16, 16)).eval()
-        >>> x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 3
-        >>> fitted = fit_detectors(dm, [(x, y)])
-        >>> probe = collect_probe(dm, x[:4], feature_layer="linear", stages=fitted.lee.layers)
-        >>> {k: v.shape for k, v in combined_features(fitted, probe).items()}  # 1 + 6 + 1 + 4 stage sites; + 3 x 2 x 3
-        {'scores': (4, 12), 'scores+path_features': (4, 30)}
-    """
-    parts = [fitted.path.score_probe(probe).overall[:, None], confidence_features(probe.logits)]
-    pen = fitted.penultimate
-    if pen is not None and pen.means is not None and probe.features is not None:
-        parts.append(np.log1p(np.maximum(pen.score_probe(probe), 0.0))[:, None])
-    lee = fitted.lee
-    if lee is not None and lee.means and probe.stages is not None and len(probe.stages) == len(lee.means):
-        parts.append(np.log1p(np.maximum(lee.score_probe(probe), 0.0)))
-    scores = np.concatenate(parts, axis=1)
-    path = fitted.path.path_features(probe) if path is None else path
-    return {COMBINED_SETS[0]: scores, COMBINED_SETS[1]: np.concatenate([scores, path], axis=1)}
 
 
 def recommend(results: dict[str, dict[str, Any]]) -> str | None:
@@ -355,82 +269,47 @@ def recommend(results: dict[str, dict[str, Any]]) -> str | None:
 
 
 def detector_features(
-    fitted: FittedDetectors,
-    dm: nn.Module,
-    x: torch.Tensor,
+    fitted: FittedDetectors | None,
+    dm: nn.Module | None,
+    x: torch.Tensor | None,
     probe: Probe,
     *,
-    std: Sequence[float],
-    detectors: Sequence[str] = DETECTORS,
-    magnitudes: Sequence[float] = LEE_MAGNITUDES,
-    path_magnitudes: Sequence[float] = (0.0,),
+    std: Sequence[float] = (),
+    detectors: Iterable[str | Detector] | None = None,
     batch_size: int = 200,
 ) -> dict[str, Any]:
-    """What each detector reads of inputs ``x`` whose forward pass is ``probe``.
+    """What each detector reads of inputs ``x`` whose forward pass is ``probe``: ``{name: features}``.
 
-    ``magnitudes`` are Lee's preprocessing magnitudes for ``mahalanobis_lee``;
-    ``path_magnitudes`` the same for ``path_supervised`` through the path score's gradient
-    (:meth:`PathDetector.preprocess`; ``(0.0,)``, the default, is no preprocessing and no extra pass).
+    Args:
+        fitted: the clean statistics (:func:`fit_detectors`).
+        dm: the decoupled model, for the detectors that run extra passes (Lee's preprocessing).
+        x: the normalised inputs, for the same detectors.
+        probe: their forward pass.
+        std: the data normalisation's per-channel std.
+        detectors: names or instances (:func:`~nd_plugin.detect.base.resolve_detectors`; ``None``:
+            every registered detector with its defaults).
+        batch_size: inputs per extra pass.
 
     Returns:
-        ``{name: array}`` for the one-pass detectors (``path``, ``max_softmax``,
-        ``mahalanobis_penultimate``: ``(N,)`` scores; ``path_supervised``, ``path_supervised_raw``,
-        ``path_supervised_full``: ``(N, F)`` features; ``lid``: the per-layer pooled stage features) and, for
-        ``mahalanobis_lee`` (and ``path_supervised`` with preprocessing), ``{magnitude: features}``,
-        for ``combined`` ``{feature set: features}`` (:func:`combined_features`).
+        ``{name: Detector.features(...)}``: ``(N,)`` scores of the unsupervised detectors, ``(N, F)``
+        features or ``{choice: (N, F)}`` of the supervised ones (per preprocessing magnitude for
+        ``mahalanobis_lee``, per feature set for ``combined``); the per-layer path features are
+        computed once for every detector that reads them.
     """
-    out: dict[str, Any] = {}
-    cache: list[np.ndarray] = []
-
-    def path_features() -> np.ndarray:  # shared by path_supervised, path_supervised_full and combined
-        if not cache:
-            cache.append(fitted.path.path_features(probe))
-        return cache[0]
-
-    for name in detectors:
-        if name == "path":
-            out[name] = fitted.path.score_probe(probe).overall
-        elif name == "max_softmax":
-            out[name] = msp_score(probe.logits)
-        elif name == "mahalanobis_penultimate":
-            out[name] = fitted.penultimate.score_probe(probe)
-        elif name == "path_supervised" and tuple(path_magnitudes) != (0.0,):
-            moved = fitted.path.preprocess(x, [m for m in path_magnitudes if m != 0.0], std=std, batch_size=batch_size)
-            moved.update({0.0: probe} if 0.0 in path_magnitudes else {})
-            out[name] = {m: fitted.path.path_features(p) for m, p in sorted(moved.items())}
-        elif name == "path_supervised":
-            out[name] = path_features()
-        elif name == "path_supervised_raw":
-            out[name] = np.concatenate(probe.z, axis=1)
-        elif name == "path_supervised_full":
-            out[name] = np.concatenate([path_features(), *probe.z], axis=1)
-        elif name == "combined":
-            out[name] = combined_features(fitted, probe, path_features())
-        elif name == "lid":
-            out[name] = probe.stages
-        elif name == "mahalanobis_lee":
-            out[name] = fitted.lee.scores(dm, x, magnitudes, std=std, batch_size=batch_size)
-    return out
+    inputs = DetectorInput(probe, fitted, dm, x, tuple(std), batch_size)
+    return {d.name: d.features(inputs) for d in resolve_detectors(detectors)}
 
 
-def _candidates(name: str, clean: dict[str, Any], adv: dict[str, Any], aset: AttackedSet) -> dict[Any, tuple]:
-    if isinstance(clean[name], dict):  # {magnitude: features}
-        return {m: (clean[name][m], adv[name][m]) for m in clean[name]}
-    if name == "lid":
-        return dict(lid_scores(clean[name], adv[name], aset.adv_index, LID_KS))
-    return {None: (clean[name], adv[name])}
-
-
-def plan(aset: AttackedSet, detectors: Iterable[str], *, seeds: int = 5, hint: str = "") -> Splits:
+def plan(aset: AttackedSet, detectors: Iterable[str | Detector] | None = None, *, seeds: int = 5, hint: str = "") -> Splits:
     """The evaluation protocol for ``aset``: Lee's 5 / 5 / 90 split, or stratified K-fold
     cross-validation when Lee's 5% fit part cannot hold enough attacked inputs
     (:func:`~nd_plugin.detect.metrics.plan_splits`; only asked when a detector of ``detectors``
-    is supervised).
+    is supervised; ``None``: every registered detector).
 
     Raises:
         DetectionError: too few successful attacks for any estimate (``hint`` says what to do).
     """
-    supervised = any(n in SUPERVISED for n in detectors)
+    supervised = any(d.supervised for d in resolve_detectors(detectors))
     return plan_splits(aset.correct, aset.adv_index, seeds=seeds, supervised=supervised, hint=hint)
 
 
@@ -439,33 +318,40 @@ def evaluate(
     adv: dict[str, Any],
     aset: AttackedSet,
     *,
+    detectors: Iterable[str | Detector] | None = None,
     seeds: int = 5,
     transfer: tuple[dict[str, Any], AttackedSet] | None = None,
     splits: Splits | Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every detector in ``adv`` on Lee's protocol: 5% fit, 5% choice of hyperparameter, 90% test.
 
-    Unsupervised detectors are measured on the same test parts. With ``transfer = (adv2,
+    Each detector measures itself (:meth:`~nd_plugin.detect.base.Detector.evaluate`): unsupervised
+    ones on the test parts, supervised ones through the regression. With ``transfer = (adv2,
     aset2)`` (another attack on the same clean inputs) the supervised detectors are fitted and
-    chosen on ``aset`` and tested on ``aset2``. ``splits`` replaces Lee's ``seeds`` splits
-    (e.g. :func:`plan`'s, which falls back to stratified K-fold cross-validation on small sets).
+    chosen on ``aset`` and tested on ``aset2``; the unsupervised ones are left out. ``splits``
+    replaces Lee's ``seeds`` splits (e.g. :func:`plan`'s, which falls back to stratified K-fold
+    cross-validation on small sets).
+
+    Args:
+        clean, adv: :func:`detector_features` of the clean and the attacked inputs of ``aset``.
+        aset: the attacked set.
+        detectors: the instances (or names) the features came from, when built with options
+            (``None``: the registered detectors of the names in ``adv``, with their defaults).
+        seeds, transfer, splits: see above.
 
     Returns:
         ``{name: {"auroc", "auroc_std", "tpr_at_5fpr", "tpr_at_5fpr_std", "seeds"[, "chosen"]}}``
-        (``seeds``: how many test parts the mean and std are over).
+        (``seeds``: how many test parts the mean and std are over), in the order of ``detectors``.
     """
     if transfer is not None and transfer[1].correct != aset.correct:
         raise DetectionError("a transfer needs both attacks on the same clean inputs (same --n, --seed and data).")
     splits = lee_splits(aset.correct, seeds) if splits is None else list(splits)
+    if detectors is None:
+        detectors = [n for n in list_detectors() if n in adv]
     out: dict[str, dict[str, Any]] = {}
-    for name in (n for n in DETECTORS if n in adv):
-        if name not in SUPERVISED:
-            if transfer is None:
-                out[name] = evaluate_unsupervised(clean[name], adv[name], aset.adv_index, splits)
+    for det in resolve_detectors(detectors):
+        if det.name not in adv or (transfer is not None and not det.supervised):
             continue
-        cands = _candidates(name, clean, adv, aset)
-        kw = {}
-        if transfer is not None:
-            kw = {"test_candidates": _candidates(name, clean, transfer[0], transfer[1]), "test_adv_index": transfer[1].adv_index}
-        out[name] = evaluate_supervised(cands, aset.adv_index, splits, **kw)
+        moved = None if transfer is None else (transfer[0][det.name], transfer[1].adv_index)
+        out[det.name] = det.evaluate(clean[det.name], adv[det.name], aset.adv_index, splits, transfer=moved)
     return out

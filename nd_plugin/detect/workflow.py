@@ -33,7 +33,7 @@ class DetectionResult:
         classified (the negatives); successful: of those, misclassified after the attack (the
         positives); success_rate: ``successful / correct``; clean_accuracy: ``correct / n``.
         detectors: ``{name: {"auroc", "auroc_std", "tpr_at_5fpr", "tpr_at_5fpr_std", "seeds"[,
-        "chosen"]}}`` (names: :data:`~nd_plugin.detect.protocol.DETECTORS`; ``seeds``: the number of
+        "chosen"]}}`` (names: the registered detectors, :func:`~nd_plugin.detect.base.list_detectors`; ``seeds``: the number of
         test parts the mean and std are over).
         protocol: ``"lee-5/5/90"`` (Lee et al.'s 5% fit / 5% choice / 90% test, one split per seed)
         or ``"stratified-kfold-K"`` (cross-validation over all inputs, when Lee's 5% fit part
