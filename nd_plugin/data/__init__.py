@@ -1,8 +1,10 @@
-"""Data sets: the embedded default (``digits``), CIFAR-10/100, image folders and synthetic data.
+"""Data sets: the embedded default (``digits``), CIFAR-10/100, image folders, synthetic data, and a user's.
 
-:func:`load_data` turns a *spec* string into a :class:`DataBundle` (train and validation splits
-plus what a model needs to know about them). Every data set yields ``(image, label)`` with
-``image`` a normalised ``float32`` tensor ``(C, H, W)`` and ``label`` an ``int``.
+:func:`load_data` turns a *spec* string, ``SCHEME[:ARGUMENT]``, into a :class:`DataBundle` (train
+and validation splits plus what a model needs to know about them) through the data source
+registered for ``SCHEME`` (:func:`register_data_source`; :func:`list_data_sources`). Every data
+set yields ``(image, label)`` with ``image`` a normalised ``float32`` tensor ``(C, H, W)`` and
+``label`` an ``int``. The built-in sources, registered as a user's are:
 
 ==========================  ========================================================================
 spec                        what
@@ -29,9 +31,9 @@ digits use fixed constants measured on the whole resized set (mean 0.3053, std 0
 channel); synthetic data uses the mean/std of its own training split.
 
 The package: :mod:`~nd_plugin.data.bundle` (what every source shares: :class:`DataBundle`,
-:class:`TensorImageDataset`, the constants, the fixed split), :mod:`~nd_plugin.data.sources`
-(:func:`load_data` and the built-in sources) and :mod:`~nd_plugin.data.image_folder` (image
-folders); the names below are its public face.
+:class:`TensorImageDataset`, the constants, the fixed split), :mod:`~nd_plugin.data.registry`
+(:func:`load_data` and the registry), :mod:`~nd_plugin.data.sources` (the built-in sources) and
+:mod:`~nd_plugin.data.image_folder` (image folders); the names below are its public face.
 
 Example:
     >>> from nd_plugin.data import load_data
@@ -43,6 +45,7 @@ Example:
     torch.Size([8, 3, 32, 32])
 """
 
+from nd_plugin.data import sources  # noqa: F401  (registers the built-in data sources)
 from nd_plugin.data.bundle import (
     DIGITS_MEAN,
     DIGITS_STD,
@@ -52,19 +55,29 @@ from nd_plugin.data.bundle import (
     TensorImageDataset,
     data_root,
 )
-from nd_plugin.data.image_folder import ImageFileDataset, load_image_folder
-from nd_plugin.data.sources import KNOWN_SPECS, load_data
+from nd_plugin.data.image_folder import ImageFileDataset, image_folder_data, load_image_folder
+from nd_plugin.data.registry import (
+    DataSource,
+    list_data_sources,
+    load_data,
+    register_data_source,
+    unregister_data_source,
+)
 
 __all__ = [
     "DIGITS_MEAN",
     "DIGITS_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "KNOWN_SPECS",
     "DataBundle",
+    "DataSource",
     "ImageFileDataset",
     "TensorImageDataset",
     "data_root",
+    "image_folder_data",
+    "list_data_sources",
     "load_data",
     "load_image_folder",
+    "register_data_source",
+    "unregister_data_source",
 ]

@@ -30,7 +30,7 @@ from nd_plugin.data.bundle import (
 )
 from nd_plugin.errors import DataError
 
-__all__ = ["ImageFileDataset", "load_image_folder"]
+__all__ = ["ImageFileDataset", "image_folder_data", "load_image_folder"]
 
 
 class ImageFileDataset(Dataset):
@@ -78,9 +78,7 @@ def _scan_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
         key=lambda d: d.name,
     )
     if not class_dirs:
-        raise DataError(
-            f"empty ImageFolder: {root} has no class subfolders (expected {root}/<class>/<image>)"
-        )
+        raise DataError(f"empty ImageFolder: {root} has no class subfolders (expected {root}/<class>/<image>)")
     classes = [d.name for d in class_dirs]
     samples = []
     for label, d in enumerate(class_dirs):
@@ -91,16 +89,11 @@ def _scan_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
             ]
     if not samples:
-        raise DataError(
-            f"empty ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders "
-            f"of {root}"
-        )
+        raise DataError(f"empty ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
     return classes, samples
 
 
-def _decode_all(
-    samples: Sequence[tuple[str, int]], size: tuple[int, int], desc: str
-) -> torch.Tensor:
+def _decode_all(samples: Sequence[tuple[str, int]], size: tuple[int, int], desc: str) -> torch.Tensor:
     """Decodes images into one ``(N, 3, H, W)`` uint8 tensor, resizing those of another size."""
     from PIL import Image
     from rich.console import Console
@@ -117,8 +110,10 @@ def _decode_all(
             out[i] = np.asarray(im)
 
     console = Console(file=sys.stderr)
-    with Progress(console=console, transient=True, disable=len(samples) < 2000) as progress, \
-            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with (
+        Progress(console=console, transient=True, disable=len(samples) < 2000) as progress,
+        ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
+    ):
         task = progress.add_task(desc, total=len(samples))
         for _ in pool.map(decode, range(len(samples)), chunksize=256):
             progress.advance(task)
@@ -145,8 +140,13 @@ def _folder_datasets(
             aug = dict(pad=4, flip=True) if augment else {}
             out.append(
                 TensorImageDataset(
-                    x, [t for _, t in samples], mean, std,
-                    size=size or native, classes=classes, **aug,
+                    x,
+                    [t for _, t in samples],
+                    mean,
+                    std,
+                    size=size or native,
+                    classes=classes,
+                    **aug,
                 )
             )
         return out, size or native
@@ -172,9 +172,7 @@ def _existing_dir(path_str: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_image_folder(
-    path: str | os.PathLike[str], *, image_size: int | None = None, augment: bool = False
-) -> Dataset:
+def load_image_folder(path: str | os.PathLike[str], *, image_size: int | None = None, augment: bool = False) -> Dataset:
     """Loads one class-folder root (``PATH/<class>/<image>``) as a single dataset, without a split.
 
     Use it to evaluate on a held-out folder, e.g. the ``test/`` folder of a data set trained
@@ -208,17 +206,39 @@ def load_image_folder(
     return dataset
 
 
-def _imagefolder(path_str: str, image_size: int | None, train_augment: bool) -> DataBundle:
-    path = _existing_dir(path_str)
+def image_folder_data(path: str | os.PathLike[str], *, image_size: int | None = None, train_augment: bool = True) -> DataBundle:
+    """Train and validation splits of class folders: what ``load_data("imagefolder:PATH")`` loads.
+
+    ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) class folders, or one class-folder root
+    (``PATH/train`` alone, or ``PATH`` itself) split 90/10 (fixed, stratified).
+
+    Args:
+        path: the folder.
+        image_size: side of the images yielded (default: the files' own size when <= 64 px, else 224).
+        train_augment: augment the training split.
+
+    Raises:
+        DataError: the folder is missing, has no class folders or images, validation classes the
+            training split lacks, or too few images to split.
+
+    Example:
+        >>> from PIL import Image
+        >>> for cls in ("cat", "dog"):
+        ...     for split in ("train", "val"):
+        ...         (tmp / split / cls).mkdir(parents=True)
+        ...         Image.new("RGB", (16, 16)).save(tmp / split / cls / "0.png")
+        >>> data = image_folder_data(tmp)
+        >>> len(data.train), len(data.val), data.classes, data.input_size
+        (2, 2, ['cat', 'dog'], (3, 16, 16))
+    """
+    path = _existing_dir(path)
     val_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
     if (path / "train").is_dir() and val_dir is not None:
         classes, train_samples = _scan_class_folders(path / "train")
         val_classes, val_raw = _scan_class_folders(val_dir)
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
-            raise DataError(
-                f"classes in {val_dir} missing from {path / 'train'}: {', '.join(unknown[:5])}"
-            )
+            raise DataError(f"classes in {val_dir} missing from {path / 'train'}: {', '.join(unknown[:5])}")
         index = {c: i for i, c in enumerate(classes)}
         val_samples = [(f, index[val_classes[t]]) for f, t in val_raw]
     else:
@@ -226,14 +246,10 @@ def _imagefolder(path_str: str, image_size: int | None, train_augment: bool) -> 
         classes, samples = _scan_class_folders(root)
         tr, va = stratified_split([t for _, t in samples], 0.1)
         if len(va) == 0:
-            raise DataError(
-                f"too few images in {root} to split off a validation set (need >= 2 per class)"
-            )
+            raise DataError(f"too few images in {root} to split off a validation set (need >= 2 per class)")
         train_samples = [samples[i] for i in tr]
         val_samples = [samples[i] for i in va]
-    (train, val), size = _folder_datasets(
-        [(train_samples, train_augment), (val_samples, False)], classes, image_size
-    )
+    (train, val), size = _folder_datasets([(train_samples, train_augment), (val_samples, False)], classes, image_size)
     return DataBundle(
         train=train,
         val=val,

@@ -1,10 +1,14 @@
-"""The built-in data sources behind :func:`load_data`: digits, CIFAR-10/100, synthetic data, and
-(through :mod:`nd_plugin.data.image_folder`) image folders.
+"""The built-in data sources, registered with :func:`~nd_plugin.data.registry.register_data_source`
+as a user's are: ``digits``, ``cifar10``, ``cifar100``, ``imagefolder:PATH`` (through
+:mod:`nd_plugin.data.image_folder`) and ``synthetic[:N]``, in that order.
+
+Each is called by :func:`~nd_plugin.data.registry.load_data` as ``source(argument, image_size=...,
+train_augment=..., download=...)``; nothing here is imported by name.
 """
 
 from __future__ import annotations
 
-import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,19 +25,19 @@ from nd_plugin.data.bundle import (
     data_root,
     stratified_split,
 )
+from nd_plugin.data.image_folder import image_folder_data
+from nd_plugin.data.registry import register_data_source
 from nd_plugin.errors import DataError
 
-__all__ = ["KNOWN_SPECS", "load_data"]
+__all__: list[str] = []
 
-#: The specs :func:`load_data` understands (for messages and ``--help``).
-KNOWN_SPECS: tuple[str, ...] = (
-    "digits", "cifar10", "cifar100", "imagefolder:PATH", "synthetic[:N]",
-)
 _SYNTHETIC_SEED = 0
 _SYNTHETIC_DEFAULT_N = 1000
 
 
-def _digits(image_size: int | None, train_augment: bool) -> DataBundle:
+@register_data_source("digits")
+def _digits(_: None, *, image_size: int | None = None, train_augment: bool = True, download: bool = False) -> DataBundle:
+    """scikit-learn's bundled 8x8 handwritten digits (no network), resized, 3 channels, fixed 80/20 split."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -58,37 +62,10 @@ def _digits(image_size: int | None, train_augment: bool) -> DataBundle:
     )
 
 
-def _synthetic(n: int, image_size: int | None) -> DataBundle:
-    size = checked_size(image_size) or (32, 32)
-    g = torch.Generator().manual_seed(_SYNTHETIC_SEED)
-    num_classes = 10
-    colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 2 - 1
-    patterns = F.interpolate(
-        torch.rand(num_classes, 3, 4, 4, generator=g) * 2 - 1, size=size, mode="bilinear",
-        align_corners=False,
-    )
-    y = torch.arange(n) % num_classes
-    y = y[torch.randperm(n, generator=g)]
-    noise = torch.randn(n, 3, *size, generator=g)
-    x = (0.5 + 0.2 * colours[y] + 0.15 * patterns[y] + 0.1 * noise).clamp_(0, 1)
-    tr, va = stratified_split(y.numpy(), 0.2)
-    mean = tuple(round(v, 4) for v in x[tr].mean(dim=(0, 2, 3)).tolist())
-    std = tuple(round(v, 4) for v in x[tr].std(dim=(0, 2, 3)).tolist())
-    classes = [f"class{i}" for i in range(num_classes)]
-    kw = dict(mean=mean, std=std, classes=classes)
-    return DataBundle(
-        train=TensorImageDataset(x[tr], y[tr], **kw),
-        val=TensorImageDataset(x[va], y[va], **kw),
-        num_classes=num_classes,
-        classes=classes,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
-        input_size=(3, *size),
-        name=f"synthetic:{n}",
-    )
-
-
-def _cifar(name: str, image_size: int | None, train_augment: bool, download: bool) -> DataBundle:
+def _cifar(
+    name: str, _: None, *, image_size: int | None = None, train_augment: bool = True, download: bool = False
+) -> DataBundle:
+    """torchvision's CIFAR-10 / CIFAR-100 under :func:`~nd_plugin.data.bundle.data_root`, decoded into memory."""
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -125,57 +102,55 @@ def _cifar(name: str, image_size: int | None, train_augment: bool, download: boo
     )
 
 
-def load_data(
-    spec: str,
-    *,
-    image_size: int | None = None,
-    train_augment: bool = True,
-    download: bool = False,
+register_data_source("cifar10", partial(_cifar, "cifar10"))
+register_data_source("cifar100", partial(_cifar, "cifar100"))
+
+
+@register_data_source("imagefolder", argument="PATH")
+def _image_folder(path: str, *, image_size: int | None = None, train_augment: bool = True, download: bool = False) -> DataBundle:
+    """Class folders under ``PATH`` (:func:`~nd_plugin.data.image_folder.image_folder_data`)."""
+    return image_folder_data(path, image_size=image_size, train_augment=train_augment)
+
+
+@register_data_source("synthetic", argument="N", optional=True)
+def _synthetic(
+    arg: str | None, *, image_size: int | None = None, train_augment: bool = True, download: bool = False
 ) -> DataBundle:
-    """Loads a data set by spec (see the module docstring for the specs).
-
-    Args:
-        spec: ``digits``, ``cifar10``, ``cifar100``, ``imagefolder:PATH`` or ``synthetic[:N]``.
-        image_size: Side of the (square) images yielded; None keeps the data set's own size
-            (32 for digits, CIFAR and synthetic; the files' size for small image folders; 224 for
-            large image folders).
-        train_augment: Augment the training split (random crop and flip); the validation split
-            is never augmented.
-        download: Download CIFAR when it is not under :func:`data_root` (needs network).
-
-    Returns:
-        The :class:`DataBundle`.
-
-    Raises:
-        DataError: Unknown spec, missing or empty data, bad ``image_size``.
-
-    Example:
-        >>> data = load_data("synthetic:200", image_size=16)
-        >>> data.input_size, data.num_classes
-        ((3, 16, 16), 10)
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"data spec must be a non-empty string; known: {', '.join(KNOWN_SPECS)}")
-    spec = spec.strip()
-    kind, sep, arg = spec.partition(":")
-    kind = kind.lower()
-    if kind == "digits" and not sep:
-        return _digits(image_size, train_augment)
-    if kind in ("cifar10", "cifar100") and not sep:
-        return _cifar(kind, image_size, train_augment, download)
-    if kind == "imagefolder":
-        from nd_plugin.data.image_folder import _imagefolder
-
-        return _imagefolder(arg, image_size, train_augment)
-    if kind == "synthetic":
-        n = _SYNTHETIC_DEFAULT_N
-        if sep:
-            try:
-                n = int(arg)
-            except ValueError:
-                n = 0
-            if n < 20:
-                raise DataError(f"synthetic:N needs an integer N >= 20, got '{arg}'")
-        return _synthetic(n, image_size)
-    hint = " (for a folder of images write imagefolder:PATH)" if os.path.isdir(spec) else ""
-    raise DataError(f"unknown data set '{spec}'{hint}; known: {', '.join(KNOWN_SPECS)}")
+    """``N`` (default 1000) random 32x32 images of 10 classes (class colour and pattern, plus noise); deterministic."""
+    n = _SYNTHETIC_DEFAULT_N
+    if arg is not None:
+        try:
+            n = int(arg)
+        except ValueError:
+            n = 0
+        if n < 20:
+            raise DataError(f"synthetic:N needs an integer N >= 20, got '{arg}'")
+    size = checked_size(image_size) or (32, 32)
+    g = torch.Generator().manual_seed(_SYNTHETIC_SEED)
+    num_classes = 10
+    colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 2 - 1
+    patterns = F.interpolate(
+        torch.rand(num_classes, 3, 4, 4, generator=g) * 2 - 1,
+        size=size,
+        mode="bilinear",
+        align_corners=False,
+    )
+    y = torch.arange(n) % num_classes
+    y = y[torch.randperm(n, generator=g)]
+    noise = torch.randn(n, 3, *size, generator=g)
+    x = (0.5 + 0.2 * colours[y] + 0.15 * patterns[y] + 0.1 * noise).clamp_(0, 1)
+    tr, va = stratified_split(y.numpy(), 0.2)
+    mean = tuple(round(v, 4) for v in x[tr].mean(dim=(0, 2, 3)).tolist())
+    std = tuple(round(v, 4) for v in x[tr].std(dim=(0, 2, 3)).tolist())
+    classes = [f"class{i}" for i in range(num_classes)]
+    kw = dict(mean=mean, std=std, classes=classes)
+    return DataBundle(
+        train=TensorImageDataset(x[tr], y[tr], **kw),
+        val=TensorImageDataset(x[va], y[va], **kw),
+        num_classes=num_classes,
+        classes=classes,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        input_size=(3, *size),
+        name=f"synthetic:{n}",
+    )
