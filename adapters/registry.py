@@ -120,7 +120,9 @@ def register_model(name: str, factory: Callable[..., nn.Module] | None = None) -
     if not isinstance(name, str) or not name.strip() or ":" in name or any(c.isspace() for c in name):
         raise ModelSourceError(f"cannot register a model named {name!r}: use a non-empty name without ':' or spaces.")
     if not callable(factory):
-        raise ModelSourceError(f"register_model({name!r}, ...) needs a callable that returns an nn.Module, got {type(factory).__name__}.")
+        raise ModelSourceError(
+            f"register_model({name!r}, ...) needs a callable that returns an nn.Module, got {type(factory).__name__}."
+        )
     if name in _REGISTERED:
         old = getattr(_REGISTERED[name], "__qualname__", repr(_REGISTERED[name]))
         raise ModelSourceError(
@@ -138,7 +140,9 @@ def unregister_model(name: str) -> Callable[..., nn.Module]:
         UnknownModelError: ``name`` is not registered.
     """
     if name not in _REGISTERED:
-        raise UnknownModelError(f"no model named '{name}' is registered (registered: {', '.join(sorted(_REGISTERED)) or 'none'}).")
+        raise UnknownModelError(
+            f"no model named '{name}' is registered (registered: {', '.join(sorted(_REGISTERED)) or 'none'})."
+        )
     return _REGISTERED.pop(name)
 
 
@@ -184,7 +188,9 @@ def _module_factory(spec: str) -> Callable[..., nn.Module]:
             )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ModelSourceError(f"model 'module:{spec}': '{attr}' is a {type(obj).__name__}, not a callable that returns an nn.Module.")
+        raise ModelSourceError(
+            f"model 'module:{spec}': '{attr}' is a {type(obj).__name__}, not a callable that returns an nn.Module."
+        )
     return obj
 
 
@@ -260,9 +266,7 @@ def list_models(pattern: str | None = None) -> list[str]:
     for source in SOURCES:
         for name in _names(source):
             qualified = f"{source}:{name}"
-            if pat is None or fnmatch.fnmatchcase(qualified.lower(), pat) or fnmatch.fnmatchcase(
-                name.lower(), pat
-            ):
+            if pat is None or fnmatch.fnmatchcase(qualified.lower(), pat) or fnmatch.fnmatchcase(name.lower(), pat):
                 out.append(qualified)
     return out
 
@@ -285,9 +289,7 @@ def _unknown(name: str, sources: tuple[str, ...]) -> UnknownModelError:
     cands = _candidates(name, sources)
     hint = f"; close matches: {', '.join(cands)}" if cands else ""
     stem = name.split(".")[0] or name
-    return UnknownModelError(
-        f"unknown model '{name}' in {where}{hint}; run `nd models '*{stem}*'` to list models"
-    )
+    return UnknownModelError(f"unknown model '{name}' in {where}{hint}; run `nd models '*{stem}*'` to list models")
 
 
 def _split(name: str) -> tuple[str | None, str]:
@@ -343,9 +345,7 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     """Replaces the last classifier layer (Linear, or 1x1 Conv2d as in SqueezeNet) of a model."""
     last = None
     for qual, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (
-            isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
-        ):
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
             last = (qual, module)
     if last is None:
         raise ConfigError(f"cannot find a classifier layer to resize in {type(model).__name__}")
@@ -364,7 +364,8 @@ def _pretrained_error(qualified: str, err: Exception) -> ConfigError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return ConfigError(
         f"could not get pretrained weights for {qualified} ({type(err).__name__}: {first}); "
-        f"they need network access once: run without --pretrained or pass a --checkpoint"
+        f"they need network access once: run without pretrained or pass a checkpoint",
+        params=("pretrained", "checkpoint"),
     )
 
 
@@ -375,14 +376,12 @@ def _build_cifar(name: str, num_classes: int | None, pretrained: bool) -> nn.Mod
     url = _CIFAR_WEIGHTS.get(name)
     if url is None:
         raise ConfigError(
-            f"no pretrained weights are published for cifar:{name}; "
-            f"run without --pretrained or pass a --checkpoint"
+            f"no pretrained weights are published for cifar:{name}; run without pretrained or pass a checkpoint",
+            params=("pretrained", "checkpoint"),
         )
     model = builder(num_classes=10)
     try:
-        obj = torch.hub.load_state_dict_from_url(
-            url, map_location="cpu", check_hash=True, weights_only=True
-        )
+        obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
     except Exception as e:  # network, hash or file errors: one clear line
         raise _pretrained_error(f"cifar:{name}", e) from e
     state = obj.get("state_dict", obj)
@@ -391,7 +390,8 @@ def _build_cifar(name: str, num_classes: int | None, pretrained: bool) -> nn.Mod
         raise CheckpointMismatchError(
             f"the published weights of cifar:{name} do not fit the model (missing {len(result.missing_keys)} keys, "
             f"e.g. {result.missing_keys[:2]}; unexpected {len(result.unexpected_keys)}, e.g. {result.unexpected_keys[:2]}); "
-            "report this, and use --weights PATH meanwhile"
+            "report this, and pass a checkpoint meanwhile",
+            params=("checkpoint",),
         )
     if num_classes is not None and num_classes != 10:
         _replace_head(model, num_classes)
@@ -466,9 +466,7 @@ def create_model(
         >>> model.fc.out_features
         10
     """
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-    ):
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     source, bare = resolve_name(name).split(":", 1)
     model = _BUILDERS[source](bare, num_classes, pretrained)

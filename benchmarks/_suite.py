@@ -28,7 +28,7 @@ import torch
 
 from nd_plugin.commands.decoupling import decouple
 from nd_plugin.files import atomic_write_text
-from nd_plugin.train import TrainConfig, preset, resolve_device
+from nd_plugin.training.config import EPOCHS, WARMUP_EPOCHS, TrainConfig, preset, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = ("lambda_m", "lambda_k", "lambda_s")
@@ -42,7 +42,13 @@ def log(message: str) -> None:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Adds the options every suite script shares (model, data, training length, λ overrides, output)."""
+    """Adds the options every suite script shares (model, data, training length, λ overrides, output).
+
+    Every training option defaults to :class:`TrainConfig`'s field (the one owner of the defaults);
+    ``--epochs`` left out is filled by :func:`parse_args` from ``TrainConfig.resolved()`` for the data.
+    The model and data default to the suite's subject (a CIFAR ResNet-20 on the shared CIFAR-10 copy).
+    """
+    d = TrainConfig
     parser.add_argument("--model", default="cifar:resnet20", help="model name (default: cifar:resnet20)")
     parser.add_argument("--data", default="imagefolder:/tmp/cifar10", help="data spec for nd_plugin.data.load_data")
     parser.add_argument(
@@ -51,17 +57,27 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="trained weights; 'auto' (default) looks for shared/weights/<model>-*.th next to or inside the repo, "
         "'none' starts untrained (a plain warm-up phase comes first)",
     )
-    parser.add_argument("--epochs", type=int, default=2, help="decoupling epochs per run (default 2)")
-    parser.add_argument("--warmup-epochs", type=int, default=None, help="plain epochs first (default: 0 with weights, else 3)")
-    parser.add_argument("--ratio", type=float, default=None, help="target ratio R (default: the model's preset)")
-    parser.add_argument("--lambda-m", type=float, default=None, help="λ_m where a run uses L_mi (default: preset)")
-    parser.add_argument("--lambda-k", type=float, default=None, help="λ_k where a run uses L_kl (default: preset)")
-    parser.add_argument("--lambda-s", type=float, default=None, help="λ_s where a run uses L_s (default: preset)")
-    parser.add_argument("--sites", choices=("internal", "all"), default="internal", help="gate sites (all: the paper's placement)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes per run (default 0)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help=f"decoupling epochs per run (default: TrainConfig's, {EPOCHS['other']}; {EPOCHS['digits']} on digits)",
+    )
+    parser.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=d.warmup_epochs,
+        help=f"plain epochs first (default: {WARMUP_EPOCHS['trained']} with weights, else {WARMUP_EPOCHS['scratch']})",
+    )
+    parser.add_argument("--ratio", type=float, default=d.ratio, help="target ratio R (default: the model's preset)")
+    parser.add_argument("--lambda-m", type=float, default=d.lambda_m, help="λ_m where a run uses L_mi (default: preset)")
+    parser.add_argument("--lambda-k", type=float, default=d.lambda_k, help="λ_k where a run uses L_kl (default: preset)")
+    parser.add_argument("--lambda-s", type=float, default=d.lambda_s, help="λ_s where a run uses L_s (default: preset)")
+    parser.add_argument("--sites", choices=("internal", "all"), default=d.sites, help="gate sites (all: the paper's placement)")
+    parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--workers", type=int, default=d.workers, help="data-loader worker processes per run")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="train eagerly on the GPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out-dir", default=None, help="run directories go here (default: a new temporary directory)")
@@ -78,6 +94,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         metavar="FIELD:VALUE[,...]",
         help="other TrainConfig settings for every run, e.g. acm_init:kaiming,schedule:cosine",
     )
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line; training options left out get :class:`TrainConfig`'s defaults resolved.
+
+    ``--epochs`` left out becomes what ``TrainConfig.resolved()`` gives for ``--data``, so that the
+    scripts can count with it (fine-tuning budgets, sparse-learning epochs).
+    """
+    return resolve_args(parser.parse_args(argv))
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills ``args.epochs`` when None from :meth:`TrainConfig.resolved` for ``args.data``; returns ``args``."""
+    if args.epochs is None:
+        args.epochs = TrainConfig(data=args.data).resolved().epochs
+    return args
 
 
 def parse_settings(spec: str) -> dict[str, Any]:
@@ -140,9 +172,7 @@ def git_state() -> dict[str, Any]:
 
     def git(*cmd: str) -> str | None:
         try:
-            return subprocess.run(
-                ["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 
@@ -224,7 +254,7 @@ class Suite:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        self.args = args
+        self.args = resolve_args(args)
         self.weights = resolve_weights(args.model, args.weights)
         self.out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix=f"nd_{script}_"))
         self.out_dir.mkdir(parents=True, exist_ok=True)

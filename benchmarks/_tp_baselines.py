@@ -1,7 +1,7 @@
 """torch-pruning's side of ``compare_pruners.py``: the tp families, FLOPs matching, sparse learning.
 
 Every baseline row starts from the same plain model and is fine-tuned by the same
-:class:`~nd_plugin.train.Trainer` as the decoupling rows (:func:`finetune`). Not a script itself.
+:class:`~nd_plugin.training.trainer.Trainer` as the decoupling rows (:func:`finetune`). Not a script itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import nd_plugin
 from _suite import Suite
 from nd_plugin.flops import count_flops
 from nd_plugin.tracing import find_sites
-from nd_plugin.train import Trainer, seed_everything
+from nd_plugin.training.trainer import Trainer, seed_everything
 
 PRUNERS: dict[str, tuple[str, Callable[[], tp.importance.Importance]]] = {
     "l1": ("tp L1", lambda: tp.importance.MagnitudeImportance(p=1)),
@@ -211,7 +211,7 @@ def finetune(
 ) -> tuple[float, nd_plugin.DecoupledModel]:
     """Fine-tunes a plain (possibly pruned) model exactly like the suite's gates-open baseline.
 
-    The model is wrapped and trained by :class:`~nd_plugin.train.Trainer` with the suite's resolved
+    The model is wrapped and trained by :class:`~nd_plugin.training.trainer.Trainer` with the suite's resolved
     config for ``warmup + epochs`` warm-up epochs (or ``epochs``) and no decoupling epoch: every
     gate is forced open, so the plain model is trained with the same optimiser, LR schedule,
     augmentation and data order as the decoupling runs.

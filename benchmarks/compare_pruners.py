@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 import nd_plugin
-from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table, write_json
+from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table, parse_args, write_json
 from _tp_baselines import (
     NEEDS_GRADIENTS,
     PRUNERS,
@@ -338,7 +338,7 @@ def main() -> None:
         help="decoupling_static rows: after the same short decoupling run, its own static compact model "
         "(gates dropped, filters on for > half the training inputs kept), fine-tuned for the rest of the budget",
     )
-    args = p.parse_args()
+    args = parse_args(p)
     if args.ratio is not None:
         p.error("use --ratios here")
     if "group_sl" in args.pruners and not 0 < sl_epochs(args) < args.epochs:

@@ -25,10 +25,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, variant:
     torch.set_num_threads(1)
     from nd_plugin import wrap
     from nd_plugin.adapters import create_model
-    from nd_plugin.config import TrainConfig
     from nd_plugin.data import load_data
-    from nd_plugin.distributed import _Phase
-    from nd_plugin.train import Trainer, seed_everything
+    from nd_plugin.training.config import TrainConfig
+    from nd_plugin.training.distributed import _Phase
+    from nd_plugin.training.trainer import Trainer, seed_everything
 
     seed_everything(0)
     data = load_data(args.data)

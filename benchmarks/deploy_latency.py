@@ -38,10 +38,10 @@ from compare_pruners import match_flops, prunable_scope
 
 from _suite import git_state
 from nd_plugin.commands.pruning import spread_batches
-from nd_plugin.engines import check_engines, engine_runner, side_by_side
 from nd_plugin.flops import count_flops, expected_flops
 from nd_plugin.pruning import apply_record, dynamic_runtime, fold_batchnorm
 from nd_plugin.pruning.deploy import plan_deployment
+from nd_plugin.pruning.engines import check_engines, engine_runner, side_by_side
 from nd_plugin.pruning.plan import plain_copy
 from nd_plugin.run import open_run
 from nd_plugin.utilities import accuracy

@@ -1,6 +1,6 @@
 """A decoupled epoch against a plain epoch of the same model, in the real training loop (issue 22, item 3).
 
-Both run :meth:`nd_plugin.train.Trainer.fit` for one epoch from the same weights on the same data,
+Both run :meth:`nd_plugin.training.trainer.Trainer.fit` for one epoch from the same weights on the same data,
 everything per-epoch included (data loading, the training pass, BatchNorm recalibration, the
 validation pass with path statistics):
 
@@ -36,7 +36,8 @@ import nd_plugin
 from _suite import environment, log, parse_settings, resolve_weights, write_json
 from nd_plugin.adapters import create_model
 from nd_plugin.data import load_data
-from nd_plugin.train import TrainConfig, Trainer, seed_everything
+from nd_plugin.training.config import TrainConfig
+from nd_plugin.training.trainer import Trainer, seed_everything
 
 
 def trainer(args: argparse.Namespace, data, weights: str | None, *, decoupled: bool) -> Trainer:

@@ -64,7 +64,7 @@ step r18_224 30 python3 - $GRAPHS <<'PY'
 import sys
 from nd_plugin.commands.decoupling import decouple
 from nd_plugin.data import load_data
-from nd_plugin.train import TrainConfig
+from nd_plugin.training.config import TrainConfig
 data = load_data("digits", image_size=224)
 cfg = TrainConfig(model="tv:resnet18", data="digits", ratio=0.6, device="cuda", workers=6, cuda_graphs="--no-cuda-graphs" not in sys.argv)
 decouple(cfg, "/tmp/runs/r18_224_digits", data=data, progress=False)

@@ -1,7 +1,7 @@
 """Seed Fig. E reproduced: shares of silent, dynamic and energetic filters as each λ varies.
 
 Each of λ_m, λ_k and λ_s in turn takes every value of its list while the other two stay at the
-preset (``nd_plugin.train.preset(model)``, seed Table A, or the ``--lambda-*`` flags). One
+preset (``nd_plugin.training.config.preset(model)``, seed Table A, or the ``--lambda-*`` flags). One
 decoupling run per distinct configuration: the preset itself, which each list usually contains,
 runs once. Writes the JSON (``--json``, default ``<out-dir>/lambda_sweep.json``: environment, every
 run's row, and per λ the rows in sweep order) and a 3-panel figure next to it (same name, ``.png``):
@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from _suite import LAMBDAS, Suite, add_common_args, log
+from _suite import LAMBDAS, Suite, add_common_args, log, parse_args
 
 DEFAULT_VALUES = {
     "lambda_m": "0,0.005,0.01,0.03,0.1",
@@ -96,7 +96,7 @@ def main() -> None:
     for key in LAMBDAS:
         flag = f"--{key[-1]}-values"
         p.add_argument(flag, type=parse_values, default=parse_values(DEFAULT_VALUES[key]), help=f"{key} values (default {DEFAULT_VALUES[key]})")
-    args = p.parse_args()
+    args = parse_args(p)
     values = {"lambda_m": args.m_values, "lambda_k": args.k_values, "lambda_s": args.s_values}
     suite = Suite(args, "lambda_sweep")
     lambdas = suite.preset()

@@ -18,8 +18,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from nd_plugin.engines import side_by_side
 from nd_plugin.pruning import apply_record, fold_batchnorm, static_record
+from nd_plugin.pruning.engines import side_by_side
 from nd_plugin.pruning.plan import plain_copy
 from nd_plugin.run import open_run
 

@@ -3,7 +3,7 @@
 Five decoupling runs of one model from the same trained weights -- ACM only (all λ = 0), +L_s,
 +L_s+L_kl, +L_s+L_mi, and all three losses -- plus (unless ``--no-baseline``) the same model
 fine-tuned for as many epochs with the gates open (no gates, cross-entropy only). The λ of a
-loss that is on comes from ``nd_plugin.train.preset(model)`` (seed Table A) unless a flag sets it.
+loss that is on comes from ``nd_plugin.training.config.preset(model)`` (seed Table A) unless a flag sets it.
 Prints a markdown table, then each seed finding checked on the numbers:
 
 - "L_mi creates dynamic filters": dynamic share of +L_s+L_mi above that of +L_s;
@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table
+from _suite import Row, Suite, add_common_args, fmt_flops, log, markdown_table, parse_args
 
 # Seed supplementary Table C (ResNet-56, CIFAR-10; /work/shared/seed): top-1 %, FLOPs, state shares %.
 SEED_TABLE_C: dict[str, dict[str, float]] = {
@@ -132,7 +132,7 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the fine-tuned-without-gates run")
     p.add_argument("--margin", type=float, default=0.01, help="absolute share a finding needs to hold (default 0.01)")
-    args = p.parse_args()
+    args = parse_args(p)
     suite = Suite(args, "table_c")
     lambdas = suite.preset()
     by_name: dict[str, Row] = {}

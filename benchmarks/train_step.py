@@ -37,7 +37,7 @@ import nd_plugin
 from _suite import git_state
 from nd_plugin.adapters import create_model
 from nd_plugin.losses import DecouplingLoss
-from nd_plugin.steps import _GraphedStep, eager_step
+from nd_plugin.training.steps import _GraphedStep, eager_step
 
 # operators that launch no kernel of their own: views, allocation, metadata
 _NO_KERNEL = frozenset(

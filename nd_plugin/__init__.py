@@ -25,7 +25,7 @@ from nd_plugin.run import Run, open_run
 _LAZY = {
     "MahalanobisDetector": "nd_plugin.detect",
     "PathDetector": "nd_plugin.detect",
-    "load": "nd_plugin.export",
+    "load": "nd_plugin.pruning.export",
     "class_paths": "nd_plugin.interpret",
     "decision_tree": "nd_plugin.interpret",
     "filter_states": "nd_plugin.interpret",
@@ -34,10 +34,10 @@ _LAZY = {
     "CompactModel": "nd_plugin.pruning",
     "DecouplingImportance": "nd_plugin.pruning",
     "prune": "nd_plugin.pruning",
-    "param_groups": "nd_plugin.optim",
-    "recalibrate_bn": "nd_plugin.optim",
-    "TrainConfig": "nd_plugin.config",
-    "Trainer": "nd_plugin.train",
+    "param_groups": "nd_plugin.training.optim",
+    "recalibrate_bn": "nd_plugin.training.bn",
+    "TrainConfig": "nd_plugin.training.config",
+    "Trainer": "nd_plugin.training.trainer",
     "decouple": "nd_plugin.commands.decoupling",
 }
 

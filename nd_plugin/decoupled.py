@@ -15,6 +15,7 @@ from nd_plugin.errors import ConfigError, InputShapeError, NothingToGateError
 from nd_plugin.gates import ACM_INITS, GatedSite
 from nd_plugin.paths import GateRecorder, PathStats
 from nd_plugin.tracing import SiteInfo, build_graph, find_sites
+from nd_plugin.training.config import TrainConfig
 
 __all__ = ["DecoupledModel", "ForwardOutput", "wrap"]
 
@@ -70,9 +71,7 @@ def _first_conv(model: nn.Module) -> nn.Conv2d | None:
 def _example_inputs(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Tensor:
     first = _first_conv(model)
     if first is None:
-        raise NothingToGateError(
-            f"{type(model).__name__} has no nn.Conv2d layer: network decoupling gates convolutions."
-        )
+        raise NothingToGateError(f"{type(model).__name__} has no nn.Conv2d layer: network decoupling gates convolutions.")
     if example_inputs is None:
         from nd_plugin.adapters.registry import default_input_size
 
@@ -329,14 +328,17 @@ def wrap(
     model: nn.Module,
     example_inputs: torch.Tensor | None = None,
     *,
-    sites: SiteSelector = "internal",
-    reduction: int = 4,
-    noise_std: float = 1.0,
-    init_bias: float = 1.0,
-    hard_share: float = 0.5,
-    acm_init: str = "open",
+    sites: SiteSelector = TrainConfig.sites,
+    reduction: int = TrainConfig.reduction,
+    noise_std: float = TrainConfig.noise_std,
+    init_bias: float = TrainConfig.gate_bias,
+    hard_share: float = TrainConfig.hard_share,
+    acm_init: str = TrainConfig.acm_init,
 ) -> DecoupledModel:
     """Puts a decoupling gate in front of each gate site of ``model``.
+
+    Every default is the Trainer's (:class:`~nd_plugin.training.config.TrainConfig`'s), so a model
+    wrapped here and trained in a loop of one's own starts from the measured recipe.
 
     Gate sites are found by tracing with torch-pruning's DependencyGraph (see
     :mod:`nd_plugin.tracing`); the first conv is never gated. Each site's conv (and the
@@ -354,11 +356,11 @@ def wrap(
             :class:`SiteInfo` and returning whether to gate it.
         reduction: ACM hidden-width reduction (4 in the paper).
         noise_std: gate noise in training (1 in the paper).
-        init_bias: initial gate logit ``b2`` (see :class:`~nd_plugin.gates.ACM`).
+        init_bias: initial gate logit ``b2`` (see :class:`~nd_plugin.gates.ACM`); ``TrainConfig.gate_bias``.
         hard_share: share of samples whose gates are hard in training (see
             :func:`~nd_plugin.gates.binarize`).
-        acm_init: ``"open"`` (every gate starts open, input-independent) or ``"kaiming"`` (the
-            authors' release; see :class:`~nd_plugin.gates.ACM`).
+        acm_init: ``"kaiming"`` (the authors' release, the Trainer's default) or ``"open"`` (every
+            gate starts open, input-independent); see :class:`~nd_plugin.gates.ACM`.
 
     Returns:
         The :class:`DecoupledModel`, in the training mode ``model`` had.
@@ -376,9 +378,9 @@ def wrap(
         (8, torch.Size([2, 1000]))
     """
     if not 0.0 <= hard_share <= 1.0:
-        raise ConfigError(f"hard_share (--hard-share) must be in [0, 1], got {hard_share}.")
+        raise ConfigError(f"hard_share must be in [0, 1], got {hard_share}.", params=("hard_share",))
     if acm_init not in ACM_INITS:
-        raise ConfigError(f"unknown ACM init {acm_init!r} (--acm-init); choose one of {', '.join(ACM_INITS)}.")
+        raise ConfigError(f"acm_init must be one of {', '.join(ACM_INITS)}, got {acm_init!r}.", params=("acm_init",))
     example_inputs = _example_inputs(model, example_inputs)
     was_training = model.training
     model.eval()
@@ -386,9 +388,7 @@ def wrap(
         with torch.no_grad():
             model(example_inputs)
     except (RuntimeError, ValueError) as exc:  # what torch raises for shapes that do not fit
-        raise InputShapeError(
-            f"the model cannot run on example_inputs of shape {tuple(example_inputs.shape)}: {exc}"
-        ) from exc
+        raise InputShapeError(f"the model cannot run on example_inputs of shape {tuple(example_inputs.shape)}: {exc}") from exc
     finally:  # any other error is a bug in the model's forward and propagates as it is
         model.train(was_training)
     model.eval()

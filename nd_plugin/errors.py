@@ -1,10 +1,14 @@
 """Typed exceptions for user errors.
 
 Every error a user can cause derives from :class:`NDError`; the CLI prints its message as one line
-and exits non-zero, without a traceback. Messages say what was wrong and how to fix it.
+and exits non-zero, without a traceback. Messages say what was wrong and how to fix it, and name
+the Python parameters at fault as the API spells them (``ratio``, ``force=True``), never a CLI flag:
+the CLI writes each parameter in :attr:`NDError.params` as its flag when it prints the message.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 __all__ = [
     "NDError",
@@ -29,7 +33,22 @@ __all__ = [
 
 
 class NDError(Exception):
-    """Base class of every nd-plugin user error."""
+    """Base class of every nd-plugin user error.
+
+    Args:
+        *args: the message (as for any exception).
+        params: the Python parameters that the message names (``"ratio"``, ``"force"``): where the
+            error reaches a user through the CLI, each is shown as the command's flag for it.
+
+    Example:
+        >>> err = ConfigError("ratio must be in [0, 1), got 1.5.", params=("ratio",))
+        >>> str(err), err.params
+        ('ratio must be in [0, 1), got 1.5.', ('ratio',))
+    """
+
+    def __init__(self, *args: object, params: Sequence[str] = ()) -> None:
+        super().__init__(*args)
+        self.params = tuple(params)
 
 
 class UnknownModelError(NDError, KeyError):

@@ -181,7 +181,7 @@ class GatedSite(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= hard_share <= 1.0:
-            raise ConfigError(f"hard_share (--hard-share) must be in [0, 1], got {hard_share}.")
+            raise ConfigError(f"hard_share must be in [0, 1], got {hard_share}.", params=("hard_share",))
         self.conv = conv
         self.norm = norm if norm is not None else nn.Identity()
         self.acm = ACM(conv.in_channels, conv.out_channels, reduction, init_bias, acm_init)

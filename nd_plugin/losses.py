@@ -72,7 +72,7 @@ def _check(name: str, value: float, low: float, high: float | None, closed_high:
     ok = value >= low and (high is None or (value <= high if closed_high else value < high))
     if not ok:
         bound = "" if high is None else (f", {high}]" if closed_high else f", {high})")
-        raise ConfigError(f"{name} must be in [{low}{bound or ', inf)'}, got {value}.")
+        raise ConfigError(f"{name} must be in [{low}{bound or ', inf)'}, got {value}.", params=(name,))
 
 
 def _layers(values: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -132,14 +132,20 @@ class DecouplingLoss(nn.Module):
         super().__init__()
         if sparsity_scope not in SPARSITY_SCOPES:
             raise ConfigError(
-                f"unknown L_s scope {sparsity_scope!r} (sparsity_scope); choose one of {', '.join(SPARSITY_SCOPES)}."
+                f"sparsity_scope must be one of {', '.join(SPARSITY_SCOPES)} (what L_s pulls), got {sparsity_scope!r}.",
+                params=("sparsity_scope",),
             )
         self.sparsity_scope = sparsity_scope
-        _check("ratio (--ratio)", ratio, 0.0, 1.0, closed_high=False)
+        _check("ratio", ratio, 0.0, 1.0, closed_high=False)
         if mi_init not in MI_INITS:
-            raise ConfigError(f"unknown L_mi classifier init {mi_init!r} (--mi-init); choose one of {', '.join(MI_INITS)}.")
+            raise ConfigError(
+                f"mi_init must be one of {', '.join(MI_INITS)} (the L_mi classifiers' init), got {mi_init!r}.",
+                params=("mi_init",),
+            )
         if mi_scope not in MI_SCOPES:
-            raise ConfigError(f"unknown L_mi scope {mi_scope!r} (--mi-scope); choose one of {', '.join(MI_SCOPES)}.")
+            raise ConfigError(
+                f"mi_scope must be one of {', '.join(MI_SCOPES)} (what lambda_m scales), got {mi_scope!r}.", params=("mi_scope",)
+            )
         self.mi_init, self.mi_scope = mi_init, mi_scope
         for name, value in (("lambda_m", lambda_m), ("lambda_k", lambda_k), ("lambda_s", lambda_s)):
             _check(name, value, 0.0, None)
@@ -178,7 +184,7 @@ class DecouplingLoss(nn.Module):
             >>> loss_fn(torch.zeros(1, 2), torch.tensor([0]), [torch.ones(1, 4)]).s.item()  # |4 - 3|
             1.0
         """
-        _check("ratio (--ratio)", ratio, 0.0, 1.0)
+        _check("ratio", ratio, 0.0, 1.0)
         self.ratio = ratio
         self._ratio.fill_(ratio)
 

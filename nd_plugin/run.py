@@ -58,11 +58,13 @@ from nd_plugin.files import (
 from nd_plugin.paths import PathStats
 
 __all__ = [
+    "ANALYSIS_JSON",
     "ARTEFACTS",
     "CHECKPOINT",
     "CONFIG",
     "DETECT",
     "DETECT_JSON",
+    "INDEX_HTML",
     "LOCK",
     "METRICS",
     "PATHS",
@@ -95,6 +97,8 @@ SUMMARY = "summary.json"
 PRUNE = "prune.json"  # nd prune's record
 LOCK = ".lock"
 REPORT = "report"  # nd analyze's folder (default)
+ANALYSIS_JSON = "analysis.json"  # in it: every number of nd analyze
+INDEX_HTML = "index.html"  # in it: the offline report page
 DETECT = "detect"  # nd detect's folders: DETECT/TAG/
 DETECT_JSON = "detect.json"  # in each of them
 ARTEFACTS = (CHECKPOINT, PREVIOUS, METRICS, PATHS, SUMMARY)  # what a new run clears
@@ -124,8 +128,9 @@ def hold_run(out: str | os.PathLike) -> Iterator[None]:
                 raise
             holder = file.read_text(encoding="utf-8").strip() if file.is_file() else "?"
             raise RunDirError(
-                f"--out {file.parent} is in use by another nd decouple (pid {holder or '?'}, {file}); "
-                "wait for it to finish, or choose another --out."
+                f"out {file.parent} is in use by another nd decouple (pid {holder or '?'}, {file}); "
+                "wait for it to finish, or choose another out.",
+                params=("out",),
             ) from None
         try:
             same = os.stat(file).st_ino == os.fstat(fd).st_ino  # not unlinked by a holder that just finished
@@ -174,7 +179,7 @@ def write_metrics(out: str | os.PathLike, records: list[dict[str, Any]], model: 
 
 
 def epoch_writer(out: str | os.PathLike, model: str) -> Callable[[Any, int], None]:
-    """What a :class:`~nd_plugin.train.Trainer` calls after each epoch to keep ``out`` resumable.
+    """What a :class:`~nd_plugin.training.trainer.Trainer` calls after each epoch to keep ``out`` resumable.
 
     The checkpoint carries the history; ``metrics.jsonl`` is rewritten from it, so a kill between
     the two writes leaves nothing that ``--resume`` cannot repair.
@@ -187,6 +192,7 @@ def epoch_writer(out: str | os.PathLike, model: str) -> Callable[[Any, int], Non
         ``write(trainer, epoch)``: saves ``trainer.state_dict(epoch)`` (the last two kept) and the
         metrics of ``trainer.history``.
     """
+
     def write(trainer: Any, epoch: int) -> None:
         save_checkpoint(out, trainer.state_dict(epoch), model)
         write_metrics(out, [r.to_dict() for r in trainer.history], model)
@@ -217,16 +223,20 @@ def _check_new(out: Path, model: str, overwrite: bool) -> None:
             previous = read_json(config_file, fix="").get("model")
         except (RunDirError, AttributeError):
             if not overwrite:
-                raise RunDirError(f"--out {out} holds a damaged {CONFIG}; pass --overwrite to start a new run there.") from None
+                raise RunDirError(
+                    f"out {out} holds a damaged {CONFIG}; pass overwrite=True to start a new run there.",
+                    params=("out", "overwrite"),
+                ) from None
             previous = model  # a damaged run: --overwrite starts again
         if previous != model:
-            raise RunDirError(f"--out {out} holds a run of another model ({previous!r}); choose another --out.")
+            raise RunDirError(f"out {out} holds a run of another model ({previous!r}); choose another out.", params=("out",))
         if not overwrite:
             raise RunDirError(
-                f"--out {out} already holds a run of {model!r}; pass --resume to continue it or --overwrite to start again."
+                f"out {out} already holds a run of {model!r}; pass resume=True to continue it or overwrite=True to start again.",
+                params=("out", "resume", "overwrite"),
             )
     elif out.exists() and any(p.name != LOCK for p in out.iterdir()) and not overwrite:
-        raise RunDirError(f"--out {out} exists and is not a run directory; choose an empty or new directory.")
+        raise RunDirError(f"out {out} exists and is not a run directory; choose an empty or new directory.", params=("out",))
 
 
 def check_new_out(out: Path, model: str, overwrite: bool) -> None:
@@ -244,11 +254,14 @@ def prepare_out(out: Path, model: str, *, resume: bool = False, overwrite: bool 
     if resume:
         check_unlocked(out)
         if not any((out / name).exists() for name in (CHECKPOINT, PREVIOUS)):
-            raise RunDirError(f"--resume: {out} has no {CHECKPOINT} to resume from; drop --resume to start a new run there.")
+            raise RunDirError(
+                f"resume=True: no {CHECKPOINT} to continue from in {out}; drop resume=True to start a new run there.",
+                params=("resume",),
+            )
         run = Run(out)
         previous = run.config
         if previous["model"] != model:
-            raise RunDirError(f"--resume: {out} holds a run of {previous['model']!r}, not {model!r}.")
+            raise RunDirError(f"resume=True: {out} holds a run of {previous['model']!r}, not {model!r}.", params=("resume",))
         if not isinstance(previous.get("train"), dict):
             raise RunDirError(f"{out / CONFIG} has no training options ('train'); {run.fix(CONFIG)}.")
         return previous
@@ -296,7 +309,9 @@ class Run:
         """The run's ``config.json``, checked for the keys every command needs."""
         file = self.path / CONFIG
         if not file.exists():
-            raise RunDirError(f"{self.path} is not a run directory (no {CONFIG}); create one with `nd decouple MODEL --out {self.path}`.")
+            raise RunDirError(
+                f"{self.path} is not a run directory (no {CONFIG}); create one with `nd decouple MODEL --out {self.path}`."
+            )
         cfg = read_json(file, fix=self.fix(CONFIG))
         if not isinstance(cfg, dict) or any(k not in cfg for k in _CONFIG_KEYS):
             keys = ", ".join(k for k in _CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg)
@@ -316,10 +331,14 @@ class Run:
             found = f"keys {sorted(map(str, state))[:4]}" if isinstance(state, dict) else type(state).__name__
             raise RunDirError(f"{file} is not an nd-plugin checkpoint (found {found}, expected 'model' and 'epoch'); {fix}.")
         if state.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
-            raise RunDirError(f"{file} has checkpoint format {state['format']!r}; this nd-plugin reads {CHECKPOINT_FORMAT}; {fix}.")
+            raise RunDirError(
+                f"{file} has checkpoint format {state['format']!r}; this nd-plugin reads {CHECKPOINT_FORMAT}; {fix}."
+            )
         model = self.config["model"]
         if state.get("model_name", model) != model:
-            raise RunDirError(f"{file} is a checkpoint of {state['model_name']!r} but {self.path / CONFIG} names {model!r}; {fix}.")
+            raise RunDirError(
+                f"{file} is a checkpoint of {state['model_name']!r} but {self.path / CONFIG} names {model!r}; {fix}."
+            )
         return state
 
     def load_checkpoint(self, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -334,7 +353,9 @@ class Run:
     def _check_weights(self, state: dict[str, Any], file: Path, own: Mapping[str, torch.Tensor]) -> None:
         problem = weights_mismatch(state["model"], own)
         if problem:
-            raise RunDirError(f"{file} holds weights of another model than {self.path / CONFIG} describes ({problem}); {self.fix(file.name)}.")
+            raise RunDirError(
+                f"{file} holds weights of another model than {self.path / CONFIG} describes ({problem}); {self.fix(file.name)}."
+            )
 
     def resume_state(self, own: Mapping[str, torch.Tensor], device: Any = "cpu") -> tuple[dict[str, Any], str]:
         """The newest good checkpoint for ``--resume`` and a line saying which epoch it resumes from.
@@ -364,8 +385,14 @@ class Run:
                         os.replace(self.path / CHECKPOINT, self.path / (CHECKPOINT + ".damaged"))
             return state, note
         if not errors:
-            raise RunDirError(f"--resume: {self.path} has no {CHECKPOINT} to resume from; drop --resume to start a new run there.")
-        raise RunDirError(f"--resume: no good checkpoint in {self.path} ({'; '.join(errors)}); start again with --overwrite.")
+            raise RunDirError(
+                f"resume=True: no {CHECKPOINT} to continue from in {self.path}; drop resume=True to start a new run there.",
+                params=("resume",),
+            )
+        raise RunDirError(
+            f"resume=True: no good checkpoint in {self.path} ({'; '.join(errors)}); start again with overwrite=True.",
+            params=("resume", "overwrite"),
+        )
 
     def build_model(self, device: torch.device | str = "cpu", *, load_weights: bool = True):
         """Rebuilds the decoupled model of this run, in eval mode, with its trained weights."""
@@ -427,9 +454,13 @@ class Run:
         cfg = self.config
         channels = sum(stats.site_channels)
         if stats.site_names != list(cfg.get("sites", stats.site_names)):
-            raise RunDirError(f"{file} holds path statistics of other gated layers than {self.path / CONFIG} names (another model's?); {fix}.")
+            raise RunDirError(
+                f"{file} holds path statistics of other gated layers than {self.path / CONFIG} names (another model's?); {fix}."
+            )
         if stats.counts.shape != (channels,) or stats.class_counts.shape != (cfg["num_classes"], channels):
-            raise RunDirError(f"{file} has counts of shape {stats.counts.shape} / {stats.class_counts.shape} for {channels} filters and {cfg['num_classes']} classes; {fix}.")
+            raise RunDirError(
+                f"{file} has counts of shape {stats.counts.shape} / {stats.class_counts.shape} for {channels} filters and {cfg['num_classes']} classes; {fix}."
+            )
         if stats.paths is not None and stats.paths.shape != (stats.n, channels):
             raise RunDirError(f"{file} has raw paths of shape {stats.paths.shape}, not ({stats.n}, {channels}); {fix}.")
         return stats
@@ -444,7 +475,9 @@ class Run:
         if not isinstance(summary, dict) or "top1" not in summary:
             raise RunDirError(f"{file} is not a run summary (no 'top1'); {self.fix(SUMMARY)}.")
         if summary.get("model", model) != model:
-            raise RunDirError(f"{file} is the summary of {summary['model']!r} but {self.path / CONFIG} names {model!r}; {self.fix(SUMMARY)}.")
+            raise RunDirError(
+                f"{file} is the summary of {summary['model']!r} but {self.path / CONFIG} names {model!r}; {self.fix(SUMMARY)}."
+            )
         return summary
 
     def metrics(self) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ def cifar10_jpeg(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _resnet20_run_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished one-epoch cifar:resnet20 run on 64 synthetic images, trained once per session."""
     from nd_plugin.commands.decoupling import decouple
-    from nd_plugin.config import TrainConfig
+    from nd_plugin.training.config import TrainConfig
 
     out = tmp_path_factory.mktemp("resnet20-run") / "run"
     cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", batch_size=32, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu")

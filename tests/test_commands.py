@@ -35,10 +35,10 @@ def test_public_names_come_from_their_one_home() -> None:
 @pytest.mark.parametrize(
     ("module", "name"),
     [
-        ("nd_plugin.train", "decouple"),
+        ("nd_plugin.training.trainer", "decouple"),
         ("nd_plugin.report", "build_report"),
         ("nd_plugin.report", "_analysis_data"),
-        ("nd_plugin.export", "prune_run"),
+        ("nd_plugin.pruning.export", "prune_run"),
         ("nd_plugin.detect", "run_detection"),
         ("nd_plugin.detect.workflow", "run_detection"),
         ("nd_plugin.detect.workflow", "load_or_fit"),
@@ -66,7 +66,7 @@ def test_the_cli_runs_decouple_analyze_and_detect_through_the_commands_layer() -
     found = set().union(*(_imports(ROOT / "cli" / f) for f in ("_app.py", "_analyze.py", "_detect.py")))
     assert {"nd_plugin.commands.decoupling.decouple", "nd_plugin.commands.analyze.build_report",
             "nd_plugin.commands.detect.run_detection"} <= found
-    assert not {i for i in found if i.startswith(("nd_plugin.train.", "nd_plugin.report.", "nd_plugin.detect."))}
+    assert not {i for i in found if i.startswith(("nd_plugin.training.trainer.", "nd_plugin.report.", "nd_plugin.detect."))}
 
 
 def test_only_the_atomic_helpers_rename_files_into_place() -> None:
@@ -121,7 +121,7 @@ def test_open_run_of_a_folder_without_config(tmp_path: Path) -> None:
 def test_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path: Path) -> None:
     """NumPy's position in its key and its cached Gaussian, and random's cached Gaussian, come back too."""
     from nd_plugin.files import atomic_save, load_tensors
-    from nd_plugin.train import _rng_state, _set_rng_state
+    from nd_plugin.training.trainer import _rng_state, _set_rng_state
 
     np.random.seed(3)
     np.random.rand(5)  # 10 of 624 words used: the position is no longer 624
@@ -136,7 +136,7 @@ def test_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path: Path) -> N
 
 
 def test_rng_state_of_an_old_checkpoint_still_loads() -> None:
-    from nd_plugin.train import _rng_state, _set_rng_state
+    from nd_plugin.training.trainer import _rng_state, _set_rng_state
 
     old = {k: v for k, v in _rng_state().items() if k in ("torch", "numpy", "python")}  # before numpy_pos etc.
     _set_rng_state(old)
@@ -156,7 +156,8 @@ def tiny():
 
 
 def test_trainer_resolves_an_unresolved_config(tiny) -> None:
-    from nd_plugin.train import TrainConfig, Trainer
+    from nd_plugin.training.config import TrainConfig
+    from nd_plugin.training.trainer import Trainer
 
     dm, data = tiny
     cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", epochs=1, warmup_epochs=0, batch_size=32)
@@ -175,15 +176,17 @@ FULL = {  # every option that resolved() would fill in, given
 
 def test_trainer_refuses_an_invalid_config(tiny) -> None:
     """An option only TrainConfig checks (a schedule the Trainer would silently run as 'step')."""
-    from nd_plugin.train import TrainConfig, Trainer
+    from nd_plugin.training.config import TrainConfig
+    from nd_plugin.training.trainer import Trainer
 
     dm, data = tiny
-    with pytest.raises(ConfigError, match="--schedule must be one of step, cosine, got 'linear'"):
+    with pytest.raises(ConfigError, match="schedule must be one of step, cosine, got 'linear'"):
         Trainer(dm, data, TrainConfig(**{**FULL, "schedule": "linear"}), progress=False)
 
 
 def test_trainer_writes_only_through_its_callback(tiny, tmp_path: Path, monkeypatch) -> None:
-    from nd_plugin.train import TrainConfig, Trainer
+    from nd_plugin.training.config import TrainConfig
+    from nd_plugin.training.trainer import Trainer
 
     dm, data = tiny
     monkeypatch.chdir(tmp_path)

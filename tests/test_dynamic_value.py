@@ -214,7 +214,7 @@ def test_keep_of_the_wrong_length_is_refused() -> None:
 
 def test_summary_records_the_dynamic_value() -> None:
     from nd_plugin.data import load_data
-    from nd_plugin.summary import summarize
+    from nd_plugin.report.summary import summarize
 
     dm, _, x = decoupled("tiny")
     data = load_data("synthetic:40")

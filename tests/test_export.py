@@ -10,11 +10,11 @@ import torch
 from _helpers import TinyNet, decoupled
 
 import nd_plugin
-from nd_plugin import export as export_mod
 from nd_plugin.commands.pruning import prune_run
 from nd_plugin.errors import ConfigError, ExportError, RunDirError
-from nd_plugin.export import export, load
+from nd_plugin.pruning import export as export_mod
 from nd_plugin.pruning import prune
+from nd_plugin.pruning.export import export, load
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_non_empty_export_dir_needs_force(compact_tiny, tmp_path: Path) -> None:
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="--force"):
+    with pytest.raises(ExportError, match="pass force=True"):
         export(compact, out, x, formats=("weights",))
     assert (out / "keep.txt").read_text() == "mine"
     export(compact, out, x, formats=("weights",), force=True)
@@ -189,7 +189,7 @@ def test_engine_not_installed_says_what_to_install(tmp_path: Path, monkeypatch: 
 
 @pytest.mark.parametrize("raw", ["aoti", "AOTInductor", "aot"])
 def test_aoti_aliases_name_one_engine(raw: str) -> None:
-    from nd_plugin.engines import check_engines
+    from nd_plugin.pruning.engines import check_engines
 
     assert check_engines([raw, "eager"]) == ("aoti", "eager")
 

@@ -26,7 +26,7 @@ from nd_plugin.cli._app import app
 from nd_plugin.commands.decoupling import decouple
 from nd_plugin.errors import NDError
 from nd_plugin.run import open_run
-from nd_plugin.train import TrainConfig
+from nd_plugin.training.config import TrainConfig
 
 TINY = dict(data="synthetic:64", batch_size=32, bn_recalibrate=2, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu")
 FAULTS = ("truncated", "emptied", "foreign", "unreadable")
@@ -44,8 +44,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         decouple(TrainConfig(model=model, **{**TINY, "warmup_epochs": warmup}), root / key, progress=False)
         made[key] = root / key
     for key in ("run", "other"):  # weights + manifest only: the other formats have their own tests
-        from nd_plugin.export import export
         from nd_plugin.pruning import prune
+        from nd_plugin.pruning.export import export
 
         run = open_run(made[key])
         dm = run.build_model()

@@ -154,5 +154,5 @@ def test_sparsity_scopes_by_hand(scope: str, expected: float) -> None:
 
 
 def test_unknown_sparsity_scope_names_the_choices() -> None:
-    with pytest.raises(ConfigError, match="choose one of layer, input, filter"):
+    with pytest.raises(ConfigError, match="sparsity_scope must be one of layer, input, filter"):
         DecouplingLoss(channels=[2], num_classes=2, sparsity_scope="channel")

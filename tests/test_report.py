@@ -146,7 +146,7 @@ def test_no_pyplot_no_global_backend() -> None:
     import nd_plugin.interpret
     import nd_plugin.report
 
-    files = [Path(nd_plugin.report.__file__), *Path(nd_plugin.interpret.__file__).parent.glob("*.py")]
+    files = [*Path(nd_plugin.report.__file__).parent.glob("*.py"), *Path(nd_plugin.interpret.__file__).parent.glob("*.py")]
     for f in files:
         text = f.read_text()
         assert not re.search(r"import\s+matplotlib\.pyplot|from\s+matplotlib\s+import\s+pyplot|\bplt\.", text), f

@@ -22,7 +22,8 @@ from nd_plugin.cli._app import app
 from nd_plugin.commands.decoupling import decouple
 from nd_plugin.errors import ConfigError, TrainingError
 from nd_plugin.run import open_run
-from nd_plugin.train import TrainConfig, Trainer
+from nd_plugin.training.config import TrainConfig
+from nd_plugin.training.trainer import Trainer
 
 TINY = dict(model="cifar:resnet20", data="synthetic:96", batch_size=32, bn_recalibrate=2)
 
@@ -56,7 +57,7 @@ def _cli(*args: str):
         (["--ratio", "-0.5"], "--ratio must be in [0, 1)"),
         (["--lambda-s", "-1"], "--lambda-s must be >= 0"),
         (["--device", "cuda"], "no CUDA GPU is available"),
-        (["--resume"], "has no checkpoint.pt to resume from"),
+        (["--resume"], "--resume: no checkpoint.pt to continue from in"),
         (["--hard-share", "1.5"], "--hard-share must be in [0, 1]"),
         (["--hard-share", "-0.1"], "--hard-share must be in [0, 1]"),
         (["--acm-init", "xavier"], "--acm-init must be one of open, kaiming"),
@@ -86,9 +87,9 @@ def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], mat
 @pytest.mark.parametrize(
     "settings, match",
     [
-        ({"density_schedule": "exponential"}, "--density-schedule must be one of"),
-        ({"density_ramp": 2.0}, "--density-ramp must be in [0, 1]"),
-        ({"bn_recalibrate": -1}, "--bn-recalibrate must be >= 0"),
+        ({"density_schedule": "exponential"}, "density_schedule must be one of"),
+        ({"density_ramp": 2.0}, "density_ramp must be in [0, 1]"),
+        ({"bn_recalibrate": -1}, "bn_recalibrate must be >= 0"),
     ],
 )
 def test_bad_schedule_settings_are_a_config_error(settings: dict, match: str) -> None:
@@ -107,7 +108,7 @@ def test_bad_schedule_settings_are_a_config_error(settings: dict, match: str) ->
     ],
 )
 def test_density_target_by_hand(schedule: str, ramp: float, expected: list[float]) -> None:
-    from nd_plugin.config import density_target
+    from nd_plugin.training.config import density_target
 
     got = [density_target(t, 0.5, schedule, ramp) for t in (0.0, 0.25, 0.5, 0.75)]
     assert got == pytest.approx(expected)
@@ -287,7 +288,7 @@ def test_graphed_step_updates_parameters_like_the_eager_step(compiled: bool) -> 
     from nd_plugin import wrap
     from nd_plugin.adapters import create_model
     from nd_plugin.losses import LossTerms
-    from nd_plugin.steps import _GraphedStep
+    from nd_plugin.training.steps import _GraphedStep
 
     torch.manual_seed(0)
     dm = wrap(create_model("cifar:resnet20", num_classes=10), torch.zeros(1, 3, 32, 32)).cuda().train()
@@ -374,13 +375,13 @@ def test_failed_compilation_says_to_rerun_without_compile() -> None:
     (trainer,) = _tiny_trainers((True,))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     torch._dynamo.reset()  # nothing cached (in memory, nor on disk below): this call must compile
-    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), pytest.raises(TrainingError, match="without --compile"):
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), pytest.raises(TrainingError, match="rerun without compile"):
         trainer._compute(x, y, warmup=False)
 
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"hard_share": 2.0}, "hard-share"), ({"acm_init": "ones"}, "acm-init"), ({"mi_scope": "q"}, "mi-scope")],
+    [({"hard_share": 2.0}, "^hard_share must be"), ({"acm_init": "ones"}, "^acm_init must be"), ({"mi_scope": "q"}, "^mi_scope must be")],
 )
 def test_bad_training_settings_are_config_errors(kw: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -392,7 +393,7 @@ def test_bad_training_settings_are_config_errors(kw: dict, match: str) -> None:
     [("step", 2, [1.0, 1.0, 0.1, 0.01]), ("step", 4, [1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]), ("cosine", 1, [1.0, 0.5])],
 )
 def test_learning_rate_changes_per_step(schedule: str, epochs: int, expected: list[float]) -> None:
-    from nd_plugin.config import lr_factor
+    from nd_plugin.training.config import lr_factor
 
     cfg = TrainConfig(warmup_epochs=1, epochs=epochs, schedule=schedule)
     # half-epoch points of the decoupling phase (the warm-up phase, epoch 0, has its own schedule)

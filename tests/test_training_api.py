@@ -14,10 +14,10 @@ from torch import nn
 
 import nd_plugin
 from nd_plugin.decoupled import ForwardOutput
-from nd_plugin.distributed import Dist, PhaseDDP
 from nd_plugin.errors import ConfigError, DataError, InputShapeError, NDError
 from nd_plugin.gates import ACM
 from nd_plugin.losses import DecouplingLoss
+from nd_plugin.training.distributed import Dist, PhaseDDP
 
 K = 3
 

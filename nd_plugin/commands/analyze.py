@@ -21,7 +21,7 @@ from nd_plugin import run as rundir
 from nd_plugin.errors import DataError, InputShapeError
 from nd_plugin.files import atomic_dir
 from nd_plugin.interpret import occlusion_concepts
-from nd_plugin.report import ANALYSIS_JSON, INDEX_HTML, analyze_paths, load_images
+from nd_plugin.report import analyze_paths, load_images
 
 __all__ = ["build_report"]
 
@@ -61,8 +61,16 @@ def _analysis_data(run: Any, spec: str | None) -> Any:
                     )
                 from nd_plugin.data import IMAGENET_MEAN, IMAGENET_STD
 
-                return DataBundle(train=val, val=val, num_classes=len(val_classes), classes=list(val_classes),
-                                  mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=tuple(x.shape), name=spec)
+                return DataBundle(
+                    train=val,
+                    val=val,
+                    num_classes=len(val_classes),
+                    classes=list(val_classes),
+                    mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD,
+                    input_size=tuple(x.shape),
+                    name=spec,
+                )
     return run.data(spec)
 
 
@@ -84,12 +92,13 @@ def _pick_occlusion_images(bundle: Any, wanted: Sequence[str] | int, total: int)
             picked.append(bundle.val[int(i)][0])
             names.append(f"validation image {int(i)} ({c})")
     if not picked:
-        raise DataError(f"the validation split has no image of {', '.join(wanted)}; pass --images instead.")
+        raise DataError(f"the validation split has no image of {', '.join(wanted)}; pass images instead.", params=("images",))
     return picked, names, groups
 
 
-def _dynamic_value(run: Any, dm: Any, stats: Any, bundle: Any, data: str | None, batch_size: int,
-                   timings: dict[str, float]) -> dict[str, Any] | None:
+def _dynamic_value(
+    run: Any, dm: Any, stats: Any, bundle: Any, data: str | None, batch_size: int, timings: dict[str, float]
+) -> dict[str, Any] | None:
     """The run's recorded dynamic value (its own paths analysed), else one measured on ``bundle``'s validation split."""
     recorded = run.dynamic_value() if data is None else None
     if recorded is not None:
@@ -196,7 +205,10 @@ def build_report(
     h, w = int(input_size[1]), int(input_size[2])
     patch = patch if patch is not None else max(2, round(min(h, w) / 4))
     if patch > min(h, w) or patch < 1:
-        raise InputShapeError(f"occlusion patch {patch} px does not fit the run's {h}x{w} inputs; use --patch between 1 and {min(h, w)}.")
+        raise InputShapeError(
+            f"occlusion patch {patch} px does not fit the run's {h}x{w} inputs; use a patch between 1 and {min(h, w)}.",
+            params=("patch",),
+        )
 
     stats = None
     if data is None:
@@ -228,7 +240,9 @@ def build_report(
     groups: dict[str, list[int]] = {}
     if images:
         if mean is None or std is None:
-            raise DataError("the run's config has no normalisation (mean/std); pass --data so the images can be normalised.")
+            raise DataError(
+                "the run's config has no normalisation (mean/std); pass data so the images can be normalised.", params=("data",)
+            )
         occ_images, display = load_images(images, (h, w), mean, std)
         names = [str(p) for p in images]
         groups = {"given images": list(range(len(names)))}
@@ -246,8 +260,15 @@ def build_report(
     if stats is None:
         t0 = time.perf_counter()
         loader = bundle.loader("val", batch_size=batch_size, shuffle=False)
-        stats = dm.paths(loader, raw=True, classes=list(bundle.classes), num_classes=bundle.num_classes,
-                         progress=progress, device=device, max_batches=max_batches)
+        stats = dm.paths(
+            loader,
+            raw=True,
+            classes=list(bundle.classes),
+            num_classes=bundle.num_classes,
+            progress=progress,
+            device=device,
+            max_batches=max_batches,
+        )
         timings["collect_paths"] = time.perf_counter() - t0
         source = f"collected on the validation split of {data or cfg.get('data')}"
     else:
@@ -255,8 +276,16 @@ def build_report(
     if stats.classes is None and run_classes is not None:
         stats.classes = list(run_classes)
 
-    analysis = analyze_paths(stats, tolerance=tolerance, threshold=threshold, max_tree_samples=max_tree_samples,
-                             n_permutations=n_permutations, tree_test=tree_test, alpha=alpha, seed=seed)
+    analysis = analyze_paths(
+        stats,
+        tolerance=tolerance,
+        threshold=threshold,
+        max_tree_samples=max_tree_samples,
+        n_permutations=n_permutations,
+        tree_test=tree_test,
+        alpha=alpha,
+        seed=seed,
+    )
     analysis.timings = {**timings, **analysis.timings}
     if occ_images is not None:
         t0 = time.perf_counter()
@@ -280,8 +309,8 @@ def build_report(
     analysis.detections = run.detections()  # nd detect's tables, when the run has them
     if dynamic_value:
         analysis.dynamic_value = _dynamic_value(run, dm, stats, bundle, data, batch_size, analysis.timings)
-    with atomic_dir(out, marker=ANALYSIS_JSON) as tmp:  # the report appears complete or not at all
+    with atomic_dir(out, marker=rundir.ANALYSIS_JSON) as tmp:  # the report appears complete or not at all
         analysis.save(tmp, title=f"nd analyze: {cfg.get('model', run.path.name)}", figures=figures)
         analysis.timings["total"] = time.perf_counter() - t_start
         analysis.save_json(tmp)  # again, now with the total time
-    return out / INDEX_HTML
+    return out / rundir.INDEX_HTML

@@ -1,6 +1,6 @@
 """``nd decouple``: build the model, wrap it, train it, write the run directory.
 
-The Trainer (:mod:`nd_plugin.train`) trains; this module decides what goes where in the run
+The Trainer (:mod:`nd_plugin.training.trainer`) trains; this module decides what goes where in the run
 directory (:mod:`nd_plugin.run`): it checks and locks ``--out``, writes
 ``config.json``, hands the Trainer a per-epoch checkpoint writer, and writes ``paths.npz`` and
 ``summary.json`` at the end.
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from nd_plugin import run as rundir
-from nd_plugin.config import TrainConfig, resolve_device
 from nd_plugin.decoupled import wrap
-from nd_plugin.distributed import distributed_cleanup
-from nd_plugin.train import Trainer, seed_everything
+from nd_plugin.training.config import TrainConfig, resolve_device
+from nd_plugin.training.distributed import distributed_cleanup
+from nd_plugin.training.trainer import Trainer, seed_everything
 
 __all__ = ["decouple"]
 
@@ -154,7 +154,7 @@ def decouple(
         stats = trainer.fit()
         summary: dict[str, Any] = {}
         if trainer.dist.main:
-            from nd_plugin.summary import summarize
+            from nd_plugin.report.summary import summarize
 
             rundir.write_paths(out, stats)
             summary = {"model": cfg.model, **summarize(dm.cpu().eval(), stats, data)}

@@ -22,17 +22,14 @@ from typing import Any
 
 import torch
 
-from nd_plugin.engines import check_engines, engine_runner, side_by_side
 from nd_plugin.errors import ExportError
 from nd_plugin.files import atomic_write_json
 from nd_plugin.paths import check_tolerance
+from nd_plugin.pruning.engines import check_engines, engine_runner, side_by_side
 from nd_plugin.run import PRUNE, open_run
 from nd_plugin.utilities import accuracy
 
-__all__ = ["PRUNE_JSON", "engine_latency", "prune_run", "spread_batches"]
-
-PRUNE_JSON = PRUNE
-STRICT_RTOL = 1e-4
+__all__ = ["engine_latency", "prune_run", "spread_batches"]
 
 
 def spread_batches(dataset: torch.utils.data.Dataset, n: int, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -41,12 +38,6 @@ def spread_batches(dataset: torch.utils.data.Dataset, n: int, batch_size: int = 
     index = torch.linspace(0, total - 1, min(n, total)).round().long().unique().tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, index), batch_size=batch_size, shuffle=False)
     return [(x, y) for x, y in loader]
-
-
-def _agreement(reference: torch.Tensor, got: torch.Tensor, strict: bool) -> dict[str, Any]:
-    err = float((reference - got).abs().max() / reference.abs().max().clamp_min(1e-12))
-    same = float((reference.argmax(1) == got.argmax(1)).float().mean())
-    return {"max_rel_err": err, "same_prediction": same, "strict": strict, "ok": err <= STRICT_RTOL or not strict}
 
 
 def engine_latency(
@@ -133,13 +124,13 @@ def prune_run(
         ExportError: an engine is not installed; ``export_dir`` not empty without ``force``; a
             check failed (nothing is written).
     """
-    from nd_plugin.export import check_export_dir, export
     from nd_plugin.flops import count_flops, expected_flops
-    from nd_plugin.optim import gate_parameters
     from nd_plugin.pruning import apply_record, check_round_to, dynamic_runtime, dynamic_value, fold_batchnorm, prune
     from nd_plugin.pruning.deploy import plan_deployment
+    from nd_plugin.pruning.export import agreement, check_export_dir, export
     from nd_plugin.pruning.plan import analyse, plain_copy
     from nd_plugin.pruning.value import StaticFlops
+    from nd_plugin.training.optim import gate_parameters
 
     tolerance = check_tolerance(tolerance)
     round_to = check_round_to(round_to)
@@ -162,7 +153,7 @@ def prune_run(
     inputs = torch.cat([x for x, _ in batches])[:check_inputs]
     with torch.no_grad():
         gated = dm(inputs)
-        equality = {"format": "compact vs gated", **_agreement(gated, exact(inputs), strict=tolerance == 0.0)}
+        equality = {"format": "compact vs gated", **agreement(gated, exact(inputs), strict=tolerance == 0.0)}
     if not equality["ok"]:
         raise ExportError(
             f"the compact model differs from the gated model on validation inputs (max rel. error "
@@ -194,7 +185,11 @@ def prune_run(
     # network of the same FLOPs, on the whole validation split
     gated_flops = exp_exact if tolerance == 0.0 else expected_flops(prune(dm, stats, dg=dg), stats, plan=net)
     value = dynamic_value(
-        dm, stats, data.loader("val", batch_size=256, shuffle=False), gated_flops=gated_flops.total, counter=StaticFlops(dm, plan=net)
+        dm,
+        stats,
+        data.loader("val", batch_size=256, shuffle=False),
+        gated_flops=gated_flops.total,
+        counter=StaticFlops(dm, plan=net),
     )
     orig_params = sum(p.numel() for p in dm.parameters()) - sum(p.numel() for p in gate_parameters(dm))
     eager_key = "eager/b1"
@@ -252,5 +247,5 @@ def prune_run(
         formats = ("weights", "pt2") + tuple(e for e in ("onnx", "aoti") if e in engines)
         result = export(compact, export_dir, inputs, static=static, model_spec=spec, extra=result, force=force, formats=formats)
         result["export"] = str(export_dir)
-    atomic_write_json(run.path / PRUNE_JSON, result)
+    atomic_write_json(run.path / PRUNE, result)
     return result

@@ -1,6 +1,6 @@
 """How one training step runs: eagerly, compiled with ``torch.compile``, or replayed as a CUDA graph.
 
-:class:`~nd_plugin.train.Trainer` picks one per phase; benchmarks time them side by side.
+:class:`~nd_plugin.training.trainer.Trainer` picks one per phase; benchmarks time them side by side.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _compiled(fn: Any) -> Any:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrainingError(
                 f"torch.compile could not compile the training step ({reason}); "
-                "rerun without --compile (and --resume to keep the finished epochs)."
+                "rerun without compile (and with resume=True to keep the finished epochs).",
+                params=("compile", "resume"),
             ) from exc
 
     return call
@@ -92,7 +93,8 @@ class _GraphedStep:
             except Exception as exc:  # a failed capture leaves the CUDA RNG unusable: stop cleanly
                 raise TrainingError(
                     f"CUDA-graph capture of the training step failed ({str(exc).splitlines()[0]}); "
-                    "rerun with --no-cuda-graphs (and --resume to keep the finished epochs)."
+                    "rerun with cuda_graphs=False (and resume=True to keep the finished epochs).",
+                    params=("cuda_graphs", "resume"),
                 ) from exc
         assert self.static is not None and self.graph is not None
         self.static[0].copy_(x)

@@ -13,10 +13,13 @@ from nd_plugin.losses import MI_INITS, MI_SCOPES, SPARSITY_SCOPES
 
 __all__ = [
     "DENSITY_SCHEDULES",
+    "EPOCHS",
     "KL_TARGETS",
+    "LR",
     "SCHEDULES",
     "SPARSITY_GATES",
     "TrainConfig",
+    "WARMUP_EPOCHS",
     "density_target",
     "lr_factor",
     "preset",
@@ -46,6 +49,13 @@ _TABLE_A: dict[str, dict[str, float]] = {
 }
 _GENERIC = {"lambda_m": 0.005, "lambda_k": 1.0, "lambda_s": 0.01, "ratio": 0.6}
 
+#: What :meth:`TrainConfig.resolved` gives ``warmup_epochs`` and ``lr`` left ``None``: a run from
+#: scratch trains the plain model first; one from trained weights (``weights``/``pretrained``) not.
+WARMUP_EPOCHS = {"scratch": 3, "trained": 0}
+LR = {"scratch": 0.05, "trained": 0.01}
+#: What it gives ``epochs`` left ``None``: more on the small embedded ``digits`` set than elsewhere.
+EPOCHS = {"digits": 4, "other": 2}
+
 
 def preset(model: str) -> dict[str, float]:
     """Default λs (and R) for a model name: seed Table A where it names the network.
@@ -67,10 +77,18 @@ def preset(model: str) -> dict[str, float]:
 class TrainConfig:
     """Every option of a decoupling run (``None`` means: choose the default for the model/data).
 
+    The one owner of every default: ``nd decouple``'s options, the benchmarks',
+    :func:`~nd_plugin.wrap`'s and :func:`~nd_plugin.training.optim.param_groups`' read theirs from
+    these fields, and :meth:`resolved` fills the ``None`` ones (:func:`preset`, :data:`EPOCHS`,
+    :data:`WARMUP_EPOCHS`, :data:`LR`).
+
     Attributes:
-        ratio: ``R``, the target fraction of a layer's filters that are ON for an average input.
-        epochs: decoupling epochs (gates and losses on).
-        warmup_epochs: plain-model epochs first; default 0 with ``weights``/``pretrained``, else 3.
+        ratio: ``R``, the target fraction of a layer's filters that are ON for an average input
+            (default: :func:`preset`).
+        epochs: decoupling epochs (gates and losses on); default :data:`EPOCHS`.
+        warmup_epochs: plain-model epochs first; default :data:`WARMUP_EPOCHS` (none from trained
+            weights, ``weights``/``pretrained``).
+        lr: learning rate of the network; default :data:`LR` (lower when fine-tuning trained weights).
         acm_lr: learning rate of the gates and L_mi classifiers (own group, no weight decay);
             default 0.1: at the network's rate the gates barely move in a short run, at 0.5 they
             overshoot into static on/off (measured on digits, docs/benchmarks.md).
@@ -113,7 +131,7 @@ class TrainConfig:
     warmup_epochs: int | None = None
     batch_size: int = 64
     lr: float | None = None
-    acm_lr: float | None = None
+    acm_lr: float = 0.1
     lambda_m: float | None = None
     lambda_k: float | None = None
     lambda_s: float | None = None
@@ -150,31 +168,31 @@ class TrainConfig:
         p = preset(cfg.model)
         for key in ("lambda_m", "lambda_k", "lambda_s", "ratio"):
             if getattr(cfg, key) is None:
-                setattr(cfg, key, p.get(key, 0.6))
-        trained_start = bool(cfg.weights or cfg.pretrained)
+                setattr(cfg, key, p.get(key, _GENERIC[key]))
+        start = "trained" if cfg.weights or cfg.pretrained else "scratch"
         if cfg.warmup_epochs is None:
-            cfg.warmup_epochs = 0 if trained_start else 3
+            cfg.warmup_epochs = WARMUP_EPOCHS[start]
         if cfg.epochs is None:
-            cfg.epochs = 4 if cfg.data == "digits" else 2
+            cfg.epochs = EPOCHS["digits" if cfg.data == "digits" else "other"]
         if cfg.lr is None:
-            cfg.lr = 0.01 if trained_start else 0.05
-        if cfg.acm_lr is None:
-            cfg.acm_lr = 0.1
+            cfg.lr = LR[start]
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` for any option out of range."""
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(f"--ratio must be in [0, 1) (the target fraction of filters that are on), got {self.ratio}.")
+            raise ConfigError(
+                f"ratio must be in [0, 1) (the target fraction of filters that are on), got {self.ratio}.", params=("ratio",)
+            )
         for key in ("lambda_m", "lambda_k", "lambda_s"):
             value = getattr(self, key)
             if value is not None and value < 0:
-                raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {value}.")
+                raise ConfigError(f"{key} must be >= 0, got {value}.", params=(key,))
         if self.epochs is not None and self.epochs < 0 or self.warmup_epochs is not None and self.warmup_epochs < 0:
-            raise ConfigError("--epochs and --warmup-epochs must be >= 0.")
+            raise ConfigError("epochs and warmup_epochs must be >= 0.", params=("epochs", "warmup_epochs"))
         if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.", params=("batch_size",))
         choices = {
             "schedule": SCHEDULES,
             "acm_init": ACM_INITS,
@@ -187,23 +205,27 @@ class TrainConfig:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                flag = "--" + key.replace("_", "-")
-                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}.")
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}.", params=(key,))
         if not 0.0 <= self.hard_share <= 1.0:
-            raise ConfigError(f"--hard-share must be in [0, 1] (the share of hard training gates), got {self.hard_share}.")
+            raise ConfigError(
+                f"hard_share must be in [0, 1] (the share of hard training gates), got {self.hard_share}.", params=("hard_share",)
+            )
         if not 0.0 <= self.density_ramp <= 1.0:
             raise ConfigError(
-                f"--density-ramp must be in [0, 1] (the share of the decoupling epochs over which the target "
-                f"density moves from 1 to --ratio), got {self.density_ramp}."
+                f"density_ramp must be in [0, 1] (the share of the decoupling epochs over which the target "
+                f"density moves from 1 to ratio), got {self.density_ramp}.",
+                params=("density_ramp", "ratio"),
             )
         if self.bn_recalibrate < 0:
-            raise ConfigError(f"--bn-recalibrate must be >= 0 (batches; 0 turns it off), got {self.bn_recalibrate}.")
+            raise ConfigError(
+                f"bn_recalibrate must be >= 0 (batches; 0 turns it off), got {self.bn_recalibrate}.", params=("bn_recalibrate",)
+            )
         if self.gate_weight_decay < 0:
-            raise ConfigError(f"--gate-weight-decay must be >= 0, got {self.gate_weight_decay}.")
+            raise ConfigError(f"gate_weight_decay must be >= 0, got {self.gate_weight_decay}.", params=("gate_weight_decay",))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}.", params=("device",))
         if self.weights and self.pretrained:
-            raise ConfigError("pass either --weights PATH or --pretrained, not both.")
+            raise ConfigError("pass either weights or pretrained=True, not both.", params=("weights", "pretrained"))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -211,7 +233,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto.")
+        raise ConfigError(
+            f"device {device!r} was requested but no CUDA GPU is available; use device 'cpu' or 'auto'.", params=("device",)
+        )
     return torch.device(device)
 
 
@@ -231,8 +255,6 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     return 0.1 ** sum(t >= m for m in (0.5, 0.75))  # the paper's steps (100/150 of 200 epochs)
-
-
 
 
 def density_target(progress: float, ratio: float, schedule: str = "constant", ramp: float = 0.5) -> float:

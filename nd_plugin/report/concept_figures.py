@@ -1,8 +1,7 @@
-"""Figures of the decision tree (seed Fig. C) and of occlusion concepts (seed Fig. B), and the
-pyplot-free figure helpers the report's other figures share.
+"""Figures of the decision tree (seed Fig. C) and of occlusion concepts (seed Fig. B).
 
 Every function returns a :class:`matplotlib.figure.Figure` on the Agg canvas (no pyplot, no
-backend change); :mod:`nd_plugin.report` re-exports the two plots.
+backend change; :mod:`nd_plugin.report.plotting`).
 """
 
 from __future__ import annotations
@@ -13,33 +12,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from nd_plugin.interpret import DecisionTree, OcclusionConcepts, concept_consistency
+from nd_plugin.report.plotting import figure, layer_ticks, short_name
 
 __all__ = ["plot_decision_tree", "plot_occlusion"]
-
-
-def _figure(width: float, height: float, dpi: int = 110, layout: str | None = "constrained"):
-    """A pyplot-free figure on the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=dpi, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _short(name: str, keep: int = 22) -> str:
-    return name if len(name) <= keep else "…" + name[-(keep - 1) :]
-
-
-def _layer_ticks(ax, names: Sequence[str], axis: str = "y", max_ticks: int = 40) -> None:
-    step = max(1, int(np.ceil(len(names) / max_ticks)))
-    idx = list(range(0, len(names), step))
-    labels = [_short(names[i]) for i in idx]
-    fs = 7 if len(names) > 20 else 8
-    if axis == "y":
-        ax.set_yticks(idx, labels, fontsize=fs)
-    else:
-        ax.set_xticks(idx, labels, fontsize=fs, rotation=90)
 
 
 def _tree_layout(tree: DecisionTree) -> dict[int, float]:
@@ -92,7 +67,7 @@ def plot_decision_tree(tree: DecisionTree):
     xs = _tree_layout(tree)
     n_leaves = len(tree.leaves)
     n_layers = max(len(tree.layers), 1)
-    fig = _figure(min(max(7.0, 1.1 * n_leaves + 3), 22.0), max(5.0, 0.2 * n_layers + 3.2))
+    fig = figure(min(max(7.0, 1.1 * n_leaves + 3), 22.0), max(5.0, 0.2 * n_layers + 3.2))
     ax = fig.add_subplot()
     bottom = n_layers
     cmap = __import__("matplotlib").colormaps["tab10" if len(tree.classes) <= 10 else "tab20"]
@@ -112,7 +87,9 @@ def plot_decision_tree(tree: DecisionTree):
         if node.children:
             cx = [xs[c] for c in node.children]
             ax.plot([min(cx), max(cx)], [end, end], color="#555", lw=1.2)
-            ax.annotate(_split_label(tree, node), (x, end), xytext=(3, -14), textcoords="offset points", fontsize=6.5, color="#b22")
+            ax.annotate(
+                _split_label(tree, node), (x, end), xytext=(3, -14), textcoords="offset points", fontsize=6.5, color="#b22"
+            )
             ax.plot([x], [end], "o", color="#b22", ms=4)
         else:
             comp = node.composition
@@ -121,12 +98,19 @@ def plot_decision_tree(tree: DecisionTree):
             names = [tree.classes[c] for c in node.classes] or ["(no class)"]
             dom_name = tree.classes[dom] if tree.classes else ""
             text = "\n".join(names[:6] + (["…"] if len(names) > 6 else [])) + f"\nn={node.size}\n{purity:.0%} {dom_name}"
-            ax.text(x, bottom + 0.4, text, ha="center", va="top", fontsize=7 if n_leaves <= 16 else 5.5,
-                    color=cmap(dom % cmap.N) if node.classes else "#777")
+            ax.text(
+                x,
+                bottom + 0.4,
+                text,
+                ha="center",
+                va="top",
+                fontsize=7 if n_leaves <= 16 else 5.5,
+                color=cmap(dom % cmap.N) if node.classes else "#777",
+            )
     ax.set_ylim(bottom + 0.3 + 0.35 * 9, -1)
     ax.set_xlim(-0.8, max(n_leaves - 0.2, 0.8))
     if tree.layers:
-        _layer_ticks(ax, tree.layers, axis="y", max_ticks=60)
+        layer_ticks(ax, tree.layers, axis="y", max_ticks=60)
     ax.set_xticks([])
     for spine in ("top", "right", "bottom"):
         ax.spines[spine].set_visible(False)
@@ -189,15 +173,22 @@ def plot_occlusion(
             shown = [i for i in idx if 0 < sil[i, :, f].sum() <= limit][:max_images]
             cells += [(label, f, i, f"{int(cc.localised[f])} of {len(cc.images)}") for i in shown]
     if not cells:
-        fig = _figure(6.0, 2.0)
+        fig = figure(6.0, 2.0)
         ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no filter is turned off by a single patch on any of the\n"
-                f"{len(images)} occluded images (or every patch turns it off)", ha="center", va="center", fontsize=9)
+        ax.text(
+            0.5,
+            0.5,
+            "no filter is turned off by a single patch on any of the\n"
+            f"{len(images)} occluded images (or every patch turns it off)",
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
         ax.set_axis_off()
         return fig
     cols = max(1, min(cols, len(cells)))
     rows = int(np.ceil(len(cells) / cols))
-    fig = _figure(1.75 * cols, 1.95 * rows + 0.55)
+    fig = figure(1.75 * cols, 1.95 * rows + 0.55)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (label, f, i, consistent) in zip(axes, cells):
         img = _display(images[i])
@@ -207,12 +198,18 @@ def plot_occlusion(
         layer, ch = oc.filter_name(f)
         pred = int(oc.base_pred[i])
         name = classes[pred] if classes is not None and pred < len(classes) else str(pred)
-        ax.set_title(f"{_short(layer, 15)}[{ch}] ({consistent} {label})\nimage {groups[label].index(i) + 1}, pred {name}, "
-                     f"{int(sil[i, :, f].sum())} patches", fontsize=6)
+        ax.set_title(
+            f"{short_name(layer, 15)}[{ch}] ({consistent} {label})\nimage {groups[label].index(i) + 1}, pred {name}, "
+            f"{int(sil[i, :, f].sum())} patches",
+            fontsize=6,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in axes[len(cells):]:
+    for ax in axes[len(cells) :]:
         ax.set_visible(False)
-    fig.suptitle("Semantic concepts by occlusion: per class, the filters whose concept is most consistent (localised on\n"
-                 "the most images of the class); bright = region whose blacking-out turns the filter off", fontsize=8)
+    fig.suptitle(
+        "Semantic concepts by occlusion: per class, the filters whose concept is most consistent (localised on\n"
+        "the most images of the class); bright = region whose blacking-out turns the filter off",
+        fontsize=8,
+    )
     return fig

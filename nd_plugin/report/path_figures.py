@@ -10,7 +10,7 @@ import numpy as np
 
 from nd_plugin.interpret import ClassPaths, FilterStates, PathDistribution
 from nd_plugin.interpret.states import DYNAMIC, ENERGETIC, SILENT
-from nd_plugin.report_figures import _figure, _layer_ticks, _short
+from nd_plugin.report.plotting import figure, layer_ticks, short_name
 
 __all__ = [
     "STATE_COLOURS",
@@ -45,11 +45,11 @@ def plot_filter_states(fs: FilterStates):
     """
     names = list(fs.names)
     height = max(4.0, 0.16 * len(names) + 1.5)
-    fig = _figure(12, height)
+    fig = figure(12, height)
     grid = fig.add_gridspec(2, 2, width_ratios=[1.1, 1])
     ax = fig.add_subplot(grid[:, 0])
     shares = np.array([fs[n].shares() for n in names] + [fs.overall.shares()])
-    labels = [_short(n) for n in names] + ["ALL"]
+    labels = [short_name(n) for n in names] + ["ALL"]
     y = np.arange(len(labels))[::-1]
     left = np.zeros(len(labels))
     for j, state in enumerate(("silent", "dynamic", "energetic")):
@@ -63,7 +63,7 @@ def plot_filter_states(fs: FilterStates):
     for row, layer in ((0, None), (1, names[-1])):
         axh = fig.add_subplot(grid[row, 1])
         _state_histogram(axh, fs, layer)
-        axh.set_title("all gated layers" if layer is None else f"last gated layer: {_short(layer, 40)}", fontsize=9)
+        axh.set_title("all gated layers" if layer is None else f"last gated layer: {short_name(layer, 40)}", fontsize=9)
     return fig
 
 
@@ -96,7 +96,7 @@ def plot_layer_histograms(fs: FilterStates, cols: int = 6):
     rows = int(np.ceil(len(names) / cols))
     # many panels: a fixed grid (constrained layout costs seconds here)
     height = 1.7 * rows + 0.8
-    fig = _figure(2.2 * cols, height, dpi=100, layout=None)
+    fig = figure(2.2 * cols, height, dpi=100, layout=None)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.35 / height, top=1 - 0.85 / height, hspace=0.8, wspace=0.3)
     axes = fig.subplots(rows, cols, squeeze=False)
     edges = fs.hist_edges
@@ -107,11 +107,15 @@ def plot_layer_histograms(fs: FilterStates, cols: int = 6):
         h = fs.histogram(names[i])
         ax.bar(edges[:-1] / max(fs.n, 1), h, width=1 / fs.bins, align="edge", color=STATE_COLOURS["dynamic"])
         s, d, e = fs[names[i]]
-        ax.set_title(f"{_short(names[i], 26)}\nS{s} D{d} E{e}", fontsize=7)
+        ax.set_title(f"{short_name(names[i], 26)}\nS{s} D{d} E{e}", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.set_xlim(0, 1)
-    fig.suptitle("Per layer: histogram of the fraction of inputs for which each filter is on (S/D/E: silent/dynamic/energetic)",
-                 fontsize=9, y=1 - 0.15 / height, va="top")
+    fig.suptitle(
+        "Per layer: histogram of the fraction of inputs for which each filter is on (S/D/E: silent/dynamic/energetic)",
+        fontsize=9,
+        y=1 - 0.15 / height,
+        va="top",
+    )
     return fig
 
 
@@ -142,7 +146,7 @@ def plot_class_paths(cp: ClassPaths, sort: str = "frequency"):
         idx = np.arange(block.shape[1]) if key is None else np.argsort(key, kind="stable")
         order.append(offsets[i] + idx)
     order = np.concatenate(order)
-    fig = _figure(13, 3.0 + 0.32 * k * 3)
+    fig = figure(13, 3.0 + 0.32 * k * 3)
     grid = fig.add_gridspec(3, 2, height_ratios=[1.1, 1.1, 1], width_ratios=[40, 1])
     ax = fig.add_subplot(grid[0, 0])
     im = ax.imshow(cp.means[:, order], aspect="auto", interpolation="antialiased", cmap="viridis", vmin=0, vmax=1)
@@ -151,8 +155,11 @@ def plot_class_paths(cp: ClassPaths, sort: str = "frequency"):
     ax.set_yticks(range(k), cp.classes, fontsize=8)
     mids = (offsets[:-1] + offsets[1:]) / 2
     step = max(1, int(np.ceil(len(mids) / 30)))
-    ax.set_xticks(mids[::step], [_short(n, 18) for n in cp.names][::step], rotation=90, fontsize=6)
-    ax.set_title(f"Class calculation paths: share of a class's inputs for which each filter is on ({sum(cp.sizes)} filters, sorted within each layer)", fontsize=9)
+    ax.set_xticks(mids[::step], [short_name(n, 18) for n in cp.names][::step], rotation=90, fontsize=6)
+    ax.set_title(
+        f"Class calculation paths: share of a class's inputs for which each filter is on ({sum(cp.sizes)} filters, sorted within each layer)",
+        fontsize=9,
+    )
     fig.colorbar(im, cax=fig.add_subplot(grid[0, 1]), label="on-rate")
     # Class differences hide among silent/energetic filters: show the varying filters' deviations.
     overall = (cp.means * cp.class_n[:, None]).sum(0) / max(cp.class_n.sum(), 1)
@@ -166,18 +173,31 @@ def plot_class_paths(cp: ClassPaths, sort: str = "frequency"):
         fig.colorbar(imd, cax=fig.add_subplot(grid[1, 1]), label="class − all")
         axd.set_xlabel("dynamic filters, most class-dependent first", fontsize=8)
     else:
-        axd.text(0.5, 0.5, "no dynamic filter: every class takes the same path", ha="center", va="center", transform=axd.transAxes)
+        axd.text(
+            0.5, 0.5, "no dynamic filter: every class takes the same path", ha="center", va="center", transform=axd.transAxes
+        )
         fig.add_subplot(grid[1, 1]).set_axis_off()
     axd.set_yticks(range(k), cp.classes, fontsize=8)
     axd.set_title(f"Deviation of each class's on-rate from the overall on-rate ({varying.size} filters that vary)", fontsize=9)
     ax2 = fig.add_subplot(grid[2, 0])
     im2 = ax2.imshow(cp.width_share, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
     ax2.set_yticks(range(k), [f"{c} ({w:.0f})" for c, w in zip(cp.classes, cp.total_width)], fontsize=8)
-    _layer_ticks(ax2, list(cp.names), axis="x")
+    layer_ticks(ax2, list(cp.names), axis="x")
     if len(cp.names) * k <= 400:
         for (r, c), v in np.ndenumerate(cp.width_share):
-            ax2.text(c, r, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=5.5, color="white" if v < 0.6 else "black")
-    ax2.set_title("Path width per class and layer (share of the layer's filters on, mean over the class); in brackets: filters on over all layers", fontsize=9)
+            ax2.text(
+                c,
+                r,
+                f"{v:.2f}"[1:] if v < 1 else "1",
+                ha="center",
+                va="center",
+                fontsize=5.5,
+                color="white" if v < 0.6 else "black",
+            )
+    ax2.set_title(
+        "Path width per class and layer (share of the layer's filters on, mean over the class); in brackets: filters on over all layers",
+        fontsize=9,
+    )
     fig.colorbar(im2, cax=fig.add_subplot(grid[2, 1]), label="width")
     return fig
 
@@ -192,7 +212,7 @@ def plot_class_stats(cp: ClassPaths):
         The Figure.
     """
     k = len(cp.classes)
-    fig = _figure(15, 4.8)
+    fig = figure(15, 4.8)
     a1, a2, a3 = fig.subplots(1, 3, width_ratios=[1, 1.4, 1.1])
     order = np.argsort(cp.total_width)
     a1.barh(np.arange(k), cp.total_width[order], color="#4c72b0")
@@ -204,10 +224,13 @@ def plot_class_stats(cp: ClassPaths):
     x = np.arange(len(cp.names))
     a2.plot(x, cp.eta2_layers, marker="o", ms=3)
     a2.axhline(cp.eta2, color="grey", ls="--", lw=0.8, label=f"all layers: {cp.eta2:.3f}")
-    _layer_ticks(a2, list(cp.names), axis="x", max_ticks=30)
+    layer_ticks(a2, list(cp.names), axis="x", max_ticks=30)
     a2.set_ylabel("η² (path variance explained by class)")
     p = "n/a" if cp.permutation_p is None else f"{cp.permutation_p:.3g}"
-    a2.set_title(f"Class dependence per layer; permutation p = {p}; {cp.class_dependent}/{cp.tested} varying filters class-dependent", fontsize=9)
+    a2.set_title(
+        f"Class dependence per layer; permutation p = {p}; {cp.class_dependent}/{cp.tested} varying filters class-dependent",
+        fontsize=9,
+    )
     a2.legend(fontsize=8)
     im = a3.imshow(cp.similarity, cmap="viridis", vmin=min(cp.similarity.min(), 0.999), vmax=1)
     a3.set_xticks(range(k), cp.classes, rotation=90, fontsize=7)
@@ -231,13 +254,15 @@ def plot_path_distribution(pd: PathDistribution):
     """
     import matplotlib
 
-    fig = _figure(15, 4.8)
+    fig = figure(15, 4.8)
     a1, a2, a3 = fig.subplots(1, 3, width_ratios=[1.2, 1, 1])
     cmap = matplotlib.colormaps["tab10" if len(pd.classes) <= 10 else "tab20"]
     for c, name in enumerate(pd.classes):
         sel = pd.embedding_labels == c
         if sel.any():
-            a1.scatter(pd.embedding[sel, 0], pd.embedding[sel, 1], s=4, alpha=0.5, color=cmap(c % cmap.N), label=name, linewidths=0)
+            a1.scatter(
+                pd.embedding[sel, 0], pd.embedding[sel, 1], s=4, alpha=0.5, color=cmap(c % cmap.N), label=name, linewidths=0
+            )
     ev = pd.explained_variance
     a1.set_xlabel(f"PC1 ({ev[0]:.1%})")
     a1.set_ylabel(f"PC2 ({ev[1]:.1%})")

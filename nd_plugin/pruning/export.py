@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,10 @@ from torch import nn
 
 from nd_plugin.errors import ExportError
 from nd_plugin.files import atomic_dir, load_tensors, read_json, weights_mismatch
-from nd_plugin.pruning import CompactModel, PruneRecord, apply_record
+from nd_plugin.pruning.structural import CompactModel, PruneRecord, apply_record
+from nd_plugin.run import PRUNE
 
-__all__ = ["FORMAT", "check_export_dir", "export", "load", "measure_latency"]
+__all__ = ["CHECK_RTOL", "FORMAT", "agreement", "check_export_dir", "export", "load"]
 
 FORMAT = "nd-plugin-compact/1"
 MANIFEST = "manifest.json"
@@ -44,28 +45,46 @@ STATIC_WEIGHTS = "static.pt"
 PROGRAM = "model.pt2"
 ONNX = "model.onnx"
 AOTI = "model_aoti.pt2"
-PRUNE_JSON = "prune.json"
-CHECK_RTOL = 1e-4
+CHECK_RTOL = 1e-4  # the largest relative error (of the logits) an exported form may show
 
 
 def check_export_dir(directory: str | os.PathLike, force: bool = False) -> Path:
     """Refuses an existing non-empty directory unless ``force``; returns the path."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise ExportError(f"export target {directory} exists and is not a directory; choose another --export path.")
+        raise ExportError(f"export target {directory} exists and is not a directory; choose another directory.")
     if directory.is_dir() and any(directory.iterdir()) and not force:
-        raise ExportError(f"export directory {directory} exists and is not empty; pass --force to replace it.")
+        raise ExportError(
+            f"export directory {directory} exists and is not empty; pass force=True to replace it.", params=("force",)
+        )
     return directory
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+def agreement(reference: torch.Tensor, got: torch.Tensor, *, strict: bool = True) -> dict[str, Any]:
+    """How closely ``got`` (logits of an exported or compact form) follows ``reference``: the one check of every form.
+
+    Args:
+        reference: logits of the model the form was made from, ``(N, K)``.
+        got: the form's logits on the same inputs.
+        strict: whether the relative error must stay within :data:`CHECK_RTOL` for ``ok``
+            (False: the error is reported, ``ok`` holds anyway, e.g. with a pruning tolerance).
+
+    Returns:
+        ``{"max_rel_err", "same_prediction", "strict", "ok"}``: the largest error relative to the
+        largest reference logit, and the share of inputs whose top-1 class agrees.
+
+    Example:
+        >>> a = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+        >>> agreement(a, a + 1e-6)["ok"], agreement(a, a.flip(1))["same_prediction"]
+        (True, 0.0)
+    """
+    err = float((reference - got).abs().max() / reference.abs().max().clamp_min(1e-12))
+    same = float((reference.argmax(1) == got.argmax(1)).float().mean())
+    return {"max_rel_err": err, "same_prediction": same, "strict": strict, "ok": err <= CHECK_RTOL or not strict}
 
 
 def _check(name: str, reference: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
-    err = _rel_err(reference, got)
-    same_pred = float((reference.argmax(1) == got.argmax(1)).float().mean())
-    return {"format": name, "max_rel_err": err, "same_prediction": same_pred, "ok": err <= CHECK_RTOL}
+    return {"format": name, **agreement(reference, got)}
 
 
 def _frozen(compact: CompactModel) -> nn.Module:
@@ -76,20 +95,6 @@ def _frozen(compact: CompactModel) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(False)
     return net
-
-
-def measure_latency(fn: Callable[[torch.Tensor], Any], inputs: Sequence[torch.Tensor], repeats: int = 20) -> float:
-    """Median seconds of ``fn(x)`` over ``repeats`` calls cycling through ``inputs`` (after 3 warm-ups).
-
-    Kept for existing callers; :func:`nd_plugin.engines.side_by_side` times several callables in turn.
-    """
-    from nd_plugin.engines import side_by_side
-
-    return side_by_side({"fn": fn}, list(inputs), repeats)["fn"] / 1e3
-
-
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -189,7 +194,7 @@ def export(
             with torch.no_grad():
                 checks.append(_check("torch.export", reference, loaded(inputs)))
         if "aoti" in formats:
-            from nd_plugin.engines import aoti_package
+            from nd_plugin.pruning.engines import aoti_package
 
             example = inputs[:2] if len(inputs) > 1 else inputs.expand(2, *inputs.shape[1:])
             aoti_package(net, example, tmp / AOTI)
@@ -218,11 +223,13 @@ def export(
             checks.append(_check("onnx", reference.cpu(), got))
         _write_json(tmp / MANIFEST, manifest)
         result = {"checks": checks, "ok": all(c["ok"] for c in checks), **(extra or {})}
-        _write_json(tmp / PRUNE_JSON, result)
+        _write_json(tmp / PRUNE, result)
         failed = [c for c in checks if not c["ok"]]
         if failed:
             detail = ", ".join(f"{c['format']} (max rel. error {c['max_rel_err']:.2e})" for c in failed)
-            raise ExportError(f"export check failed: {detail} differ from the eager model by more than {CHECK_RTOL}; nothing was written.")
+            raise ExportError(
+                f"export check failed: {detail} differ from the eager model by more than {CHECK_RTOL}; nothing was written."
+            )
     return result
 
 
@@ -251,7 +258,7 @@ def load(
         The :class:`~nd_plugin.pruning.CompactModel`, in eval mode.
 
     Example:
-        >>> _ = nd_plugin.export.export(compact, tmp / "out", x, model_spec={"name": "cifar:resnet20", "num_classes": 10})
+        >>> _ = export(compact, tmp / "out", x, model_spec={"name": "cifar:resnet20", "num_classes": 10})
         >>> loaded = nd_plugin.load(tmp / "out")
         >>> torch.allclose(loaded(x), compact(x), atol=1e-5)
         True

@@ -26,16 +26,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from nd_plugin.config import TrainConfig, density_target, lr_factor, preset, resolve_device
 from nd_plugin.decoupled import DecoupledModel
-from nd_plugin.distributed import PhaseDDP, init_distributed, reduce_path_stats
 from nd_plugin.errors import TrainingError
 from nd_plugin.losses import DecouplingLoss, LossTerms
-from nd_plugin.optim import param_groups, recalibrate_bn
 from nd_plugin.paths import PathStats
-from nd_plugin.steps import _compiled, _GraphedStep, eager_step
+from nd_plugin.training.bn import recalibrate_bn
+from nd_plugin.training.config import TrainConfig, density_target, lr_factor, resolve_device
+from nd_plugin.training.distributed import PhaseDDP, init_distributed, reduce_path_stats
+from nd_plugin.training.optim import param_groups
+from nd_plugin.training.steps import _compiled, _GraphedStep, eager_step
 
-__all__ = ["TrainConfig", "Trainer", "preset", "resolve_device"]
+__all__ = ["EpochResult", "Trainer", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -99,7 +100,7 @@ class EpochResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EpochResult:
-        train = {k[len("train_"):]: v for k, v in d.items() if k.startswith("train_")}
+        train = {k[len("train_") :]: v for k, v in d.items() if k.startswith("train_")}
         known = {"epoch", "phase", "lr", "val_top1", "val_density", "seconds"}
         extra = {k: v for k, v in d.items() if k not in known and not k.startswith("train_")}
         return cls(d["epoch"], d["phase"], d["lr"], train, d["val_top1"], d["val_density"], d["seconds"], extra)
@@ -187,8 +188,12 @@ class Trainer:
             sparsity_scope=config.sparsity_scope,
         ).to(self.device)
         groups = param_groups(
-            self.dm, self.loss_fn, lr=config.lr, acm_lr=config.acm_lr,
-            weight_decay=config.weight_decay, gate_weight_decay=config.gate_weight_decay,
+            self.dm,
+            self.loss_fn,
+            lr=config.lr,
+            acm_lr=config.acm_lr,
+            weight_decay=config.weight_decay,
+            gate_weight_decay=config.gate_weight_decay,
         )
         self.optimizer = torch.optim.SGD([{**g, "base_lr": g["lr"]} for g in groups], lr=config.lr, momentum=config.momentum)
         self._ddp = PhaseDDP(self.dm, self.loss_fn, self.dist, self.device, config.lambda_m)
@@ -259,7 +264,7 @@ class Trainer:
     def set_density_target(self, epoch: float) -> float:
         """Sets ``L_s``'s target density for a (fractional) global epoch of the decoupling phase.
 
-        Follows ``density_schedule`` (:func:`nd_plugin.config.density_target`) over the decoupling
+        Follows ``density_schedule`` (:func:`nd_plugin.training.config.density_target`) over the decoupling
         epochs; returns the target.
         """
         cfg = self.cfg
@@ -367,7 +372,8 @@ class Trainer:
         if step >= 0:
             raise TrainingError(
                 f"non-finite loss at epoch {epoch + 1}, step {step + 1}; training stopped and the last good "
-                "checkpoint is kept. Lower --lr or the λs and rerun with --resume."
+                "checkpoint is kept. Lower lr or the λs and rerun with resume=True.",
+                params=("lr", "resume"),
             )
 
     def recalibrate_bn(self, epoch: int) -> None:

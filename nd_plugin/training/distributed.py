@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nd_plugin.optim import gate_parameters
 from nd_plugin.paths import PathStats
+from nd_plugin.training.optim import gate_parameters
 
 __all__ = ["Dist", "PhaseDDP", "distributed_cleanup", "init_distributed", "interleave", "reduce_path_stats"]
 

@@ -68,9 +68,14 @@ def check_engines(names: Iterable[str]) -> tuple[str, ...]:
             raise ConfigError(f"unknown engine {raw!r}; choose from {known}.")
         if name in _NEEDS and importlib.util.find_spec(_NEEDS[name][0]) is None:
             package, fix = _NEEDS[name]
-            raise ExportError(f"engine {raw!r} needs {package}, which is not installed; {fix}, or leave it out of --engine.")
+            raise ExportError(
+                f"engine {raw!r} needs {package}, which is not installed; {fix}, or leave it out of engines.", params=("engines",)
+            )
         if name in _NEEDS_COMPILER and _compiler() is None:
-            raise ExportError(f"engine {raw!r} needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX); install one, or leave it out of --engine.")
+            raise ExportError(
+                f"engine {raw!r} needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX); install one, or leave it out of engines.",
+                params=("engines",),
+            )
         if name not in out:
             out.append(name)
     return tuple(out)
@@ -120,7 +125,9 @@ def aoti_package(module: nn.Module, example: torch.Tensor, path: str | os.PathLi
         return str(torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path)))
 
 
-def engine_runner(engine: str, module: nn.Module, example: torch.Tensor, threads: int | None = None) -> Callable[[torch.Tensor], Any]:
+def engine_runner(
+    engine: str, module: nn.Module, example: torch.Tensor, threads: int | None = None
+) -> Callable[[torch.Tensor], Any]:
     """A callable that runs ``module`` on ``engine`` (``example`` fixes the input shape to export or compile).
 
     Args:
@@ -140,7 +147,9 @@ def engine_runner(engine: str, module: nn.Module, example: torch.Tensor, threads
         return compiled
     if engine == "aoti":
         with tempfile.TemporaryDirectory() as tmp:  # the loaded package no longer needs its file
-            return torch._inductor.aoti_load_package(aoti_package(module, example, os.path.join(tmp, "model.pt2"), dynamic_batch=False))
+            return torch._inductor.aoti_load_package(
+                aoti_package(module, example, os.path.join(tmp, "model.pt2"), dynamic_batch=False)
+            )
     return _onnx_session(module, example, threads)
 
 

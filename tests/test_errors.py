@@ -1,0 +1,45 @@
+"""Library errors name Python parameters; the CLI prints the command's flags for them, exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nd_plugin.cli._app import app
+from nd_plugin.errors import ConfigError, ExportError
+from nd_plugin.training.config import TrainConfig
+
+
+def test_a_library_error_names_the_parameter() -> None:
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(ratio=1.5).validate()
+    assert str(info.value).startswith("ratio must be in [0, 1)") and "--" not in str(info.value)
+    assert info.value.params == ("ratio",)
+    with pytest.raises(ConfigError, match="^sparsity_scope must be one of") as info:
+        TrainConfig(sparsity_scope="channel").validate()
+    assert info.value.params == ("sparsity_scope",)
+
+
+def test_the_cli_prints_the_flag_and_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["decouple", "--ratio", "1.5", "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "--ratio must be in [0, 1)" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_force_true_becomes_the_flag(tmp_path: Path) -> None:
+    """``force=True`` in the library's message is ``--force`` on the command line; ``nd prune`` names its export option."""
+    from nd_plugin.pruning.export import check_export_dir
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="pass force=True to replace it") as info:
+        check_export_dir(out)
+    assert info.value.params == ("force",)
+    result = CliRunner().invoke(app, ["prune", str(tmp_path / "no-run"), "--export", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "pass --force to replace it" in result.output and "force=True" not in result.output
+    assert (out / "keep.txt").read_text() == "mine"
