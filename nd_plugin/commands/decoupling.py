@@ -49,6 +49,20 @@ def _say(line: str) -> None:
     Console(stderr=True).print(line, highlight=False, soft_wrap=True)
 
 
+def _start(cfg: TrainConfig) -> str:
+    """Where the model's weights come from, for the messages and ``config.json``.
+
+    Example:
+        >>> _start(TrainConfig(weights="w.pt")), _start(TrainConfig(pretrained=True)), _start(TrainConfig())
+        ('the weights in w.pt', "the library's pretrained weights", 'random weights (no pretrained weights given)')
+    """
+    if cfg.weights:
+        return f"the weights in {cfg.weights}"
+    if cfg.pretrained:
+        return "the library's pretrained weights"
+    return "random weights (no pretrained weights given)"
+
+
 def _run_config(cfg: TrainConfig, data: Any, dm: Any, trainer: Trainer, device: torch.device) -> dict[str, Any]:
     """What ``config.json`` records: every option, the data, the gated layers, versions."""
     return {
@@ -64,9 +78,9 @@ def _run_config(cfg: TrainConfig, data: Any, dm: Any, trainer: Trainer, device: 
         "reduction": cfg.reduction,
         "noise_std": cfg.noise_std,
         "warmup": (
-            f"{cfg.warmup_epochs} plain epochs before decoupling (no pretrained weights)"
+            f"{cfg.warmup_epochs} plain epochs before decoupling, from {_start(cfg)}"
             if cfg.warmup_epochs
-            else "none (trained weights given)"
+            else f"none (decoupling from {_start(cfg)})"
         ),
         "train": asdict(cfg),
         "world_size": trainer.dist.world,
@@ -148,7 +162,7 @@ def decouple(
             rundir.write_config(out, _run_config(cfg, data, dm, trainer, device))
             if progress and cfg.warmup_epochs:
                 _say(
-                    f"no pretrained weights: training the plain model for {cfg.warmup_epochs} warm-up epoch(s) "
+                    f"starting from {_start(cfg)}: training the plain model for {cfg.warmup_epochs} warm-up epoch(s) "
                     f"with gates open, then decoupling for {cfg.epochs} epoch(s)"
                 )
         stats = trainer.fit()
