@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nd_plugin.data import list_data_sources
 from nd_plugin.errors import NDError
 from nd_plugin.training.config import EPOCHS, LR, WARMUP_EPOCHS, TrainConfig
 
@@ -134,7 +135,9 @@ def decouple_command(
             help="R, the target fraction of each gated layer's filters that are ON for an average input (0.6 = 60% on, 40% off); 0 = plain L1 pressure. In [0, 1). Default: the model's preset."
         ),
     ] = _D.ratio,
-    data: Annotated[str, typer.Option(help="digits (embedded), cifar10, cifar100, imagefolder:PATH, synthetic")] = _D.data,
+    data: Annotated[
+        str, typer.Option(help=f"data spec, one of the registered sources: {', '.join(list_data_sources())} (digits is embedded)")
+    ] = _D.data,
     epochs: Annotated[
         int | None, typer.Option(help=f"decoupling epochs (default {EPOCHS['digits']} on digits, {EPOCHS['other']} otherwise)")
     ] = _D.epochs,
