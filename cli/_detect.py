@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from nd_plugin.detect.base import list_detectors
+from nd_plugin.commands.detect import list_detectors
 
 __all__ = ["detect_command"]
 

@@ -37,7 +37,8 @@ from nd_plugin.detect.workflow import DetectionResult, mi_weights_of, path_varia
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 from nd_plugin.utilities import auroc, subset_loader
 
-__all__ = ["load_or_fit", "parse_attack_args", "run_detection"]  # parse_attack_args: the CLI's --attack-arg
+# list_detectors (the --detectors help) and parse_attack_args (--attack-arg): what the CLI reads through this layer
+__all__ = ["list_detectors", "load_or_fit", "parse_attack_args", "run_detection"]
 
 
 def load_or_fit(
