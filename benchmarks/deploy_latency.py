@@ -6,7 +6,11 @@ Usage::
         --threads 1 2 --batch 1 32 --round-to 8 --out docs/data/deploy_latency.json
 
 For each run, in each engine, thread count and batch size, these are called in turn on the same
-validation inputs (medians):
+validation inputs (medians). Each engine is timed as ``nd prune`` times it: eager, compile and
+aoti in this process with ``--threads`` torch threads; ONNX Runtime in a fresh process of its own
+(no torch threads), ``--threads`` intra-op threads, one row with idle workers spinning and one
+without (``--onnx-spinning``; a spinning row's sessions share one pool, as one model serving calls
+back to back does):
 
 - ``dense``: the original network, norms folded;
 - ``decoupled``: the fastest correct decoupled form for that engine: in eager torch the runtime of
@@ -41,7 +45,15 @@ from nd_plugin.commands.pruning import spread_batches
 from nd_plugin.flops import count_flops, expected_flops
 from nd_plugin.pruning import apply_record, dynamic_runtime, fold_batchnorm
 from nd_plugin.pruning.deploy import plan_deployment
-from nd_plugin.pruning.engines import check_engines, engine_runner, side_by_side
+from nd_plugin.pruning.engines import (
+    check_engines,
+    check_spinning,
+    describe_settings,
+    engine_runner,
+    onnx_latency,
+    onnx_settings,
+    side_by_side,
+)
 from nd_plugin.pruning.plan import plain_copy
 from nd_plugin.run import open_run
 from nd_plugin.utilities import accuracy
@@ -100,10 +112,21 @@ def forms_of(run_dir: str, round_to: int, decide_threads: int, acc_images: int) 
 
 
 def measure(
-    forms: dict[str, Any], engines: tuple[str, ...], threads: int, batch: int, repeats: int, channels_last: bool = False
+    forms: dict[str, Any],
+    engines: tuple[str, ...],
+    threads: int,
+    batch: int,
+    repeats: int,
+    channels_last: bool = False,
+    onnx_spinning: str = "auto",
 ) -> list[dict[str, Any]]:
-    """One row per engine: median ms of each model, called in turn (``channels_last``: eager models
-    and inputs in NHWC memory layout, the dense model too)."""
+    """One row per engine and setting: median ms of each model, called in turn (``channels_last``:
+    eager models and inputs in NHWC memory layout, the dense model too).
+
+    Eager, compile and aoti run in this process with ``threads`` torch threads. ONNX Runtime runs
+    as ``nd prune`` times it (:func:`~nd_plugin.pruning.engines.onnx_latency`): its sessions
+    alternate in a process of their own with ``threads`` intra-op threads, one row per spinning
+    setting (``onnx_spinning`` ``auto``: on and off)."""
     torch.set_num_threads(threads)
     x = forms["x"]
     xs = [x[i : i + batch] for i in range(0, len(x) - batch + 1, batch)][:8] or [x[:batch]]
@@ -114,20 +137,27 @@ def measure(
     rows = []
     for engine in engines:
         names = ["dense", "runtime", "static", "tp"] if engine == "eager" else ["dense", "static", "tp"]
-        fns = {n: engine_runner(engine, mods[n], xs[0], threads) for n in names}
-        ms = side_by_side(fns, xs, repeats)
-        best = min((n for n in names if n in ("runtime", "static")), key=ms.get)
-        row = {"engine": engine, "threads": threads, "batch": batch, "channels_last": channels_last, "ms": ms, "decoupled": best}
-        row["speedup"] = {n: ms["dense"] / ms[n] for n in names if n != "dense"}
-        row["flops_reduction"] = {n: flops["dense"] / flops[n] for n in names if n != "dense"}
-        row["realised_over_flops"] = {n: row["speedup"][n] / row["flops_reduction"][n] for n in names if n != "dense"}
-        row["decoupled_vs_tp"] = ms["tp"] / ms[best]
-        rows.append(row)
-        print(
-            f"  {engine:7s} {threads}t b{batch:<3d} dense {ms['dense']:8.3f} ms | "
-            + " | ".join(f"{n} {ms[n]:8.3f} ({row['speedup'][n]:.2f}x)" for n in names if n != "dense"),
-            flush=True,
-        )
+        if engine == "onnx":  # as nd prune times it: a process of its own per setting, spinning on and off
+            settings = [s for s in onnx_settings(threads, onnx_spinning) if s["threads"] == threads]
+            measured = onnx_latency({n: mods[n] for n in names}, xs, settings, repeats)
+            timed = [(m["ms"], {k: m[k] for k in ("spinning", "pool", "process")}) for m in measured]
+        else:
+            fns = {n: engine_runner(engine, mods[n], xs[0], threads) for n in names}
+            timed = [(side_by_side(fns, xs, repeats), {"spinning": None, "process": "caller"})]
+        for ms, how in timed:
+            best = min((n for n in names if n in ("runtime", "static")), key=ms.get)
+            row = {"engine": engine, "threads": threads, "batch": batch, "channels_last": channels_last, **how, "ms": ms}
+            row["decoupled"] = best
+            row["speedup"] = {n: ms["dense"] / ms[n] for n in names if n != "dense"}
+            row["flops_reduction"] = {n: flops["dense"] / flops[n] for n in names if n != "dense"}
+            row["realised_over_flops"] = {n: row["speedup"][n] / row["flops_reduction"][n] for n in names if n != "dense"}
+            row["decoupled_vs_tp"] = ms["tp"] / ms[best]
+            rows.append(row)
+            print(
+                f"  {engine:7s} [{describe_settings({'threads': threads, **how})}] b{batch:<3d} dense {ms['dense']:8.3f} ms | "
+                + " | ".join(f"{n} {ms[n]:8.3f} ({row['speedup'][n]:.2f}x)" for n in names if n != "dense"),
+                flush=True,
+            )
     return rows
 
 
@@ -141,9 +171,11 @@ def main() -> None:
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--acc-images", type=int, default=2000)
     p.add_argument("--channels-last", action="store_true", help="eager models and inputs in channels-last layout")
+    p.add_argument("--onnx-spinning", default="auto", help="ONNX Runtime's idle workers spinning: on, off, auto (both)")
     p.add_argument("--out", default="deploy_latency.json")
     args = p.parse_args()
     engines = check_engines(args.engines)
+    spinning = check_spinning(args.onnx_spinning)
     payload: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
         **git_state(),
@@ -160,7 +192,7 @@ def main() -> None:
         for threads in args.threads:
             for batch in args.batch:
                 repeats = args.repeats if batch == 1 else max(args.repeats // 3, 5)
-                entry["rows"] += measure(forms, engines, threads, batch, repeats, args.channels_last)
+                entry["rows"] += measure(forms, engines, threads, batch, repeats, args.channels_last, spinning)
         payload["runs"].append(entry)
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"[deploy_latency] wrote {args.out}")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["prune_command", "print_dynamic_value", "print_prune_table"]
+__all__ = ["prune_command", "print_dynamic_value", "print_prune_table", "settings_note"]
 
 
 def print_prune_table(result: dict[str, Any]) -> None:
@@ -29,7 +29,10 @@ def print_prune_table(result: dict[str, Any]) -> None:
     table.add_column("ratio", justify="right")
     table.add_row("params", _si(params["original"]), _si(params["compact"]), f"{params['original'] / params['compact']:.2f}x")
     table.add_row(
-        "static FLOPs", _si(flops["original"]), _si(flops["compact_static"]), f"{flops['original'] / flops['compact_static']:.2f}x"
+        "static FLOPs",
+        _si(flops["original"]),
+        _si(flops["compact_static"]),
+        f"{flops['original'] / flops['compact_static']:.2f}x",
     )
     note = " (indep.)" if flops.get("independence_assumed") else ""
     table.add_row(
@@ -58,7 +61,11 @@ def print_dynamic_value(result: dict[str, Any], console: Any) -> None:
     from nd_plugin.pruning.value import describe
 
     if "dynamic_value" in result:
-        console.print("dynamic value (gated minus static top-1 at the same FLOPs, whole validation split): " + describe(result["dynamic_value"]), highlight=False)
+        console.print(
+            "dynamic value (gated minus static top-1 at the same FLOPs, whole validation split): "
+            + describe(result["dynamic_value"]),
+            highlight=False,
+        )
 
 
 def print_decisions(result: dict[str, Any], console: Any) -> None:
@@ -84,25 +91,58 @@ def print_engines(result: dict[str, Any], console: Any) -> None:
     engines = result.get("engines", {})
     if not engines:
         return
+    from nd_plugin.pruning.engines import describe_settings
+
     acc = result.get("accuracy", {})
-    table = Table(title=f"dense vs compact per engine ({result['latency_ms'].get('threads')} threads, medians)")
-    for col in ("engine", "batch", "form", "dense", "compact", "speed-up", "top-1"):
-        table.add_column(col, justify="left" if col in ("engine", "form") else "right")
+    lat = result["latency_ms"]
+    table = Table(title=f"dense vs compact per engine (medians of {lat.get('repeats')} alternating calls)")
+    for col in ("engine", "batch", "timed with", "form", "dense", "compact", "speed-up", "top-1"):
+        table.add_column(col, justify="left" if col in ("engine", "timed with", "form") else "right")
+    notes = []
     for row in engines.values():
         form = "dynamic runtime" if row["engine"] == "eager" else "static compact"
         top1 = acc.get("eager" if row["engine"] == "eager" else "static")
+        settings = row.get("settings") or {"threads": lat.get("threads")}  # a prune.json from before the settings
         table.add_row(
             row["engine"],
             str(row["batch"]),
+            describe_settings(settings),
             form,
             f"{row['dense_ms']:.2f} ms",
             f"{row['compact_ms']:.2f} ms",
             f"{row['speedup']:.2f}x",
             f"{top1:.2%}" if top1 is not None else "",
         )
+        if row.get("measured"):
+            notes.append(settings_note(row))
     if "gated" in acc:
-        table.caption = f"gated model top-1 {acc['gated']:.2%} on {acc['inputs']} validation images"
+        notes.append(f"gated model top-1 {acc['gated']:.2%} on {acc['inputs']} validation images")
+    table.caption = "\n".join(notes) or None
     console.print(table)
+
+
+def settings_note(row: dict[str, Any]) -> str:
+    """One line: the compact model's latency in each setting measured, and the fastest.
+
+    Example:
+        >>> row = {"engine": "onnx", "batch": 1, "measured": [
+        ...     {"threads": 2, "spinning": True, "dense_ms": 0.6, "compact_ms": 0.4, "speedup": 1.5},
+        ...     {"threads": 1, "spinning": None, "dense_ms": 0.5, "compact_ms": 0.35, "speedup": 1.43}]}
+        >>> row["fastest"] = row["measured"][1]
+        >>> settings_note(row)
+        'onnx b1, compact model per setting: 2 threads, spinning: 0.40 ms; 1 thread: 0.35 ms. Fastest: 1 thread (dense 0.50 ms, 1.43x)'
+    """
+    from nd_plugin.pruning.engines import describe_settings
+
+    def words(m: dict[str, Any]) -> str:
+        return describe_settings({"threads": m["threads"], "spinning": m["spinning"]})
+
+    each = "; ".join(f"{words(m)}: {m['compact_ms']:.2f} ms" for m in row["measured"])
+    best = row["fastest"]
+    return (
+        f"{row['engine']} b{row['batch']}, compact model per setting: {each}. "
+        f"Fastest: {words(best)} (dense {best['dense_ms']:.2f} ms, {best['speedup']:.2f}x)"
+    )
 
 
 def prune_command(
@@ -113,18 +153,29 @@ def prune_command(
     ] = None,
     tolerance: Annotated[
         float,
-        typer.Option(help="a filter on for at most this fraction of inputs is silent (removed), for at least 1 - it energetic (gate dropped); in [0, 0.5)"),
+        typer.Option(
+            help="a filter on for at most this fraction of inputs is silent (removed), for at least 1 - it energetic (gate dropped); in [0, 0.5)"
+        ),
     ] = 0.0,
     engine: Annotated[
         str,
-        typer.Option("--engine", help="comma-separated engines to measure and export for: eager, onnx (ort), compile, aoti (AOTInductor: minutes to compile)"),
+        typer.Option(
+            "--engine",
+            help="comma-separated engines to measure and export for: eager, onnx (ort), compile, aoti (AOTInductor: minutes to compile)",
+        ),
     ] = "eager,onnx",
     round_to: Annotated[int, typer.Option(help="channel block of static layers (8 or 16 suit oneDNN and ONNX Runtime)")] = 1,
     keep_gates: Annotated[bool, typer.Option("--keep-gates", help="keep every dynamic gate (no per-layer decision)")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace a non-empty --export directory")] = False,
     check_inputs: Annotated[int, typer.Option(help="validation inputs used to check the compact and exported models")] = 64,
     repeats: Annotated[int, typer.Option(help="batch-1 calls per model for the median latency")] = 10,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for the latency measurement")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for the latency measurement (ONNX Runtime: timed with these and with 1)")
+    ] = None,
+    onnx_spinning: Annotated[
+        str,
+        typer.Option(help="ONNX Runtime's idle workers spinning: on, off, or auto (both timed, the row shows the faster)"),
+    ] = "auto",
 ) -> None:
     """Remove silent filters for good; keep a gate only where skipping pays; measure and export.
 
@@ -145,6 +196,7 @@ def prune_command(
         check_inputs=check_inputs,
         latency_repeats=repeats,
         threads=threads,
+        onnx_spinning=onnx_spinning,
     )
     print_prune_table(result)
     if export is not None:

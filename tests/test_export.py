@@ -43,7 +43,9 @@ def test_load_by_registry_name(tmp_path: Path) -> None:
     adapters = pytest.importorskip("nd_plugin.adapters")
     dm, stats, x = decoupled("cifar:resnet20")
     compact = prune(dm, stats)
-    result = export(compact, tmp_path / "e", x[:8], model_spec={"name": "cifar:resnet20", "num_classes": 10}, formats=("weights",))
+    result = export(
+        compact, tmp_path / "e", x[:8], model_spec={"name": "cifar:resnet20", "num_classes": 10}, formats=("weights",)
+    )
     assert result["checks"][0]["format"] == "weights+manifest (eager)" and result["ok"]
     rebuilt = nd_plugin.load(tmp_path / "e")
     with torch.no_grad():
@@ -117,6 +119,9 @@ def test_prune_run_decides_per_layer_and_exports_static_forms(resnet20_run: Path
     assert [d["site"] for d in decisions] == json.loads((out / "manifest.json").read_text())["prune"]["sites"]
     assert all(d["mode"] in ("dynamic", "static") and d["reason"] for d in decisions)
     assert set(result["engines"]) == {"eager/b1", "onnx/b1"}
+    recorded = json.loads((resnet20_run / "prune.json").read_text())["engines"]  # how each engine was timed
+    assert recorded["eager/b1"]["settings"]["process"] == "caller" and recorded["onnx/b1"]["settings"]["process"] == "own"
+    assert {m["threads"] for m in recorded["onnx/b1"]["measured"]} >= {1} and "fastest" in recorded["onnx/b1"]
     assert all(c["ok"] for c in result["checks"]) and {c["format"] for c in result["checks"]} >= {"onnx", "torch.export"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert "cannot skip" in manifest["engines"]["onnx"] and manifest["static"]["static"] == manifest["static"]["sites"]

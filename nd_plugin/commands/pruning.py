@@ -7,7 +7,9 @@
 2. decides per gated layer, by measured batch-1 cost, whether the eager runtime keeps its gate
    (:func:`~nd_plugin.pruning.deploy.plan_deployment`), and builds the static compact model for the
    engines that cannot skip per input;
-3. measures accuracy, FLOPs, and dense vs compact latency in every requested engine, side by side;
+3. measures accuracy, FLOPs, and dense vs compact latency in every requested engine, side by side,
+   each engine as deployed: ONNX Runtime in a process of its own, at the requested threads
+   (spinning on and off) and at 1 thread (:func:`engine_latency`);
 4. measures the *dynamic value* on the whole validation split: the gated model's top-1 minus that
    of the static network with the same FLOPs (:func:`~nd_plugin.pruning.dynamic_value`);
 5. exports (optionally) and writes ``RUN/prune.json``.
@@ -25,7 +27,15 @@ import torch
 from nd_plugin.errors import ExportError
 from nd_plugin.files import atomic_write_json
 from nd_plugin.paths import check_tolerance
-from nd_plugin.pruning.engines import check_engines, engine_runner, side_by_side
+from nd_plugin.pruning.engines import (
+    check_engines,
+    check_spinning,
+    check_threads,
+    engine_runner,
+    onnx_latency,
+    onnx_settings,
+    side_by_side,
+)
 from nd_plugin.run import PRUNE, open_run
 from nd_plugin.utilities import accuracy
 
@@ -48,40 +58,74 @@ def engine_latency(
     batch_sizes: Sequence[int] = (1,),
     repeats: int = 10,
     threads: int | None = None,
+    onnx_spinning: str = "auto",
 ) -> dict[str, dict[str, Any]]:
-    """Dense vs compact latency per engine and batch size, called alternately (median ms).
+    """Dense vs compact latency per engine and batch size, each engine timed as deployed (median ms).
+
+    Within an engine the dense and the compact model are called in turn on the same inputs.
+    ``eager``, ``compile`` and ``aoti`` run in this process with ``threads`` torch threads.
+    ``onnx`` runs in a process of its own (:func:`~nd_plugin.pruning.engines.onnx_latency`), once
+    per setting of :func:`~nd_plugin.pruning.engines.onnx_settings`: ``threads`` intra-op threads
+    with idle workers spinning or not, and 1 thread. Its row holds the ``threads`` setting
+    (``onnx_spinning="auto"``: the spinning under which the compact model ran faster), every
+    setting under ``measured`` and the one fastest for the compact model under ``fastest``.
 
     Args:
         dense: the original network (norms folded, like the compact forms).
         forms: engine -> the compact module that engine runs.
         inputs: real inputs; batch ``b`` uses consecutive slices of ``b``.
         batch_sizes: batch sizes to time.
-        repeats: timed calls per model.
-        threads: torch (and ONNX Runtime) threads; None leaves torch's setting.
+        repeats: timed calls per model and setting.
+        threads: torch threads and ONNX Runtime's intra-op threads (None: torch's setting).
+        onnx_spinning: ``auto``, ``on`` or ``off`` (ONNX Runtime's idle workers spinning).
+
+    Returns:
+        ``"engine/bB"`` -> ``{"engine", "batch", "dense_ms", "compact_ms", "speedup", "settings"}``
+        (``settings``: ``threads``, ``spinning``, ``process``; ``onnx`` adds ``measured`` and ``fastest``).
+
+    Raises:
+        ConfigError: ``threads`` not a positive integer, ``onnx_spinning`` not auto, on or off.
     """
+    threads = check_threads(threads)
+    onnx_spinning = check_spinning(onnx_spinning)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
+        used = torch.get_num_threads()
         out: dict[str, dict[str, Any]] = {}
         for engine, compact in forms.items():
             for b in batch_sizes:
                 xs = [inputs[i : i + b] for i in range(0, max(len(inputs) - b, 0) + 1, max(b, 1))][:8]
-                fns = {
-                    "dense": engine_runner(engine, dense, xs[0], threads),
-                    "compact": engine_runner(engine, compact, xs[0], threads),
-                }
-                ms = side_by_side(fns, xs, repeats)
-                out[f"{engine}/b{b}"] = {
-                    "engine": engine,
-                    "batch": b,
-                    "dense_ms": ms["dense"],
-                    "compact_ms": ms["compact"],
-                    "speedup": ms["dense"] / ms["compact"],
-                }
+                if engine == "onnx":
+                    grid = onnx_settings(used, onnx_spinning)
+                    measured = onnx_latency({"dense": dense, "compact": compact}, xs, grid, repeats)
+                    rows = [_timing(m["ms"], {k: m[k] for k in ("threads", "spinning", "pool", "process")}) for m in measured]
+                    asked = min((r for r in rows if r["threads"] == used), key=lambda r: r["compact_ms"])
+                    fastest = min(rows, key=lambda r: r["compact_ms"])
+                    row = {**_setting_row(asked), "measured": rows, "fastest": fastest}
+                    row["settings"]["onnx_spinning"] = onnx_spinning
+                else:
+                    fns = {
+                        "dense": engine_runner(engine, dense, xs[0], threads),
+                        "compact": engine_runner(engine, compact, xs[0], threads),
+                    }
+                    row = _setting_row(_timing(side_by_side(fns, xs, repeats), {"threads": used, "process": "caller"}))
+                out[f"{engine}/b{b}"] = {"engine": engine, "batch": b, **row}
         return out
     finally:
         torch.set_num_threads(previous)
+
+
+def _timing(ms: dict[str, float], settings: dict[str, Any]) -> dict[str, Any]:
+    """One setting's medians: ``{**settings, "dense_ms", "compact_ms", "speedup"}``."""
+    return {**settings, "dense_ms": ms["dense"], "compact_ms": ms["compact"], "speedup": ms["dense"] / ms["compact"]}
+
+
+def _setting_row(timing: dict[str, Any]) -> dict[str, Any]:
+    """A table row from one setting's medians: the times at the top, the setting under ``settings``."""
+    times = ("dense_ms", "compact_ms", "speedup")
+    return {**{k: timing[k] for k in times}, "settings": {k: v for k, v in timing.items() if k not in times}}
 
 
 def prune_run(
@@ -97,6 +141,7 @@ def prune_run(
     round_to: int = 1,
     keep_gates: bool = False,
     accuracy_inputs: int = 2000,
+    onnx_spinning: str = "auto",
 ) -> dict[str, Any]:
     """``nd prune``: prunes a run's model with its path statistics, measures it, optionally exports.
 
@@ -107,19 +152,23 @@ def prune_run(
         force: replace a non-empty ``export_dir``.
         check_inputs: validation inputs used for the equality and export checks and the timing.
         latency_repeats: calls per model for the median latency.
-        threads: CPU threads for the decision and the latency (None: leave as is).
+        threads: CPU threads for the decision and the latency (None: leave as is); ONNX Runtime
+            is timed with this many intra-op threads and with 1 (:func:`engine_latency`).
         engines: engines to measure and export for (``eager``, ``onnx``/``ort``, ``compile``,
             ``aoti``: AOTInductor, compiled at export, minutes on a small CPU).
         round_to: channel block of the static layers (8 or 16 suit oneDNN and ONNX Runtime).
         keep_gates: keep every dynamic layer's gate (skip the per-layer decision).
         accuracy_inputs: validation images for the accuracy of each form (the dynamic value uses
             the whole validation split).
+        onnx_spinning: ONNX Runtime's idle workers spinning (``on``, ``off``) or ``auto``: both
+            timed, the row shows the faster for the compact model.
 
     Returns:
         The content of ``prune.json`` (also written to ``RUN/prune.json``).
 
     Raises:
-        ConfigError: tolerance outside ``[0, 0.5)``, a bad ``round_to``, an unknown engine.
+        ConfigError: tolerance outside ``[0, 0.5)``, a bad ``round_to``, an unknown engine,
+            ``threads`` not a positive integer, ``onnx_spinning`` not auto, on or off.
         RunDirError: no run, no checkpoint, or no ``paths.npz`` (the message says how to make it).
         ExportError: an engine is not installed; ``export_dir`` not empty without ``force``; a
             check failed (nothing is written).
@@ -135,6 +184,8 @@ def prune_run(
     tolerance = check_tolerance(tolerance)
     round_to = check_round_to(round_to)
     engines = check_engines(engines)
+    threads = check_threads(threads)
+    onnx_spinning = check_spinning(onnx_spinning)
     if export_dir is not None:
         check_export_dir(export_dir, force)
     run = open_run(run_dir)
@@ -180,7 +231,7 @@ def prune_run(
     static_plain = fold_batchnorm(plain_copy(static.model), inputs[:1], norms=net.norms)
     forms.update({e: static_plain for e in engines if e != "eager"})
     forms = {e: forms[e] for e in engines}
-    latency = engine_latency(dense, forms, inputs, repeats=latency_repeats, threads=threads)
+    latency = engine_latency(dense, forms, inputs, repeats=latency_repeats, threads=threads, onnx_spinning=onnx_spinning)
     # the gated model (tolerance 0: the exact compact model's expected FLOPs) against the static
     # network of the same FLOPs, on the whole validation split
     gated_flops = exp_exact if tolerance == 0.0 else expected_flops(prune(dm, stats, dg=dg), stats, plan=net)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -206,17 +205,9 @@ def export(
         if "onnx" in formats:
             import onnxruntime as ort
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    net,
-                    (inputs[:1],),
-                    str(tmp / ONNX),
-                    input_names=["input"],
-                    output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                    dynamo=False,  # the TorchScript exporter needs no onnxscript rewrite of the gate ops
-                )
+            from nd_plugin.pruning.engines import onnx_bytes
+
+            (tmp / ONNX).write_bytes(onnx_bytes(net, inputs[:1]))
             manifest["files"]["onnx"] = ONNX
             session = ort.InferenceSession(str(tmp / ONNX), providers=["CPUExecutionProvider"])
             got = torch.from_numpy(session.run(None, {"input": inputs.cpu().numpy()})[0])
