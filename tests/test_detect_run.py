@@ -10,7 +10,7 @@ import torch
 from _helpers import DetectBundle, detect_clean_set, detect_model, fake_detect_run
 
 from nd_plugin.commands.detect import run_detection
-from nd_plugin.detect import list_detectors
+from nd_plugin.detect import COMBINED_SETS, list_detectors
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError, UnknownAttackError, UnknownDetectorError
 
 pytest.importorskip("torchattacks")
@@ -73,7 +73,7 @@ def test_run_detection_end_to_end(tiny_run):
     assert res.detectors["path_supervised"]["chosen"][0] in (0.0, 0.005)  # preprocessing through the path score
     assert res.transfer["fitted_on"] == "fgsm-eps0.3" and list(res.transfer["detectors"]) == list_detectors(supervised=True)
     assert res.recommended == "combined" and res.detectors["combined"]["auroc"] > 0.8
-    assert set(res.detectors["combined"]["chosen"]) <= {"scores", "scores+path_features"}
+    assert set(res.detectors["combined"]["chosen"]) <= set(COMBINED_SETS)
     out = json.loads((tiny_run / "detect" / "pgd-eps0.3" / "detect.json").read_text())
     assert out["detectors"]["lid"] == res.detectors["lid"] and out["detector"]["fit_n"] == "480"
     for f in res.figures:

@@ -51,9 +51,9 @@ __all__ = [
     "combined_features",
 ]
 
-#: The two feature sets of the ``combined`` detector; the regression chooses between them on the
-#: choice part, as Lee's chooses a preprocessing magnitude (:func:`combined_features`).
-COMBINED_SETS = ("scores", "scores+path_features")
+#: The feature sets of the ``combined`` detector; the regression chooses among them on the choice
+#: part, as Lee's chooses a preprocessing magnitude (:func:`combined_features`).
+COMBINED_SETS = ("scores", "scores+path_features", "scores+raw_path")
 
 
 def combined_features(fitted: FittedDetectors, probe: Probe, path: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -65,8 +65,10 @@ def combined_features(fitted: FittedDetectors, probe: Probe, path: np.ndarray | 
     the penultimate Mahalanobis distance and of Lee's per-layer distances without preprocessing.
     ``"scores+path_features"``: the same and the per-layer path features of ``path_supervised``
     (:meth:`~nd_plugin.detect.detectors.PathDetector.path_features`; pass them as ``path`` when
-    already computed). The few scores fit well on a few dozen attacked inputs; the per-layer
-    features add what they see when there are hundreds (docs/notes/detect.md, issue 24).
+    already computed). ``"scores+raw_path"``: the scores and the raw soft path of
+    ``path_supervised_raw`` (every gated layer's gate logits). The few scores fit well on a few
+    dozen attacked inputs; the path features add what they see when there are more, and on CIFAR
+    ResNet-20 runs the raw soft path carries the most against FGSM (docs/notes/detect.md, issue 24).
 
     Example:
         >>> import torch, nd_plugin
@@ -76,8 +78,8 @@ def combined_features(fitted: FittedDetectors, probe: Probe, path: np.ndarray | 
         >>> x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 3
         >>> fitted = fit_detectors(dm, [(x, y)])
         >>> probe = collect_probe(dm, x[:4], feature_layer="linear", stages=fitted.lee.layers)
-        >>> {k: v.shape for k, v in combined_features(fitted, probe).items()}  # 1 + 6 + 1 + 4 stage sites; + 3 x 2 x 3
-        {'scores': (4, 12), 'scores+path_features': (4, 30)}
+        >>> {k: v.shape for k, v in combined_features(fitted, probe).items()}  # 1 + 6 + 1 + 4 stage sites; + 3 x 2 x 3; + 16 + 32 + 64
+        {'scores': (4, 12), 'scores+path_features': (4, 30), 'scores+raw_path': (4, 124)}
     """
     parts = [fitted.path.score_probe(probe).overall[:, None], confidence_features(probe.logits)]
     pen = fitted.penultimate
@@ -88,7 +90,8 @@ def combined_features(fitted: FittedDetectors, probe: Probe, path: np.ndarray | 
         parts.append(np.log1p(np.maximum(lee.score_probe(probe), 0.0)))
     scores = np.concatenate(parts, axis=1)
     path = fitted.path.path_features(probe) if path is None else path
-    return {COMBINED_SETS[0]: scores, COMBINED_SETS[1]: np.concatenate([scores, path], axis=1)}
+    raw = np.concatenate(probe.z, axis=1)
+    return dict(zip(COMBINED_SETS, (scores, np.concatenate([scores, path], axis=1), np.concatenate([scores, raw], axis=1)), strict=True))
 
 
 @register_detector("path")
