@@ -214,7 +214,9 @@ def test_combined_detector_features_and_recommendation(dm, clean):
     assert np.array_equal(sets["scores+path_features"], np.c_[sets["scores"], path]) and path.shape[1] == L * 2 * k
     assert np.allclose(sets["scores"][:, 0], fitted.path.score_probe(probe).overall)
     raw = np.concatenate(probe.z, axis=1)  # the raw soft path, one column per gated filter
-    assert np.array_equal(sets["scores+raw_path"], np.c_[sets["scores"], raw]) and raw.shape[1] == sum(s.channels for s in dm.gate_sites)
+    assert np.array_equal(sets["scores+raw_path"], np.c_[sets["scores"], raw]) and raw.shape[1] == sum(
+        s.channels for s in dm.gate_sites
+    )
     # a probe without penultimate or stage features: the scores it has (the path score and the confidence)
     bare = combined_features(fitted, collect_probe(dm, x[:20]))
     assert bare["scores"].shape == (20, 7)

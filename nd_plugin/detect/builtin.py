@@ -91,7 +91,9 @@ def combined_features(fitted: FittedDetectors, probe: Probe, path: np.ndarray | 
     scores = np.concatenate(parts, axis=1)
     path = fitted.path.path_features(probe) if path is None else path
     raw = np.concatenate(probe.z, axis=1)
-    return dict(zip(COMBINED_SETS, (scores, np.concatenate([scores, path], axis=1), np.concatenate([scores, raw], axis=1)), strict=True))
+    return dict(
+        zip(COMBINED_SETS, (scores, np.concatenate([scores, path], axis=1), np.concatenate([scores, raw], axis=1)), strict=True)
+    )
 
 
 @register_detector("path")
