@@ -346,7 +346,7 @@ class Run:
         if not self.checkpoint_path.exists():
             raise RunDirError(
                 f"{self.path} has no {CHECKPOINT}; train first with `nd decouple MODEL --out {self.path}` "
-                "(or finish an interrupted run with `--resume`)."
+                f"(or finish an interrupted run with `nd decouple MODEL --out {self.path} --resume`)."
             )
         return self._read_checkpoint(self.checkpoint_path, device)
 

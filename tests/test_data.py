@@ -22,9 +22,7 @@ from nd_plugin.errors import DataError
 CLASSES = ["cat", "dog", "frog"]
 
 
-def make_folder(
-    root: Path, per_class: int, size: int = 16, ext: str = "png", seed: int = 0
-) -> Path:
+def make_folder(root: Path, per_class: int, size: int = 16, ext: str = "png", seed: int = 0) -> Path:
     """Writes ``root/<class>/<i>.<ext>`` images whose mean colour depends on the class."""
     rng = np.random.default_rng(seed)
     for c, name in enumerate(CLASSES):
@@ -97,9 +95,11 @@ def test_synthetic_is_deterministic_and_learnable() -> None:
     assert (len(a.train), len(a.val), a.num_classes, a.input_size) == (160, 40, 10, (3, 32, 32))
     assert torch.equal(a.train.images, b.train.images)
     assert len(load_data("synthetic").train) == 800
+
     # class structure: a nearest-class-mean classifier on mean colours separates the classes
     def colours(ds: TensorImageDataset) -> torch.Tensor:
         return ds.images.mean(dim=(2, 3))
+
     means = torch.stack([colours(a.train)[a.train.targets == c].mean(0) for c in range(10)])
     pred = torch.cdist(colours(a.val), means).argmin(1)
     assert (pred == a.val.targets).float().mean() > 0.9
@@ -191,8 +191,9 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
 
 def test_cifar_absent_without_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ND_DATA_DIR", str(tmp_path))
-    with pytest.raises(DataError, match=r"cifar10 not found .*--download.*imagefolder:PATH"):
+    with pytest.raises(DataError, match=r"cifar10 not found .*pass download=True .*imagefolder:PATH") as info:
         load_data("cifar10")
+    assert info.value.params == ("download",)
     with pytest.raises(DataError, match="cifar100 not found"):
         load_data("cifar100")
 

@@ -259,5 +259,5 @@ def test_plan_splits_fewer_attacks(correct, n_adv, supervised, expected):
 ])  # fmt: skip
 def test_plan_splits_too_small_for_any_estimate(n_adv, supervised, match):
     with pytest.raises(DetectionError, match=match) as info:
-        plan_splits(300, np.arange(n_adv), supervised=supervised, hint="raise eps (--eps)")
-    assert len(str(info.value).splitlines()) == 1
+        plan_splits(300, np.arange(n_adv), supervised=supervised, hint="raise eps", hint_params=("eps",))
+    assert len(str(info.value).splitlines()) == 1 and info.value.params == ("eps",)

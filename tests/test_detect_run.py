@@ -125,9 +125,16 @@ def test_run_detection_too_small_for_any_estimate(tiny_run):
     with pytest.raises(
         DetectionError,
         match=r"only \d+ of the \d+ correctly classified inputs were attacked successfully; .*"
-        r"at least 15 successful attacks: raise eps \(--eps, now 0.3.*--n, now 12.*--detectors path,max_softmax\)$",
-    ):
+        r"at least 15 successful attacks: raise eps \(now 0.3.*attack=pgd.*\(n, now 12.*\(detectors=path,max_softmax\)$",
+    ) as info:
         run_detection(tiny_run, attack="pgd", eps=0.3, n=12, steps=2, figures=False, detectors=["path", "lid", "max_softmax"])
+    assert "--" not in str(info.value) and info.value.params == ("eps", "attack", "n", "detectors")
+    from nd_plugin.cli._app import app, flag_message, option_flags
+
+    detect = next(c.callback for c in app.registered_commands if c.name == "detect")
+    line = flag_message(info.value, option_flags(detect))  # what `nd detect` prints
+    assert "raise --eps (now 0.3" in line and "--attack=pgd" in line and "(--n, now 12" in line
+    assert line.endswith("(--detectors=path,max_softmax)") and "successful attacks" in line
 
 
 def test_run_detection_any_torchattacks_attack(tiny_run):
@@ -204,8 +211,9 @@ def test_cli_measures_a_registered_detector(tiny_run):
 
 
 def test_run_detection_zero_success(tiny_run):
-    with pytest.raises(DetectionError, match=r"succeeded on none .*\(success rate 0\)"):
+    with pytest.raises(DetectionError, match=r"succeeded on none .*\(success rate 0\).*raise eps") as info:
         run_detection(tiny_run, attack="fgsm", eps=1e-6, n=30, figures=False, detectors=["path"])
+    assert info.value.params == ("eps",)
 
 
 def test_run_detection_without_checkpoint(dm, tmp_path):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from nd_plugin.cli._app import app
+import nd_plugin
+from nd_plugin.cli._app import app, decouple_command, flag_message, option_flags
 from nd_plugin.errors import ConfigError, ExportError
 from nd_plugin.training.config import TrainConfig
 
@@ -43,3 +46,34 @@ def test_force_true_becomes_the_flag(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "pass --force to replace it" in result.output and "force=True" not in result.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def _raised_text(node: ast.expr) -> str:
+    """The string literals of a raised expression, joined (f-string values left out)."""
+    return " ".join(n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+
+
+def test_library_errors_name_no_cli_flag() -> None:
+    """Outside the commands layer an error names parameters; a flag appears only inside a whole suggested `nd ...` command."""
+    root = Path(nd_plugin.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "commands" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                text = re.sub(r"`nd [^`]*`", "", _raised_text(node.exc))
+                if re.search(r"(?<![\w-])--[a-z]", text):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, found
+
+
+def test_a_parameter_without_a_flag_keeps_its_name() -> None:
+    """bn_recalibrate has no `nd decouple` option: the CLI prints the parameter, not an invented flag."""
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(bn_recalibrate=-1).validate()
+    assert info.value.params == ("bn_recalibrate",)
+    flags = option_flags(decouple_command)
+    assert "bn_recalibrate" not in flags and "ratio" in flags
+    assert flag_message(info.value, flags) == str(info.value)
+    assert flag_message(info.value, flags).startswith("bn_recalibrate must be >= 0")

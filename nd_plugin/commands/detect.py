@@ -165,7 +165,7 @@ def run_detection(
     source = resolve_attack(transfer_from[0], transfer_from[1], steps=steps) if transfer_from else None
     for label, value in (("n", n), ("seeds", seeds)) + ((("fit_n", fit_n),) if fit_n is not None else ()):
         if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{label} must be a positive integer, got {value!r}.")
+            raise ConfigError(f"{label} must be a positive integer, got {value!r}.", params=(label,))
     say = log or (lambda _s: None)
     run = run if isinstance(run, rundir.Run) else rundir.open_run(run)
     mi = mi_weights_of(run.load_checkpoint("cpu"))  # also: a run without a checkpoint stops here, in one line
@@ -199,17 +199,20 @@ def run_detection(
             device=device,
         )
 
+    # what to do about too few successful attacks, and the parameters it names (the CLI writes its flags)
+    hint_params = ("eps", "attack", "n", "detectors")
+
     def hint(a: AttackSpec) -> str:
-        ways = [f"raise eps (--eps, now {float(a.kwargs['eps']):.4g}; e.g. 0.1)"] if "eps" in a.kwargs else []
-        ways.append("use a stronger attack (e.g. --attack pgd)")
+        ways = [f"raise eps (now {float(a.kwargs['eps']):.4g}; e.g. 0.1)"] if "eps" in a.kwargs else []
+        ways.append("try a stronger one (e.g. attack=pgd)")
         if n < available:
-            ways.append(f"draw more inputs (--n, now {n}; the validation split holds {available})")
+            ways.append(f"draw more inputs (n, now {n}; the validation split holds {available})")
         unsupervised = [d.name for d in chosen if not d.supervised] or list_detectors(supervised=False)
-        return ", ".join(ways) + f", or measure only the unsupervised detectors (--detectors {','.join(unsupervised)})"
+        return ", ".join(ways) + f", or measure only the unsupervised ones (detectors={','.join(unsupervised)})"
 
     t0 = time.perf_counter()
     aset = attacked(spec)
-    splits = plan(aset, chosen, seeds=seeds, hint=hint(spec))  # before the features: a set too small stops here
+    splits = plan(aset, chosen, seeds=seeds, hint=hint(spec), hint_params=hint_params)  # a set too small stops here
     say(f"protocol: {splits.protocol} ({splits.reason})")
     adv_f = detector_features(fitted, dm, aset.x_adv, aset.adv, **feat_kw)
     say(f"scoring {aset.correct} clean and {aset.successful} attacked inputs")
@@ -218,7 +221,7 @@ def run_detection(
     transfer = None
     if source is not None and any(d.supervised for d in chosen):
         src = attacked(source)
-        src_splits = plan(src, chosen, seeds=seeds, hint=hint(source))
+        src_splits = plan(src, chosen, seeds=seeds, hint=hint(source), hint_params=hint_params)
         src_f = detector_features(fitted, dm, src.x_adv, src.adv, **feat_kw)
         transfer = {
             "fitted_on": src.tag,

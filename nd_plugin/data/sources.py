@@ -77,7 +77,8 @@ def _cifar(
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
             raise DataError(
                 f"{name} not found (or corrupt) under {root} (ND_DATA_DIR sets the location); "
-                f"pass --download when online, or use imagefolder:PATH for a local copy"
+                f"pass download=True when online, or use imagefolder:PATH for a local copy",
+                params=("download",),
             ) from e
         except OSError as e:  # network errors while downloading
             raise DataError(f"could not download {name} to {root}: {e}") from e

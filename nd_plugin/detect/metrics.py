@@ -57,7 +57,6 @@ def detection_metrics(clean: np.ndarray, adversarial: np.ndarray, *, fpr: float 
     return {"auroc": float(roc_auc_score(y, s)), "tpr_at_fpr": float(t[f <= fpr + 1e-12].max())}
 
 
-
 #: Lee et al.'s split of the attacked data: 5% to fit the regression, 5% to choose its
 #: hyperparameter (preprocessing magnitude, LID's k), 90% to test.
 FIT_FRACTION, VAL_FRACTION = 0.05, 0.05
@@ -163,13 +162,23 @@ class Splits:
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "splits", "repeats", "reason", "description"}`` (what ``detect.json`` records)."""
         if self.protocol == LEE_PROTOCOL:
-            what = (f"Lee et al. 2018: clean = correctly classified, positives = successful attacks; 5% fit / 5% choice "
-                    f"/ 90% test, {self.repeats} seeds")
+            what = (
+                f"Lee et al. 2018: clean = correctly classified, positives = successful attacks; 5% fit / 5% choice "
+                f"/ 90% test, {self.repeats} seeds"
+            )
         else:
-            what = (f"stratified {len(self.parts) // max(self.repeats, 1)}-fold cross-validation over all clean inputs and "
-                    f"their successful attacks (scikit-learn StratifiedKFold, {self.repeats} repetition(s)); in each, "
-                    f"{1 - KFOLD_VAL_FRACTION:.0%} of the training folds fit, {KFOLD_VAL_FRACTION:.0%} choose, the held-out fold tests")
-        return {"name": self.protocol, "splits": len(self.parts), "repeats": self.repeats, "reason": self.reason, "description": what}
+            what = (
+                f"stratified {len(self.parts) // max(self.repeats, 1)}-fold cross-validation over all clean inputs and "
+                f"their successful attacks (scikit-learn StratifiedKFold, {self.repeats} repetition(s)); in each, "
+                f"{1 - KFOLD_VAL_FRACTION:.0%} of the training folds fit, {KFOLD_VAL_FRACTION:.0%} choose, the held-out fold tests"
+            )
+        return {
+            "name": self.protocol,
+            "splits": len(self.parts),
+            "repeats": self.repeats,
+            "reason": self.reason,
+            "description": what,
+        }
 
 
 def _fit_counts(parts: Sequence[tuple[np.ndarray, ...]], attacked: np.ndarray) -> tuple[int, int]:
@@ -185,6 +194,7 @@ def plan_splits(
     supervised: bool = True,
     folds: Sequence[int] = KFOLD,
     hint: str = "",
+    hint_params: Sequence[str] = (),
 ) -> Splits:
     """Lee's 5 / 5 / 90 split when it can hold enough inputs, else stratified K-fold cross-validation.
 
@@ -202,6 +212,7 @@ def plan_splits(
         supervised: whether a regression has to be fitted on the fit parts.
         folds: the Ks to try, in order.
         hint: what the caller can do about too few attacks (appended to the error).
+        hint_params: the parameters that ``hint`` names (the error's :attr:`~nd_plugin.errors.NDError.params`).
 
     Returns:
         The :class:`Splits`.
@@ -227,12 +238,18 @@ def plan_splits(
         lee = lee_splits(int(correct), seeds)
         fit_adv, fit_clean = _fit_counts(lee, attacked)
         if all(attacked[t].any() for _f, _v, t in lee) and (not supervised or min(fit_adv, fit_clean) >= MIN_FIT_PER_CLASS):
-            return Splits(LEE_PROTOCOL, lee, seeds, f"{n_adv} successful attacks on {correct} clean inputs: Lee's 5% fit part holds enough")
-        reason = (f"Lee's 5% fit part would hold {fit_adv} attacked and {fit_clean} clean inputs (a regression needs "
-                  f"{MIN_FIT_PER_CLASS} of each): all {correct} clean inputs and {n_adv} successful attacks are cross-validated")
+            return Splits(
+                LEE_PROTOCOL, lee, seeds, f"{n_adv} successful attacks on {correct} clean inputs: Lee's 5% fit part holds enough"
+            )
+        reason = (
+            f"Lee's 5% fit part would hold {fit_adv} attacked and {fit_clean} clean inputs (a regression needs "
+            f"{MIN_FIT_PER_CLASS} of each): all {correct} clean inputs and {n_adv} successful attacks are cross-validated"
+        )
         if not supervised:
-            reason = (f"a 90% test part of Lee's would hold no attacked input: all {correct} clean inputs and {n_adv} "
-                      "successful attacks are cross-validated")
+            reason = (
+                f"a 90% test part of Lee's would hold no attacked input: all {correct} clean inputs and {n_adv} "
+                "successful attacks are cross-validated"
+            )
         for k in dict.fromkeys(min(int(f), n_adv) for f in folds):
             if k < 2:
                 continue
@@ -240,11 +257,17 @@ def plan_splits(
             parts = kfold_splits(attacked, k, repeats)
             if not supervised or min(_fit_counts(parts, attacked)) >= MIN_FIT_PER_CLASS:
                 return Splits(f"stratified-kfold-{k}", parts, repeats, reason)
-    what = (f"the supervised detectors' regression needs at least {MIN_FIT_PER_CLASS} attacked inputs in the fit part of a "
-            f"{widest}-fold cross-validation, so at least {need} successful attacks" if supervised else
-            "measuring a detector needs at least 2 successful attacks")
-    raise DetectionError(f"only {n_adv} of the {correct} correctly classified inputs were attacked successfully; {what}"
-                         + (f": {hint}" if hint else "."))
+    what = (
+        f"the supervised detectors' regression needs at least {MIN_FIT_PER_CLASS} attacked inputs in the fit part of a "
+        f"{widest}-fold cross-validation, so at least {need} successful attacks"
+        if supervised
+        else "measuring a detector needs at least 2 successful attacks"
+    )
+    raise DetectionError(
+        f"only {n_adv} of the {correct} correctly classified inputs were attacked successfully; {what}"
+        + (f": {hint}" if hint else "."),
+        params=hint_params,
+    )
 
 
 def _part(clean: np.ndarray, adv: np.ndarray, adv_index: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,9 +278,12 @@ def _part(clean: np.ndarray, adv: np.ndarray, adv_index: np.ndarray, idx: np.nda
 
 def _summary(aurocs: list[float], tprs: list[float], **extra: Any) -> dict[str, Any]:
     return {
-        "auroc": round(float(np.mean(aurocs)), 4), "auroc_std": round(float(np.std(aurocs)), 4),
-        "tpr_at_5fpr": round(float(np.mean(tprs)), 4), "tpr_at_5fpr_std": round(float(np.std(tprs)), 4),
-        "seeds": len(aurocs), **extra,
+        "auroc": round(float(np.mean(aurocs)), 4),
+        "auroc_std": round(float(np.std(aurocs)), 4),
+        "tpr_at_5fpr": round(float(np.mean(tprs)), 4),
+        "tpr_at_5fpr_std": round(float(np.std(tprs)), 4),
+        "seeds": len(aurocs),
+        **extra,
     }
 
 
@@ -351,7 +377,8 @@ def evaluate_supervised(
                 raise DetectionError(
                     f"the 5% fit split holds {n_adv} attacked and {n_clean} clean inputs; the regression needs at least "
                     f"{MIN_FIT_PER_CLASS} of each: attack at least {int(np.ceil(MIN_FIT_PER_CLASS / FIT_FRACTION / min(per, 1.0)))} "
-                    f"correctly classified inputs ({int(np.ceil(MIN_FIT_PER_CLASS / FIT_FRACTION))} successful attacks), e.g. raise --n."
+                    f"correctly classified inputs ({int(np.ceil(MIN_FIT_PER_CLASS / FIT_FRACTION))} successful attacks), e.g. raise n.",
+                    params=("n",),
                 )
             reg = _regression(xf, yf, seed)
             xv, yv = _part(clean, adv, adv_index, val)

@@ -236,8 +236,9 @@ def attack_set(
         raise DetectionError(f"the model classifies none of the {drawn} test inputs correctly: nothing to attack.")
     if not adv_parts:
         raise DetectionError(
-            f"attack {key} at eps={eps:.4g} succeeded on none of the {correct} correctly classified inputs "
-            "(success rate 0): nothing to detect; raise eps (--eps) or use a stronger attack (e.g. pgd)."
+            f"attack {key} (budget {eps:.4g}) succeeded on none of the {correct} correctly classified inputs "
+            "(success rate 0): nothing to detect; raise eps or use a stronger attack (e.g. pgd).",
+            params=("eps",),
         )
     return AttackedSet(
         key,
@@ -300,17 +301,25 @@ def detector_features(
     return {d.name: d.features(inputs) for d in resolve_detectors(detectors)}
 
 
-def plan(aset: AttackedSet, detectors: Iterable[str | Detector] | None = None, *, seeds: int = 5, hint: str = "") -> Splits:
+def plan(
+    aset: AttackedSet,
+    detectors: Iterable[str | Detector] | None = None,
+    *,
+    seeds: int = 5,
+    hint: str = "",
+    hint_params: Sequence[str] = (),
+) -> Splits:
     """The evaluation protocol for ``aset``: Lee's 5 / 5 / 90 split, or stratified K-fold
     cross-validation when Lee's 5% fit part cannot hold enough attacked inputs
     (:func:`~nd_plugin.detect.metrics.plan_splits`; only asked when a detector of ``detectors``
     is supervised; ``None``: every registered detector).
 
     Raises:
-        DetectionError: too few successful attacks for any estimate (``hint`` says what to do).
+        DetectionError: too few successful attacks for any estimate (``hint`` says what to do,
+            naming the parameters ``hint_params``).
     """
     supervised = any(d.supervised for d in resolve_detectors(detectors))
-    return plan_splits(aset.correct, aset.adv_index, seeds=seeds, supervised=supervised, hint=hint)
+    return plan_splits(aset.correct, aset.adv_index, seeds=seeds, supervised=supervised, hint=hint, hint_params=hint_params)
 
 
 def evaluate(
@@ -344,7 +353,9 @@ def evaluate(
         (``seeds``: how many test parts the mean and std are over), in the order of ``detectors``.
     """
     if transfer is not None and transfer[1].correct != aset.correct:
-        raise DetectionError("a transfer needs both attacks on the same clean inputs (same --n, --seed and data).")
+        raise DetectionError(
+            "a transfer needs both attacks on the same clean inputs (same n, seed and data).", params=("n", "seed", "data")
+        )
     splits = lee_splits(aset.correct, seeds) if splits is None else list(splits)
     if detectors is None:
         detectors = [n for n in list_detectors() if n in adv]
