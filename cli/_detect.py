@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from nd_plugin.commands.detect import list_detectors
+from nd_plugin.run import DETECTOR_PATH
 
 __all__ = ["detect_command"]
 
@@ -42,7 +43,7 @@ def detect_command(
     fit_n: Annotated[
         int | None, typer.Option(help="training inputs to fit the detectors on (default: the whole training split)")
     ] = None,
-    refit: Annotated[bool, typer.Option(help="refit the detectors even when RUN/detector.npz exists")] = False,
+    refit: Annotated[bool, typer.Option(help=f"refit the detectors even when RUN/{DETECTOR_PATH} exists")] = False,
     out: Annotated[Path | None, typer.Option(help="output directory (default RUN/detect/ATTACK-epsEPS)")] = None,
     batch_size: Annotated[int, typer.Option(help="inputs per forward pass and attack batch")] = 200,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",

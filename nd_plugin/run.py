@@ -11,7 +11,9 @@
     RUN/prune.json               ``nd prune``: filters, FLOPs, latency per engine, dynamic value
     RUN/.lock                    while ``nd decouple`` runs: the pid that holds the directory
     RUN/report/                  ``nd analyze``: figures, ``analysis.json``, ``index.html``
-    RUN/detector*.npz            ``nd detect``: the fitted detectors
+    RUN/detector.npz             ``nd detect``: the fitted path detector
+    RUN/detector_mahalanobis.npz ``nd detect``: Mahalanobis on penultimate features
+    RUN/detector_lee.npz         ``nd detect``: Lee et al.'s Gaussians per stage
     RUN/detect/TAG/detect.json   ``nd detect``: one attack's results (and its figures)
 
 This module is the one place that knows the layout; it sits below the Trainer (which writes its
@@ -64,6 +66,9 @@ __all__ = [
     "CONFIG",
     "DETECT",
     "DETECT_JSON",
+    "DETECTOR_LEE",
+    "DETECTOR_PATH",
+    "DETECTOR_PENULTIMATE",
     "INDEX_HTML",
     "LOCK",
     "METRICS",
@@ -101,6 +106,9 @@ ANALYSIS_JSON = "analysis.json"  # in it: every number of nd analyze
 INDEX_HTML = "index.html"  # in it: the offline report page
 DETECT = "detect"  # nd detect's folders: DETECT/TAG/
 DETECT_JSON = "detect.json"  # in each of them
+DETECTOR_PATH = "detector.npz"  # nd detect's fitted detectors (nd_plugin.detect.protocol.FittedDetectors)
+DETECTOR_PENULTIMATE = "detector_mahalanobis.npz"
+DETECTOR_LEE = "detector_lee.npz"
 ARTEFACTS = (CHECKPOINT, PREVIOUS, METRICS, PATHS, SUMMARY)  # what a new run clears
 _CONFIG_KEYS = ("model", "num_classes", "input_size")  # and "sites", checked where used
 

@@ -12,6 +12,7 @@ from _helpers import DetectBundle, detect_clean_set, detect_model, fake_detect_r
 from nd_plugin.commands.detect import run_detection
 from nd_plugin.detect import COMBINED_SETS, list_detectors
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError, UnknownAttackError, UnknownDetectorError
+from nd_plugin.run import DETECTOR_LEE, DETECTOR_PATH, DETECTOR_PENULTIMATE
 
 pytest.importorskip("torchattacks")
 
@@ -78,7 +79,7 @@ def test_run_detection_end_to_end(tiny_run):
     assert out["detectors"]["lid"] == res.detectors["lid"] and out["detector"]["fit_n"] == "480"
     for f in res.figures:
         assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert all((tiny_run / f).is_file() for f in ("detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"))
+    assert all((tiny_run / f).is_file() for f in (DETECTOR_PATH, DETECTOR_PENULTIMATE, DETECTOR_LEE))  # run.py's names
     from nd_plugin import open_run
     from nd_plugin.detect.figures import detection_section_html
 

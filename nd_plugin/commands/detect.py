@@ -23,7 +23,6 @@ from nd_plugin.detect.attacks import AttackSpec, parse_attack_args, resolve_atta
 from nd_plugin.detect.base import Detector, list_detectors, resolve_detectors
 from nd_plugin.detect.baselines import LEE_MAGNITUDES
 from nd_plugin.detect.protocol import (
-    PATH_FILE,
     AttackedSet,
     FittedDetectors,
     attack_set,
@@ -63,10 +62,10 @@ def load_or_fit(
             if fitted.meta.get("data") == data_spec and fitted.meta.get("fit_n") == want:
                 return fitted
         except (RunDirError, DetectionError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            if (run.path / PATH_FILE).exists():  # saved but damaged or another model's: say so, touch nothing
+            if (run.path / rundir.DETECTOR_PATH).exists():  # saved but damaged or another model's: say so, touch nothing
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise RunDirError(
-                    f"the saved detectors ({run.path / PATH_FILE} and beside it) cannot be used ({reason}); refit them with `nd detect {run.path} --refit`."
+                    f"the saved detectors ({run.path / rundir.DETECTOR_PATH} and beside it) cannot be used ({reason}); refit them with `nd detect {run.path} --refit`."
                 ) from None
     loader = subset_loader(bundle.train, fit_n, batch_size, seed)
     say(f"fitting the detectors on {len(loader.dataset)} training inputs")
@@ -256,7 +255,7 @@ def run_detection(
         detector={
             "method": det.method,
             "combine": det.combine,
-            "file": str(run.path / PATH_FILE),
+            "file": str(run.path / rundir.DETECTOR_PATH),
             **fitted.meta,
             "evaluate_seconds": round(time.perf_counter() - t0, 1),
         },

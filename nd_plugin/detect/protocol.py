@@ -43,6 +43,7 @@ from nd_plugin.detect.features import (
 )
 from nd_plugin.detect.metrics import Splits, lee_splits, plan_splits
 from nd_plugin.errors import DetectionError, RunDirError
+from nd_plugin.run import DETECTOR_LEE, DETECTOR_PATH, DETECTOR_PENULTIMATE
 
 __all__ = [
     "RECOMMENDED",
@@ -58,8 +59,6 @@ __all__ = [
 
 #: The detector a report recommends when it was measured (:func:`recommend`).
 RECOMMENDED = "combined"
-
-PATH_FILE, PENULTIMATE_FILE, LEE_FILE = "detector.npz", "detector_mahalanobis.npz", "detector_lee.npz"
 
 
 @dataclass
@@ -79,11 +78,12 @@ class FittedDetectors:
     meta: dict[str, str]
 
     def save(self, folder: str | Path) -> None:
-        """Writes the three detectors to ``folder`` (``detector.npz``, ``detector_mahalanobis.npz``, ``detector_lee.npz``)."""
+        """Writes the three detectors to ``folder`` (the run-directory names :data:`~nd_plugin.run.DETECTOR_PATH`,
+        :data:`~nd_plugin.run.DETECTOR_PENULTIMATE`, :data:`~nd_plugin.run.DETECTOR_LEE`)."""
         folder = Path(folder)
-        self.path.save(folder / PATH_FILE, **self.meta)
-        self.penultimate.save(folder / PENULTIMATE_FILE)
-        self.lee.save(folder / LEE_FILE)
+        self.path.save(folder / DETECTOR_PATH, **self.meta)
+        self.penultimate.save(folder / DETECTOR_PENULTIMATE)
+        self.lee.save(folder / DETECTOR_LEE)
 
     @classmethod
     def load(cls, folder: str | Path, dm: nn.Module) -> FittedDetectors:
@@ -94,12 +94,12 @@ class FittedDetectors:
             DetectionError: the saved detector's gated layers are not the model's.
         """
         folder = Path(folder)
-        for name in (PATH_FILE, PENULTIMATE_FILE, LEE_FILE):
+        for name in (DETECTOR_PATH, DETECTOR_PENULTIMATE, DETECTOR_LEE):
             if not (folder / name).is_file():
                 raise RunDirError(f"{folder / name} does not exist.")
-        path = PathDetector.load(folder / PATH_FILE, dm)
-        pen = MahalanobisDetector.load(folder / PENULTIMATE_FILE, dm)
-        return cls(path, pen, LeeMahalanobis.load(folder / LEE_FILE), dict(path.meta))
+        path = PathDetector.load(folder / DETECTOR_PATH, dm)
+        pen = MahalanobisDetector.load(folder / DETECTOR_PENULTIMATE, dm)
+        return cls(path, pen, LeeMahalanobis.load(folder / DETECTOR_LEE), dict(path.meta))
 
 
 def fit_detectors(
