@@ -90,7 +90,8 @@ def register_model(name: str, factory: Callable[..., nn.Module] | None = None) -
     The factory is called as ``factory(num_classes=K)`` (without arguments when ``num_classes`` is
     None, so give it a default; with ``pretrained=True`` only when that is asked for) and returns
     an ``nn.Module``. Registered names come first in the bare-name lookup. The registry lives in
-    this process: for the ``nd`` commands, name your factory with ``module:PKG.MOD:FN`` instead.
+    this process: for the ``nd`` commands, import the module that registers it with
+    ``nd --import PKG.MOD ...``, or name the factory ``module:PKG.MOD:FN``.
 
     Args:
         name: the model's name: letters, digits, ``_``, ``-``, ``.``; no ``:``.

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from nd_plugin.data import list_data_sources
@@ -93,13 +96,68 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except NDError as exc:
             message = flag_message(exc, option_flags(wrapper))
-            _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            _err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             _err.print("interrupted; a run directory can be continued with --resume")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Imports the user's modules that register models, data sources or detectors, in order.
+
+    Each name is a module on ``sys.path`` (``PKG.MOD``; ``PYTHONPATH`` adds folders) or a
+    ``FILE.py``; several may be joined by commas. Importing runs the module's
+    ``register_model`` / ``register_data_source`` / ``register_detector`` calls, so that the
+    command that follows knows their names.
+
+    Raises:
+        typer.Exit: (code 2) a module that cannot be imported, after one line naming it.
+    """
+    for name in (part.strip() for entry in names for part in entry.split(",")):
+        if not name:
+            continue
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(f"no file {path}")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            else:
+                importlib.import_module(name)
+        except Exception as exc:  # a user's module may fail in any way: one line, not a traceback
+            sys.modules.pop(Path(name).stem if name.endswith(".py") else name, None)
+            lines = str(exc).strip().splitlines()
+            reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+            _err.print(
+                f"[bold red]error:[/] {escape(f'--import {name} failed: {reason}')} "
+                "(name a module on PYTHONPATH as PKG.MOD, or a FILE.py)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
+
+
+@app.callback()
+def options(
+    imports: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--import",
+            envvar="ND_IMPORT",
+            metavar="MODULE",
+            help="import MODULE (PKG.MOD on PYTHONPATH, or FILE.py) before the command, so that the models, data sources "
+            "and detectors it registers can be named; repeatable; ND_IMPORT takes a comma-separated list",
+        ),
+    ] = None,
+) -> None:
+    """Network decoupling: per-input calculation paths for CNNs (train, analyse, prune, detect)."""
+    import_modules(imports or [])
 
 
 @app.command("models")
@@ -136,7 +194,10 @@ def decouple_command(
         ),
     ] = _D.ratio,
     data: Annotated[
-        str, typer.Option(help=f"data spec, one of the registered sources: {', '.join(list_data_sources())} (digits is embedded)")
+        str,
+        typer.Option(
+            help=f"data spec: {', '.join(list_data_sources())} (digits is embedded), or a source a module of nd --import registers"
+        ),
     ] = _D.data,
     epochs: Annotated[
         int | None, typer.Option(help=f"decoupling epochs (default {EPOCHS['digits']} on digits, {EPOCHS['other']} otherwise)")

@@ -49,7 +49,10 @@ def detect_command(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of the input draw and the attack")] = 0,
     detectors: Annotated[
-        str | None, typer.Option(help=f"comma-separated detectors (default all registered): {', '.join(list_detectors())}")
+        str | None,
+        typer.Option(
+            help=f"comma-separated detectors (default all registered): {', '.join(list_detectors())}, or one a module of nd --import registers"
+        ),
     ] = None,
     seeds: Annotated[
         int,

@@ -63,7 +63,7 @@ def register_data_source(
     the images should have, ``None`` for their own; ``train_augment``: augment the training split;
     ``download``: fetching is allowed) and returns a :class:`~nd_plugin.data.bundle.DataBundle`.
     Sources are listed in registration order, the built-in ones first. The registry lives in this
-    process.
+    process: for the ``nd`` commands, import the module that registers it with ``nd --import PKG.MOD ...``.
 
     Args:
         scheme: lower-case letters, digits, ``_``, ``.``, ``-`` (specs are matched case-insensitively).

@@ -181,7 +181,8 @@ def register_detector(name: str, cls: type[Detector] | None = None) -> Any:
     """Files a :class:`Detector` subclass under ``name``: the protocol and ``nd detect`` measure it.
 
     Detectors are listed (and measured, and tabled) in the order they were registered; the
-    built-in ones come first. The registry lives in this process.
+    built-in ones come first. The registry lives in this process: for the ``nd`` commands, import
+    the module that registers it with ``nd --import PKG.MOD ...``.
 
     Args:
         name: letters, digits, ``_``, ``.``, ``-``.
