@@ -85,7 +85,7 @@ class ACM(nn.Module):
     receives a gradient from the first step on; ``z`` starts near ``b2 ± 0.6``) and
     ``b2 = init_bias`` (1, as in the paper's release). ``init_bias = 3`` saturates the soft gate at 1,
     so a wrapped network starts exactly where it was even under training noise; measured on digits
-    it ends with far fewer dynamic filters (2% against 14%, docs/benchmarks.md), because ``L_s``
+    it ends with far fewer dynamic filters (2% against 14%, docs/notes/history.md), because ``L_s``
     then pushes saturated gates into static on/off. The train/eval mismatch of ``b2 = 1`` is taken
     care of by the trainer's BatchNorm recalibration.
 

@@ -91,7 +91,7 @@ class TrainConfig:
         lr: learning rate of the network; default :data:`LR` (lower when fine-tuning trained weights).
         acm_lr: learning rate of the gates and L_mi classifiers (own group, no weight decay);
             default 0.1: at the network's rate the gates barely move in a short run, at 0.5 they
-            overshoot into static on/off (measured on digits, docs/benchmarks.md).
+            overshoot into static on/off (measured on digits, docs/notes/history.md).
         gate_bias: initial gate logit ``b2`` of every ACM.
         bn_recalibrate: batches of training data used after each decoupling epoch to re-estimate
             BatchNorm statistics with eval-time (hard, noise-free) gates, and at most a tenth of
