@@ -250,7 +250,7 @@ def decouple_command(
         str, typer.Option(help="L_kl target: output (before the gate) or activation (after the ReLU, the release)")
     ] = _D.kl_target,
     sparsity_gates: Annotated[
-        str, typer.Option(help="gates L_s counts: eval (1[z > 0]) or train (noisy training gates, the release)")
+        str, typer.Option(help=escape("gates L_s counts: eval (1[z > 0]) or train (noisy training gates, the release)"))
     ] = _D.sparsity_gates,
     density_schedule: Annotated[
         str,

@@ -77,3 +77,28 @@ def test_a_parameter_without_a_flag_keeps_its_name() -> None:
     assert "bn_recalibrate" not in flags and "ratio" in flags
     assert flag_message(info.value, flags) == str(info.value)
     assert flag_message(info.value, flags).startswith("bn_recalibrate must be >= 0")
+
+
+def _help_texts() -> list[tuple[str, str]]:
+    """``(where, help)`` of every command, argument and option of ``nd``, as typer hands them to rich."""
+    import typer
+
+    group = typer.main.get_command(app)
+    out = [("nd", group.help or "")] + [(p.name or "", p.help or "") for p in group.params]
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        out.append((name, command.help or ""))
+        out += [(f"{name} {p.name}", getattr(p, "help", None) or "") for p in command.params]
+    return out
+
+
+def test_help_texts_keep_their_square_brackets() -> None:
+    """Rich reads ``[z > 0]`` as markup and drops it: every help string with brackets shows them all."""
+    from rich.text import Text
+
+    eaten = [
+        where for where, text in _help_texts() if Text.from_markup(text).plain.count("[") != text.replace("\\[", "[").count("[")
+    ]
+    assert not eaten, eaten
+    result = CliRunner().invoke(app, ["decouple", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "eval (1[z > 0]) or train" in re.sub(r"[\s│]+", " ", result.output)
