@@ -269,6 +269,9 @@ def decouple_command(
         typer.Option(help="share of the decoupling epochs over which the target density moves from 1 to --ratio, in [0, 1]"),
     ] = _D.density_ramp,
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = _D.workers,
+    download: Annotated[
+        bool, typer.Option("--download", help="fetch CIFAR-10/100 into $ND_DATA_DIR (default ~/.cache/nd-plugin/data) when missing")
+    ] = _D.download,
     amp: Annotated[bool, typer.Option(help="bf16 autocast on a GPU (--no-amp trains in float32)")] = _D.amp,
     cuda_graphs: Annotated[bool, typer.Option(help="on one GPU, replay the decoupling step as a CUDA graph")] = _D.cuda_graphs,
     compile: Annotated[
@@ -318,6 +321,7 @@ def decouple_command(
         density_ramp=density_ramp,
         sparsity_scope=sparsity_scope,
         workers=workers,
+        download=download,
         amp=amp,
         cuda_graphs=cuda_graphs,
         compile=compile,

@@ -135,7 +135,7 @@ def decouple(
         if main and not resume:  # refuse a bad --out before any work
             rundir.check_new_out(out, cfg.model, overwrite)
         seed_everything(cfg.seed)
-        data = data if data is not None else load_data(cfg.data)
+        data = data if data is not None else load_data(cfg.data, download=cfg.download)
         model = create_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.weights)
         dm = wrap(
             model,

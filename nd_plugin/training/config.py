@@ -107,6 +107,8 @@ class TrainConfig:
             Combines with ``cuda_graphs``: the compiled step is then captured and replayed.
         hard_share: share of samples whose gates are hard (``1[z̃ > 0]``) in training, in ``[0, 1]``;
             the rest use the soft gate (``nd_plugin.gates.binarize``).
+        download: fetch a downloadable data set (CIFAR) into ``$ND_DATA_DIR`` (default
+            ``~/.cache/nd-plugin/data``) when it is not there yet.
         acm_init: ``open`` (every gate open, input-independent at the start) or ``kaiming`` (the
             authors' release).
         mi_init: ``L_mi`` classifier init, ``kaiming`` (the release) or ``torch``.
@@ -147,6 +149,7 @@ class TrainConfig:
     gate_bias: float = 1.0
     reduction: int = 4
     workers: int = 0
+    download: bool = False
     bn_recalibrate: int = 50
     amp: bool = True
     cuda_graphs: bool = True
