@@ -270,7 +270,8 @@ def decouple_command(
     ] = _D.density_ramp,
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = _D.workers,
     download: Annotated[
-        bool, typer.Option("--download", help="fetch CIFAR-10/100 into $ND_DATA_DIR (default ~/.cache/nd-plugin/data) when missing")
+        bool,
+        typer.Option("--download", help="fetch CIFAR-10/100 into $ND_DATA_DIR (default ~/.cache/nd-plugin/data) when missing"),
     ] = _D.download,
     amp: Annotated[bool, typer.Option(help="bf16 autocast on a GPU (--no-amp trains in float32)")] = _D.amp,
     cuda_graphs: Annotated[bool, typer.Option(help="on one GPU, replay the decoupling step as a CUDA graph")] = _D.cuda_graphs,

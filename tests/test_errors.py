@@ -51,7 +51,9 @@ def test_force_true_becomes_the_flag(tmp_path: Path) -> None:
 def test_missing_cifar_points_to_the_download_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A CIFAR copy that is not there: the library asks for ``download=True``, ``nd decouple`` for ``--download``."""
     monkeypatch.setenv("ND_DATA_DIR", str(tmp_path / "empty"))
-    result = CliRunner().invoke(app, ["decouple", "cifar:resnet20", "--data", "cifar10", "--out", str(tmp_path / "run"), "--quiet"])
+    result = CliRunner().invoke(
+        app, ["decouple", "cifar:resnet20", "--data", "cifar10", "--out", str(tmp_path / "run"), "--quiet"]
+    )
     assert result.exit_code == 2, result.output
     assert "pass --download when online" in result.output and "download=True" not in result.output
 
