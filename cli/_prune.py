@@ -164,7 +164,7 @@ def prune_command(
             help="comma-separated engines to measure and export for: eager, onnx (ort), compile, aoti (AOTInductor: minutes to compile)",
         ),
     ] = "eager,onnx",
-    round_to: Annotated[int, typer.Option(help="channel block of static layers (8 or 16 suit oneDNN and ONNX Runtime)")] = 1,
+    round_to: Annotated[int, typer.Option(help="channel block of static layers (8, the default, or 16 suit oneDNN and ONNX Runtime; 1: exact counts)")] = 8,
     keep_gates: Annotated[bool, typer.Option("--keep-gates", help="keep every dynamic gate (no per-layer decision)")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace a non-empty --export directory")] = False,
     check_inputs: Annotated[int, typer.Option(help="validation inputs used to check the compact and exported models")] = 64,

@@ -138,7 +138,7 @@ def prune_run(
     latency_repeats: int = 10,
     threads: int | None = None,
     engines: Sequence[str] = ("eager", "onnx"),
-    round_to: int = 1,
+    round_to: int = 8,
     keep_gates: bool = False,
     accuracy_inputs: int = 2000,
     onnx_spinning: str = "auto",
@@ -156,7 +156,10 @@ def prune_run(
             is timed with this many intra-op threads and with 1 (:func:`engine_latency`).
         engines: engines to measure and export for (``eager``, ``onnx``/``ort``, ``compile``,
             ``aoti``: AOTInductor, compiled at export, minutes on a small CPU).
-        round_to: channel block of the static layers (8 or 16 suit oneDNN and ONNX Runtime).
+        round_to: channel block of the static layers; 8 (the default) or 16 suit oneDNN and ONNX
+            Runtime (timed as deployed, a compact ResNet-20 rounded to 1 ran 0.82-0.97x dense in
+            ONNX Runtime, rounded to 8 1.14-1.35x; docs/benchmarks.md, Issue 14); 1 keeps the
+            exact filter counts.
         keep_gates: keep every dynamic layer's gate (skip the per-layer decision).
         accuracy_inputs: validation images for the accuracy of each form (the dynamic value uses
             the whole validation split).
