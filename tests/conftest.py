@@ -12,6 +12,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+from _helpers import detect_clean_set, detect_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -52,7 +54,9 @@ def _resnet20_run_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nd_plugin.training.config import TrainConfig
 
     out = tmp_path_factory.mktemp("resnet20-run") / "run"
-    cfg = TrainConfig(model="cifar:resnet20", data="synthetic:64", batch_size=32, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu")
+    cfg = TrainConfig(
+        model="cifar:resnet20", data="synthetic:64", batch_size=32, epochs=1, warmup_epochs=0, ratio=0.5, device="cpu"
+    )
     decouple(cfg, out, progress=False)
     return out
 
@@ -62,3 +66,24 @@ def resnet20_run(_resnet20_run_once: Path, tmp_path: Path) -> Path:
     """A copy of the session's finished cifar:resnet20 run for this test alone (its own ``prune.json``,
     ``report/``, ...): ``config.json``, ``checkpoint.pt``, ``metrics.jsonl``, ``paths.npz``, ``summary.json``."""
     return Path(shutil.copytree(_resnet20_run_once, tmp_path / "resnet20-run"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors (faster, and much faster on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dm():
+    """The detection tests' toy decoupled model (a module that defines its own ``dm`` overrides it)."""
+    return detect_model()
+
+
+@pytest.fixture(scope="module")
+def clean(dm):
+    """Clean inputs and labels the toy model classifies (the detection tests' negatives)."""
+    return detect_clean_set(dm)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from _helpers import DETECT_MEAN as MEAN
 from _helpers import DETECT_STD as STD
-from _helpers import detect_clean_set, detect_model
 from torch import nn
 
 from nd_plugin._hooks import ForwardHooks
@@ -42,23 +41,7 @@ from nd_plugin.errors import ConfigError, DetectionError, NDError, RunDirError, 
 pytest.importorskip("torchattacks")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dm():
-    return detect_model()
-
-
-@pytest.fixture(scope="module")
-def clean(dm):
-    return detect_clean_set(dm)
+pytestmark = pytest.mark.usefixtures("one_thread")  # dm, clean: the detection fixtures of conftest.py
 
 
 # ------------------------------------------------------------------ metrics

@@ -9,10 +9,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-import torch
 from _helpers import DETECT_MEAN as MEAN
 from _helpers import DETECT_STD as STD
-from _helpers import detect_clean_set, detect_model
 
 from nd_plugin.detect import (
     COMBINED_SETS,
@@ -50,23 +48,7 @@ BUILTIN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dm():
-    return detect_model()
-
-
-@pytest.fixture(scope="module")
-def clean(dm):
-    return detect_clean_set(dm)
+pytestmark = pytest.mark.usefixtures("one_thread")  # dm, clean: the detection fixtures of conftest.py
 
 
 @pytest.fixture(scope="module")

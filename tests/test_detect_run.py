@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from _helpers import DetectBundle, detect_clean_set, detect_model, fake_detect_run
+from _helpers import DetectBundle, fake_detect_run
 
 from nd_plugin.commands.detect import run_detection
 from nd_plugin.detect import COMBINED_SETS, list_detectors
@@ -17,23 +16,7 @@ from nd_plugin.run import DETECTOR_LEE, DETECTOR_PATH, DETECTOR_PENULTIMATE
 pytest.importorskip("torchattacks")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dm():
-    return detect_model()
-
-
-@pytest.fixture(scope="module")
-def clean(dm):
-    return detect_clean_set(dm)
+pytestmark = pytest.mark.usefixtures("one_thread")  # dm, clean: the detection fixtures of conftest.py
 
 
 def test_run_detection_validates_before_loading(tmp_path):
