@@ -28,6 +28,7 @@ import torch
 
 from nd_plugin.commands.decoupling import decouple
 from nd_plugin.files import atomic_write_text
+from nd_plugin.run import CHECKPOINT, PREVIOUS
 from nd_plugin.training.config import EPOCHS, WARMUP_EPOCHS, TrainConfig, preset, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reuse",
         action="store_true",
-        help="reuse a finished run directory under --out-dir whose configuration is the same (no retraining)",
+        help="reuse a finished run directory under --out-dir whose configuration is the same (no retraining), "
+        "and resume an interrupted one from its checkpoint",
     )
     parser.add_argument(
         "--set",
@@ -321,16 +323,18 @@ class Suite:
             log(f"  {name}: same configuration as {same.name}, reused")
             return same
         out = self.out_dir / re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name).strip("_")
-        previous = self._finished(out, cfg) if getattr(self.args, "reuse", False) else None
+        reuse = getattr(self.args, "reuse", False)
+        previous = self._finished(out, cfg) if reuse else None
         if previous is not None:
             log(f"  {name}: finished run {out} has the same configuration, reused")
             return self._row(name, cfg, previous, out, seconds=0.0)
+        resume = reuse and self._interrupted(out, cfg)
         log(
             f"  {name}: λm={cfg.lambda_m:g} λk={cfg.lambda_k:g} λs={cfg.lambda_s:g} R={cfg.ratio:g} "
-            f"epochs={cfg.warmup_epochs}+{cfg.epochs} ..."
+            f"epochs={cfg.warmup_epochs}+{cfg.epochs}" + (f", resumed from {out / CHECKPOINT}" if resume else "") + " ..."
         )
         t = time.perf_counter()
-        summary = decouple(cfg, out, overwrite=True, progress=self.args.progress, data=self.data)
+        summary = decouple(cfg, out, resume=resume, overwrite=not resume, progress=self.args.progress, data=self.data)
         return self._row(name, cfg, summary, out, seconds=time.perf_counter() - t)
 
     @staticmethod
@@ -342,6 +346,16 @@ class Suite:
         except (OSError, ValueError):
             return None
         return summary if run_key(config.get("train", {})) == run_key(asdict(cfg)) else None
+
+    @staticmethod
+    def _interrupted(out: Path, cfg: TrainConfig) -> bool:
+        """Whether ``out`` holds an unfinished run made with ``cfg`` that ``resume=True`` can continue."""
+        try:
+            config = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        has_checkpoint = (out / CHECKPOINT).is_file() or (out / PREVIOUS).is_file()
+        return has_checkpoint and run_key(config.get("train", {})) == run_key(asdict(cfg))
 
     def _row(self, name: str, cfg: TrainConfig, summary: dict[str, Any], out: Path, seconds: float) -> Row:
         states = summary["filter_states"]

@@ -264,6 +264,12 @@ def decouple_command(
             help="what L_s pulls towards --ratio: layer (each layer's mean density, the paper), input (each input's density) or filter (each filter's on-rate: the network must route)"
         ),
     ] = _D.sparsity_scope,
+    sparsity_cap: Annotated[
+        float,
+        typer.Option(
+            help="highest on-rate a filter may have for free, in [--ratio, 1]: above it L_s charges the excess, so no filter runs for every input (1: off)"
+        ),
+    ] = _D.sparsity_cap,
     density_ramp: Annotated[
         float,
         typer.Option(help="share of the decoupling epochs over which the target density moves from 1 to --ratio, in [0, 1]"),
@@ -321,6 +327,7 @@ def decouple_command(
         density_schedule=density_schedule,
         density_ramp=density_ramp,
         sparsity_scope=sparsity_scope,
+        sparsity_cap=sparsity_cap,
         workers=workers,
         download=download,
         amp=amp,

@@ -49,6 +49,10 @@ MI_SCOPES = ("all", "gates")
 #: - ``filter``: each filter's on-rate over the batch (load balancing, as in mixture-of-experts
 #:   routing): ``Σ_f |mean_i α_if − R|``; a filter that is always on or always off pays, so the
 #:   network must route.
+#:
+#: Any scope can add a cap on each filter's on-rate (``sparsity_cap`` < 1, ours):
+#: ``Σ_f max(0, mean_i α_if − cap)``. Below the cap a filter is free (it may be silent), above it
+#: it pays, so no filter can be on for every input: the layer keeps its budget only by routing.
 SPARSITY_SCOPES = ("layer", "input", "filter")
 
 
@@ -103,6 +107,8 @@ class DecouplingLoss(nn.Module):
         mi_init: initialisation of the ``L_mi`` classifiers, one of :data:`MI_INITS`.
         mi_scope: what ``lambda_m`` scales, one of :data:`MI_SCOPES`.
         sparsity_scope: what ``L_s`` pulls towards ``ratio``, one of :data:`SPARSITY_SCOPES`.
+        sparsity_cap: the highest on-rate a filter may have for free, in ``[ratio, 1]``; each
+            filter's on-rate over the batch above it adds to ``L_s`` (1, the default, adds nothing).
 
     Example:
         >>> loss_fn = DecouplingLoss(0.01, 1.0, 0.01, 0.6, channels=[4, 8], num_classes=3)
@@ -128,6 +134,7 @@ class DecouplingLoss(nn.Module):
         mi_init: str = "kaiming",
         mi_scope: str = "all",
         sparsity_scope: str = "layer",
+        sparsity_cap: float = 1.0,
     ) -> None:
         super().__init__()
         if sparsity_scope not in SPARSITY_SCOPES:
@@ -150,6 +157,14 @@ class DecouplingLoss(nn.Module):
         for name, value in (("lambda_m", lambda_m), ("lambda_k", lambda_k), ("lambda_s", lambda_s)):
             _check(name, value, 0.0, None)
         self.lambda_m, self.lambda_k, self.lambda_s, self.ratio = lambda_m, lambda_k, lambda_s, ratio
+        _check("sparsity_cap", sparsity_cap, 0.0, 1.0)
+        if sparsity_cap < ratio:
+            raise ConfigError(
+                f"sparsity_cap must be >= ratio (no layer can reach R with every filter below the cap), "
+                f"got sparsity_cap {sparsity_cap} < ratio {ratio}.",
+                params=("sparsity_cap", "ratio"),
+            )
+        self.sparsity_cap = sparsity_cap
         self.channels = list(channels)
         self.num_classes = num_classes
         self.classifiers = nn.ModuleList(nn.Linear(c, num_classes, bias=False) for c in self.channels)
@@ -342,5 +357,7 @@ class DecouplingLoss(nn.Module):
                 s = (counted @ self._one_hot - target_on).abs().mean(0).sum()
             else:  # filter
                 s = (counted.mean(0) - self._ratio).abs().sum()
+            if self.sparsity_cap < 1.0:  # no filter on for (nearly) every input
+                s = s + F.relu(counted.mean(0) - self.sparsity_cap).sum()
             total = total + self.lambda_s * s
         return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s)

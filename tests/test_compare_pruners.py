@@ -167,3 +167,32 @@ def test_sparse_learning_regularises_through_the_wrapped_model(cp, tmp_path, mon
         assert strong.get_submodule(name).weight.norm() < plain.get_submodule(name).weight.norm()
     # out of scope (the stem): the same step exactly
     torch.testing.assert_close(strong.conv1.weight, plain.conv1.weight)
+
+
+@pytest.mark.parametrize("ratio, resumed", [(0.6, True), (0.5, False)])
+def test_reuse_resumes_an_interrupted_run_of_the_same_configuration(cp, tmp_path, monkeypatch, ratio, resumed) -> None:
+    import argparse
+
+    import _suite
+    from _suite import Suite, add_common_args
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    args = parser.parse_args(
+        ["--data", "synthetic:64", "--weights", "none", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "32",
+         "--out-dir", str(tmp_path), "--reuse"]
+    )
+    suite = Suite(args, "compare_pruners_test")
+    suite.run("decoupling R=0.6", ratio=0.6)
+    (tmp_path / "decoupling_R=0.6" / "summary.json").unlink()  # checkpoint kept, summary lost: an interrupted run
+    calls = []
+    real = _suite.decouple
+
+    def recording(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_suite, "decouple", recording)
+    row = Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=ratio)
+    assert calls[0]["resume"] is resumed and calls[0]["overwrite"] is not resumed
+    assert (tmp_path / "decoupling_R=0.6" / "summary.json").is_file() and row.ratio == ratio

@@ -153,6 +153,29 @@ def test_sparsity_scopes_by_hand(scope: str, expected: float) -> None:
         assert loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]), gates).s.item() == pytest.approx(0.5 + (0.75 * 2 + 0.25 * 2))
 
 
+@pytest.mark.parametrize(
+    "scope, cap, expected",
+    [
+        # the gates of test_sparsity_scopes_by_hand; on-rates (1/2, 1/2) and (1, 1, 1/2, 1/2)
+        ("layer", 1.0, 1.0),  # no cap: the layer term alone
+        ("layer", 0.75, 1.0 + 0.25 + 0.25),  # the two always-on filters pay 1 - 0.75 each
+        ("layer", 0.5, 1.0 + 0.5 + 0.5),  # a cap at R: on-rate 1/2 is free
+        ("filter", 0.75, 1.0 + 0.25 + 0.25),
+    ],
+)
+def test_sparsity_cap_charges_each_filter_above_it_by_hand(scope: str, cap: float, expected: float) -> None:
+    loss_fn = DecouplingLoss(0.0, 0.0, 1.0, 0.5, channels=[2, 4], num_classes=2, sparsity_scope=scope, sparsity_cap=cap)
+    gates = [torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])]
+    assert loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]), gates).s.item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("cap, ratio", [(1.5, 0.5), (0.4, 0.5), (-0.1, 0.0)])
+def test_a_sparsity_cap_out_of_range_names_it(cap: float, ratio: float) -> None:
+    with pytest.raises(ConfigError, match="sparsity_cap must be") as info:
+        DecouplingLoss(ratio=ratio, channels=[2], num_classes=2, sparsity_cap=cap)
+    assert "sparsity_cap" in info.value.params
+
+
 def test_unknown_sparsity_scope_names_the_choices() -> None:
     with pytest.raises(ConfigError, match="sparsity_scope must be one of layer, input, filter"):
         DecouplingLoss(channels=[2], num_classes=2, sparsity_scope="channel")

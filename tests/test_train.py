@@ -71,6 +71,8 @@ def _cli(*args: str):
         (["--density-ramp", "1.5"], "--density-ramp must be in [0, 1]"),
         (["--density-ramp", "-0.1"], "--density-ramp must be in [0, 1]"),
         (["--sparsity-scope", "channel"], "--sparsity-scope must be one of layer, input, filter"),
+        (["--sparsity-cap", "1.5"], "--sparsity-cap must be in [--ratio, 1]"),
+        (["--sparsity-cap", "0.3", "--ratio", "0.5"], "--sparsity-cap must be in [--ratio, 1]"),
     ],
 )
 def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], match: str) -> None:
@@ -90,6 +92,8 @@ def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], mat
         ({"density_schedule": "exponential"}, "density_schedule must be one of"),
         ({"density_ramp": 2.0}, "density_ramp must be in [0, 1]"),
         ({"bn_recalibrate": -1}, "bn_recalibrate must be >= 0"),
+        ({"sparsity_cap": 0.4, "ratio": 0.5}, "sparsity_cap must be in [ratio, 1]"),
+        ({"sparsity_cap": -0.1, "ratio": 0.0}, "sparsity_cap must be in [ratio, 1]"),
     ],
 )
 def test_bad_schedule_settings_are_a_config_error(settings: dict, match: str) -> None:

@@ -124,6 +124,9 @@ class TrainConfig:
         sparsity_scope: what ``L_s`` pulls towards ``ratio``: each layer's mean density (``layer``,
             the paper), each input's (``input``) or each filter's on-rate (``filter``);
             :data:`nd_plugin.losses.SPARSITY_SCOPES`.
+        sparsity_cap: the highest on-rate a filter may have before ``L_s`` charges it, in
+            ``[ratio, 1]`` (ours; 1 turns it off): each filter on for more of the batch pays the
+            excess, so no filter can be static-on and the layer must route to reach ``ratio``.
     """
 
     model: str = "resnet18"
@@ -164,6 +167,7 @@ class TrainConfig:
     density_schedule: str = "constant"
     density_ramp: float = 0.5
     sparsity_scope: str = "layer"
+    sparsity_cap: float = 1.0
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by its default, validated."""
@@ -218,6 +222,12 @@ class TrainConfig:
                 f"density_ramp must be in [0, 1] (the share of the decoupling epochs over which the target "
                 f"density moves from 1 to ratio), got {self.density_ramp}.",
                 params=("density_ramp", "ratio"),
+            )
+        if not 0.0 <= self.sparsity_cap <= 1.0 or self.ratio is not None and self.sparsity_cap < self.ratio:
+            raise ConfigError(
+                f"sparsity_cap must be in [ratio, 1] (the highest free on-rate of a filter), got {self.sparsity_cap}"
+                + ("" if self.ratio is None else f" with ratio {self.ratio}") + ".",
+                params=("sparsity_cap", "ratio"),
             )
         if self.bn_recalibrate < 0:
             raise ConfigError(

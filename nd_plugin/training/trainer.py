@@ -186,6 +186,7 @@ class Trainer:
             mi_init=config.mi_init,
             mi_scope=config.mi_scope,
             sparsity_scope=config.sparsity_scope,
+            sparsity_cap=config.sparsity_cap,
         ).to(self.device)
         groups = param_groups(
             self.dm,
