@@ -62,6 +62,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,6 +148,19 @@ def decoupled_static(dm: nd_plugin.DecoupledModel, stats: nd_plugin.PathStats, r
     """
     compact = apply_record(dm, static_record(dm, stats, round_to=round_to))
     return plain_copy(compact.model).train()
+
+
+def reused_rows(paths: list[Path]) -> list[Result]:
+    """The rows of earlier calls' results files (missing files are skipped), first file first, no duplicates."""
+    rows: list[Result] = []
+    for path in paths:
+        if not Path(path).is_file():
+            continue
+        found = [Result(**r) for r in json.loads(Path(path).read_text()).get("results", [])]
+        new = [r for r in found if all((r.method, r.target_of, r.top1) != (o.method, o.target_of, o.top1) for o in rows)]
+        rows += new
+        log(f"[compare_pruners] --reuse: {len(new)} rows from {path} kept, not rerun")
+    return rows
 
 
 def targets_from(runs: list[Row], original: float, factors: list[float], tol: float) -> list[tuple[str, float]]:
@@ -313,7 +327,22 @@ def plot(results: list[Result] | list[dict[str, Any]]):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5, 0.35], help="decoupling ratios R")
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs="*",
+        default=[0.7, 0.5, 0.35],
+        help="decoupling ratios R; none: only the tp rows at --targets (e.g. beside a decoupling call on another core)",
+    )
+    p.add_argument(
+        "--rows-from",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="JSON",
+        help="with --reuse: also keep the rows of these results files (other calls' rows, e.g. tp rows run at a fixed "
+        "--targets beside this call); a tp row counts for every target within --tol of its own",
+    )
     p.add_argument("--pruners", nargs="*", choices=list(PRUNERS), default=list(PRUNERS), help="torch-pruning families")
     p.add_argument("--taylor-batches", type=int, default=10, help="taylor rows: training batches whose gradients score the channels")
     p.add_argument("--sl-epochs", type=int, default=None, help="group_sl rows: sparse-learning epochs of the budget (default: half)")
@@ -341,6 +370,10 @@ def main() -> None:
     args = parse_args(p)
     if args.ratio is not None:
         p.error("use --ratios here")
+    if not args.ratios and not args.targets:
+        p.error("nothing to compare: pass --ratios (decoupling runs) or --targets (fixed tp targets), or both")
+    if args.rows_from and not args.reuse:
+        p.error("--rows-from keeps earlier rows: it needs --reuse")
     if "group_sl" in args.pruners and not 0 < sl_epochs(args) < args.epochs:
         p.error(f"--sl-epochs must leave fine-tuning epochs: 0 < {sl_epochs(args)} < --epochs {args.epochs}")
     suite = Suite(args, "compare_pruners")
@@ -351,13 +384,21 @@ def main() -> None:
     original = count_flops(plain, data.input_size)
     log(f"[compare_pruners] {args.model}: {fmt_flops(original)} FLOPs per input")
     results: list[Result] = []
-    if args.reuse and suite.json_path.is_file():  # rows measured by an earlier call with these options
-        earlier = json.loads(suite.json_path.read_text())
-        results = [Result(**r) for r in earlier.get("results", [])]
-        log(f"[compare_pruners] --reuse: {len(results)} rows from {suite.json_path} kept, not rerun")
+    if args.reuse:  # rows measured by earlier calls with these options
+        results = reused_rows([suite.json_path, *args.rows_from])
 
-    def done(method: str, target_of: str | None = None) -> bool:
-        return any(r.method == method and (target_of is None or r.target_of == target_of) for r in results)
+    def done(method: str, target_of: str | None = None, target: float | None = None) -> bool:
+        """Whether a row of ``method`` exists for ``target_of``; a tp row within --tol of ``target`` is re-pointed to it."""
+        for r in results:
+            if r.method != method:
+                continue
+            if target_of is None or r.target_of == target_of:
+                return True
+            if target is not None and r.target is not None and abs(r.target / target - 1) <= args.tol:
+                log(f"  {method}: the row for {r.target_of} is within {args.tol:.0%} of {target_of}'s FLOPs, counted for it")
+                r.target_of = target_of
+                return True
+        return False
 
     def save() -> None:
         payload = {
@@ -407,7 +448,7 @@ def main() -> None:
     scope = prunable_scope(plain, example, args.baseline_scope)
     for key in args.pruners:
         label, make = PRUNERS[key]
-        todo = [(of, target) for of, target in targets if not done(label, of)]
+        todo = [(of, target) for of, target in targets if not done(label, of, target)]
         if not todo:
             continue
         source, budget, t_source = plain, None, time.perf_counter()

@@ -196,3 +196,36 @@ def test_reuse_resumes_an_interrupted_run_of_the_same_configuration(cp, tmp_path
     row = Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=ratio)
     assert calls[0]["resume"] is resumed and calls[0]["overwrite"] is not resumed
     assert (tmp_path / "decoupling_R=0.6" / "summary.json").is_file() and row.ratio == ratio
+
+
+def test_rows_from_other_calls_are_merged_and_count_within_the_tolerance(cp, tmp_path) -> None:
+    import json
+    from dataclasses import asdict
+
+    def tp_row(top1: float, target: float, of: str):
+        return cp.Result("tp group SL", "group_sl", target, target, 40.0 / target, top1, target, of, 0.4, True, 1.0)
+
+    main, side = tmp_path / "main.json", tmp_path / "side.json"
+    dec = cp.Result("decoupling R=0.5", "decoupling", 20.5, 40.0, 40.0 / 20.5, 0.83)
+    main.write_text(json.dumps({"results": [asdict(dec)]}))
+    side.write_text(json.dumps({"results": [asdict(tp_row(0.84, 20.3, "1.97x")), asdict(dec)]}))  # dec twice: kept once
+    rows = cp.reused_rows([main, side, tmp_path / "missing.json"])
+    assert [r.method for r in rows] == ["decoupling R=0.5", "tp group SL"]
+    # the side call's 1.97x target (20.3) is within 2% of the decoupling row's 20.5 (-1.0%): the verdict pairs them
+    rows[1].target_of = "decoupling R=0.5"
+    (v,) = cp.verdicts(rows)
+    assert v["best_tp"] == "tp group SL" and v["margin"] == pytest.approx(0.83 - 0.84)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ratios", "--targets"], "nothing to compare"),
+        (["--rows-from", "x.json"], "--rows-from keeps earlier rows: it needs --reuse"),
+    ],
+)
+def test_compare_pruners_refuses_an_empty_or_unreusable_call(cp, monkeypatch, capsys, argv, message) -> None:
+    monkeypatch.setattr("sys.argv", ["compare_pruners.py", "--data", "synthetic:32", *argv])
+    with pytest.raises(SystemExit) as info:
+        cp.main()
+    assert info.value.code == 2 and message in capsys.readouterr().err
