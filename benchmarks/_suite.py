@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from nd_plugin.commands.decoupling import decouple
+from nd_plugin.errors import RunDirError
 from nd_plugin.files import atomic_write_text
 from nd_plugin.run import CHECKPOINT, PREVIOUS
 from nd_plugin.training.config import EPOCHS, WARMUP_EPOCHS, TrainConfig, preset, resolve_device
@@ -331,31 +332,41 @@ class Suite:
         resume = reuse and self._interrupted(out, cfg)
         log(
             f"  {name}: λm={cfg.lambda_m:g} λk={cfg.lambda_k:g} λs={cfg.lambda_s:g} R={cfg.ratio:g} "
-            f"epochs={cfg.warmup_epochs}+{cfg.epochs}" + (f", resumed from {out / CHECKPOINT}" if resume else "") + " ..."
+            f"epochs={cfg.warmup_epochs}+{cfg.epochs}" + (f", resumed from its checkpoint in {out}" if resume else "") + " ..."
         )
         t = time.perf_counter()
-        summary = decouple(cfg, out, resume=resume, overwrite=not resume, progress=self.args.progress, data=self.data)
+        if resume:
+            try:
+                summary = decouple(cfg, out, resume=True, progress=self.args.progress, data=self.data)
+                return self._row(name, cfg, summary, out, seconds=time.perf_counter() - t)
+            except RunDirError as e:  # no good checkpoint after all: nothing was cleared, train again
+                log(f"  {name}: cannot resume ({e}); training again")
+        summary = decouple(cfg, out, overwrite=True, progress=self.args.progress, data=self.data)
         return self._row(name, cfg, summary, out, seconds=time.perf_counter() - t)
 
     @staticmethod
-    def _finished(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    def _same_config(out: Path, cfg: TrainConfig) -> bool:
+        """Whether ``out/config.json`` records ``cfg``; a field the run predates counts as its default."""
+        try:
+            saved = json.loads((out / "config.json").read_text()).get("train", {})
+        except (OSError, ValueError, AttributeError):
+            return False
+        return run_key(asdict(TrainConfig()) | saved) == run_key(asdict(cfg))
+
+    @classmethod
+    def _finished(cls, out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
         """The summary of a finished run in ``out`` made with ``cfg``, else None."""
         try:
-            config = json.loads((out / "config.json").read_text())
             summary = json.loads((out / "summary.json").read_text())
         except (OSError, ValueError):
             return None
-        return summary if run_key(config.get("train", {})) == run_key(asdict(cfg)) else None
+        return summary if cls._same_config(out, cfg) else None
 
-    @staticmethod
-    def _interrupted(out: Path, cfg: TrainConfig) -> bool:
+    @classmethod
+    def _interrupted(cls, out: Path, cfg: TrainConfig) -> bool:
         """Whether ``out`` holds an unfinished run made with ``cfg`` that ``resume=True`` can continue."""
-        try:
-            config = json.loads((out / "config.json").read_text())
-        except (OSError, ValueError):
-            return False
         has_checkpoint = (out / CHECKPOINT).is_file() or (out / PREVIOUS).is_file()
-        return has_checkpoint and run_key(config.get("train", {})) == run_key(asdict(cfg))
+        return has_checkpoint and cls._same_config(out, cfg)
 
     def _row(self, name: str, cfg: TrainConfig, summary: dict[str, Any], out: Path, seconds: float) -> Row:
         states = summary["filter_states"]

@@ -151,16 +151,60 @@ def decoupled_static(dm: nd_plugin.DecoupledModel, stats: nd_plugin.PathStats, r
 
 
 def reused_rows(paths: list[Path]) -> list[Result]:
-    """The rows of earlier calls' results files (missing files are skipped), first file first, no duplicates."""
+    """The rows of earlier calls' results files (missing files are skipped), first file first, no duplicates.
+
+    A row is the same measurement when its method, family, FLOPs, top-1 and pruning ratio agree: the
+    label of the target it counts for may differ between files (:func:`claim_row` re-points it).
+    """
     rows: list[Result] = []
+
+    def key(r: Result) -> tuple:
+        return (r.method, r.family, r.flops, r.top1, r.pruning_ratio)
+
     for path in paths:
         if not Path(path).is_file():
             continue
         found = [Result(**r) for r in json.loads(Path(path).read_text()).get("results", [])]
-        new = [r for r in found if all((r.method, r.target_of, r.top1) != (o.method, o.target_of, o.top1) for o in rows)]
+        new = [r for r in found if all(key(r) != key(o) for o in rows)]
         rows += new
         log(f"[compare_pruners] --reuse: {len(new)} rows from {path} kept, not rerun")
     return rows
+
+
+def claim_row(
+    results: list[Result], method: str, target_of: str | None, target: float | None, tol: float, names: list[str]
+) -> Result | None:
+    """The row of ``method`` for ``target_of``, if one exists; else a tp row within ``tol`` of ``target``, re-pointed.
+
+    A row measured for another target (e.g. a fixed ``1.97x`` run beside this call) counts for
+    ``target`` when its FLOPs are within ``tol`` of it, unless it already counts for one of this call's
+    targets (``names``): one measurement never stands for two targets. The re-pointed row records the
+    new target, whether its FLOPs match it, and the target it was bisected to (``settings``).
+
+    Example:
+        >>> row = Result("tp group SL", "group_sl", 20.3, 20.3, 2.0, 0.84, 20.3, "1.97x", 0.4, True, 1.0)
+        >>> claim_row([row], "tp group SL", "decoupling R=0.5", 20.5, 0.02, ["decoupling R=0.5"]).target_of
+          tp group SL: its row for 1.97x is within 2% of decoupling R=0.5's FLOPs and counts for it
+        'decoupling R=0.5'
+        >>> row.settings["bisected_to"], row.matched
+        ('1.97x', True)
+        >>> claim_row([row], "tp group SL", "2x", 20.0, 0.02, ["decoupling R=0.5", "2x"]) is None  # taken
+        True
+    """
+    same = [r for r in results if r.method == method]
+    for r in same:
+        if target_of is None or r.target_of == target_of:
+            return r
+    if target is None:
+        return None
+    for r in same:
+        if r.target is None or r.target_of in names or abs(r.flops / target - 1) > tol:
+            continue
+        log(f"  {method}: its row for {r.target_of} is within {tol:.0%} of {target_of}'s FLOPs and counts for it")
+        r.settings = {**(r.settings or {}), "bisected_to": r.target_of, "bisected_target": r.target}
+        r.target_of, r.target, r.matched = target_of, target, abs(r.flops / target - 1) <= tol
+        return r
+    return None
 
 
 def targets_from(runs: list[Row], original: float, factors: list[float], tol: float) -> list[tuple[str, float]]:
@@ -374,6 +418,8 @@ def main() -> None:
         p.error("nothing to compare: pass --ratios (decoupling runs) or --targets (fixed tp targets), or both")
     if args.rows_from and not args.reuse:
         p.error("--rows-from keeps earlier rows: it needs --reuse")
+    if missing := [str(f) for f in args.rows_from if not f.is_file()]:
+        p.error(f"--rows-from: no such results file: {', '.join(missing)}")
     if "group_sl" in args.pruners and not 0 < sl_epochs(args) < args.epochs:
         p.error(f"--sl-epochs must leave fine-tuning epochs: 0 < {sl_epochs(args)} < --epochs {args.epochs}")
     suite = Suite(args, "compare_pruners")
@@ -386,19 +432,10 @@ def main() -> None:
     results: list[Result] = []
     if args.reuse:  # rows measured by earlier calls with these options
         results = reused_rows([suite.json_path, *args.rows_from])
+    targets: list[tuple[str, float]] = []  # the tp rows' FLOPs targets, known after the decoupling runs
 
     def done(method: str, target_of: str | None = None, target: float | None = None) -> bool:
-        """Whether a row of ``method`` exists for ``target_of``; a tp row within --tol of ``target`` is re-pointed to it."""
-        for r in results:
-            if r.method != method:
-                continue
-            if target_of is None or r.target_of == target_of:
-                return True
-            if target is not None and r.target is not None and abs(r.target / target - 1) <= args.tol:
-                log(f"  {method}: the row for {r.target_of} is within {args.tol:.0%} of {target_of}'s FLOPs, counted for it")
-                r.target_of = target_of
-                return True
-        return False
+        return claim_row(results, method, target_of, target, args.tol, names=[of for of, _ in targets]) is not None
 
     def save() -> None:
         payload = {
@@ -443,7 +480,7 @@ def main() -> None:
             log(f"  note: the run counts {fmt_flops(row.flops_original)} original FLOPs, the plain model {fmt_flops(original)}")
         save()
 
-    targets = targets_from(runs, original, args.targets, args.tol)
+    targets[:] = targets_from(runs, original, args.targets, args.tol)
     example = torch.zeros(1, *data.input_size)
     scope = prunable_scope(plain, example, args.baseline_scope)
     for key in args.pruners:

@@ -160,7 +160,7 @@ class DecouplingLoss(nn.Module):
         _check("sparsity_cap", sparsity_cap, 0.0, 1.0)
         if sparsity_cap < ratio:
             raise ConfigError(
-                f"sparsity_cap must be >= ratio (no layer can reach R with every filter below the cap), "
+                f"sparsity_cap must be in [ratio, 1] (no layer can reach R with every filter below the cap), "
                 f"got sparsity_cap {sparsity_cap} < ratio {ratio}.",
                 params=("sparsity_cap", "ratio"),
             )
@@ -183,6 +183,8 @@ class DecouplingLoss(nn.Module):
         self.register_buffer("_widths", torch.tensor(self.channels, dtype=torch.float), persistent=False)
         # L_s's target, a tensor updated in place (a density schedule moves it; graphs and compile see it)
         self.register_buffer("_ratio", torch.tensor(float(ratio)), persistent=False)
+        # the cap in force: never below the current target (a density schedule starts R at 1)
+        self.register_buffer("_cap", torch.tensor(float(sparsity_cap)), persistent=False)
         widths = torch.tensor(self.channels, dtype=torch.float)[layer_of] if layers else torch.zeros(0)
         self.register_buffer("_inv_width", 1.0 / widths, persistent=False)
         self._width = width
@@ -202,6 +204,7 @@ class DecouplingLoss(nn.Module):
         _check("ratio", ratio, 0.0, 1.0)
         self.ratio = ratio
         self._ratio.fill_(ratio)
+        self._cap.fill_(max(self.sparsity_cap, ratio))  # a target above the cap lifts it while it lasts
 
     def _segment_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         """``log_softmax`` within each layer's columns of an ``(N, sum C)`` path."""
@@ -358,6 +361,6 @@ class DecouplingLoss(nn.Module):
             else:  # filter
                 s = (counted.mean(0) - self._ratio).abs().sum()
             if self.sparsity_cap < 1.0:  # no filter on for (nearly) every input
-                s = s + F.relu(counted.mean(0) - self.sparsity_cap).sum()
+                s = s + F.relu(counted.mean(0) - self._cap).sum()
             total = total + self.lambda_s * s
         return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s)

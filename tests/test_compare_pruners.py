@@ -194,7 +194,7 @@ def test_reuse_resumes_an_interrupted_run_of_the_same_configuration(cp, tmp_path
 
     monkeypatch.setattr(_suite, "decouple", recording)
     row = Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=ratio)
-    assert calls[0]["resume"] is resumed and calls[0]["overwrite"] is not resumed
+    assert calls[0].get("resume", False) is resumed and calls[0].get("overwrite", False) is not resumed
     assert (tmp_path / "decoupling_R=0.6" / "summary.json").is_file() and row.ratio == ratio
 
 
@@ -211,10 +211,19 @@ def test_rows_from_other_calls_are_merged_and_count_within_the_tolerance(cp, tmp
     side.write_text(json.dumps({"results": [asdict(tp_row(0.84, 20.3, "1.97x")), asdict(dec)]}))  # dec twice: kept once
     rows = cp.reused_rows([main, side, tmp_path / "missing.json"])
     assert [r.method for r in rows] == ["decoupling R=0.5", "tp group SL"]
-    # the side call's 1.97x target (20.3) is within 2% of the decoupling row's 20.5 (-1.0%): the verdict pairs them
-    rows[1].target_of = "decoupling R=0.5"
+    # targets of this call: the decoupling row's FLOPs (20.5) and a fixed 2x (20.0); the side row (20.3) is
+    # within 2% of both, but one measurement counts for one target only: the first
+    names = ["decoupling R=0.5", "2x"]
+    first = cp.claim_row(rows, "tp group SL", "decoupling R=0.5", 20.5, 0.02, names)
+    assert first is rows[1] and first.target_of == "decoupling R=0.5" and first.target == 20.5 and first.matched
+    assert first.settings == {"bisected_to": "1.97x", "bisected_target": 20.3}
+    assert cp.claim_row(rows, "tp group SL", "2x", 20.0, 0.02, names) is None  # so the 2x row is run
+    assert cp.claim_row(rows, "tp group SL", "decoupling R=0.35", 14.6, 0.02, names) is None  # too far
     (v,) = cp.verdicts(rows)
     assert v["best_tp"] == "tp group SL" and v["margin"] == pytest.approx(0.83 - 0.84)
+    # saved with its new label and read back beside the side file: still one row
+    main.write_text(json.dumps({"results": [asdict(r) for r in rows]}))
+    assert len(cp.reused_rows([main, side])) == 2
 
 
 @pytest.mark.parametrize(
@@ -222,6 +231,7 @@ def test_rows_from_other_calls_are_merged_and_count_within_the_tolerance(cp, tmp
     [
         (["--ratios", "--targets"], "nothing to compare"),
         (["--rows-from", "x.json"], "--rows-from keeps earlier rows: it needs --reuse"),
+        (["--rows-from", "no_such.json", "--reuse"], "--rows-from: no such results file: no_such.json"),
     ],
 )
 def test_compare_pruners_refuses_an_empty_or_unreusable_call(cp, monkeypatch, capsys, argv, message) -> None:
@@ -229,3 +239,40 @@ def test_compare_pruners_refuses_an_empty_or_unreusable_call(cp, monkeypatch, ca
     with pytest.raises(SystemExit) as info:
         cp.main()
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reuse_takes_a_run_that_predates_a_new_field_and_retrains_a_damaged_one(cp, tmp_path, monkeypatch) -> None:
+    import argparse
+    import json
+
+    import _suite
+    from _suite import Suite, add_common_args
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    args = parser.parse_args(
+        ["--data", "synthetic:64", "--weights", "none", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "32",
+         "--out-dir", str(tmp_path), "--reuse"]
+    )
+    Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=0.6)
+    run = tmp_path / "decoupling_R=0.6"
+    config = json.loads((run / "config.json").read_text())
+    del config["train"]["sparsity_cap"]  # written before the field existed: it had the default
+    (run / "config.json").write_text(json.dumps(config))
+    calls = []
+    real = _suite.decouple
+
+    def recording(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_suite, "decouple", recording)
+    Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=0.6)
+    assert calls == []  # finished and the same configuration: reused
+    (run / "summary.json").unlink()
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # both checkpoints damaged: resume fails, train again
+        if (run / name).is_file():
+            (run / name).write_bytes(b"damaged")
+    row = Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=0.6)
+    assert [k.get("resume", False) for k in calls] == [True, False] and calls[1]["overwrite"] is True
+    assert (run / "summary.json").is_file() and row.top1 >= 0

@@ -169,6 +169,21 @@ def test_sparsity_cap_charges_each_filter_above_it_by_hand(scope: str, cap: floa
     assert loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]), gates).s.item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    "ratio, expected",
+    [
+        (1.0, 1.0 + 1.0),  # a density schedule's start: the cap lifts to R = 1, nothing above it
+        (0.75, 0.5 + 0.25 + 0.25),  # |1 - 1.5| + |3 - 3|; the cap at 0.75, the two always-on filters pay 0.25
+        (0.5, 1.0 + 0.5 + 0.5),  # the end: the cap itself (0.5) again
+    ],
+)
+def test_sparsity_cap_never_sits_below_the_scheduled_target(ratio: float, expected: float) -> None:
+    loss_fn = DecouplingLoss(0.0, 0.0, 1.0, 0.5, channels=[2, 4], num_classes=2, sparsity_cap=0.5)
+    gates = [torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])]
+    loss_fn.set_ratio(ratio)
+    assert loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]), gates).s.item() == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("cap, ratio", [(1.5, 0.5), (0.4, 0.5), (-0.1, 0.0)])
 def test_a_sparsity_cap_out_of_range_names_it(cap: float, ratio: float) -> None:
     with pytest.raises(ConfigError, match="sparsity_cap must be") as info:

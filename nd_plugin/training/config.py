@@ -223,7 +223,7 @@ class TrainConfig:
                 f"density moves from 1 to ratio), got {self.density_ramp}.",
                 params=("density_ramp", "ratio"),
             )
-        if not 0.0 <= self.sparsity_cap <= 1.0 or self.ratio is not None and self.sparsity_cap < self.ratio:
+        if not 0.0 <= self.sparsity_cap <= 1.0 or (self.ratio is not None and self.sparsity_cap < self.ratio):
             raise ConfigError(
                 f"sparsity_cap must be in [ratio, 1] (the highest free on-rate of a filter), got {self.sparsity_cap}"
                 + ("" if self.ratio is None else f" with ratio {self.ratio}") + ".",
