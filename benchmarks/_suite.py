@@ -410,10 +410,27 @@ class Suite:
         return payload
 
 
+def _path_text(value: Any) -> str:
+    """``json.dumps``'s ``default``: a path (e.g. an option of type ``Path``) as its text; anything else fails."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` as indented JSON (atomically: a killed script leaves the previous file)."""
+    """Writes ``payload`` as indented JSON (atomically: a killed script leaves the previous file).
+
+    Paths anywhere in ``payload`` (options such as ``--rows-from``) are written as their text.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "r.json"
+        >>> write_json(out, {"options": {"rows_from": [Path("a/b.json")]}})
+        >>> json.loads(out.read_text())
+        {'options': {'rows_from': ['a/b.json']}}
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(payload, indent=2))
+    atomic_write_text(path, json.dumps(payload, indent=2, default=_path_text))
 
 
 def fmt_flops(value: float | None) -> str:
