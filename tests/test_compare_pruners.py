@@ -169,23 +169,27 @@ def test_sparse_learning_regularises_through_the_wrapped_model(cp, tmp_path, mon
     torch.testing.assert_close(strong.conv1.weight, plain.conv1.weight)
 
 
-@pytest.mark.parametrize("ratio, resumed", [(0.6, True), (0.5, False)])
-def test_reuse_resumes_an_interrupted_run_of_the_same_configuration(cp, tmp_path, monkeypatch, ratio, resumed) -> None:
+@pytest.fixture
+def reuse_args(cp, tmp_path):
+    """A one-epoch ``--reuse`` suite on 64 synthetic images, its runs under ``tmp_path``."""
     import argparse
 
-    import _suite
-    from _suite import Suite, add_common_args
+    from _suite import add_common_args
 
     parser = argparse.ArgumentParser()
     add_common_args(parser)
-    args = parser.parse_args(
+    return parser.parse_args(
         ["--data", "synthetic:64", "--weights", "none", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "32",
          "--out-dir", str(tmp_path), "--reuse"]
     )
-    suite = Suite(args, "compare_pruners_test")
-    suite.run("decoupling R=0.6", ratio=0.6)
-    (tmp_path / "decoupling_R=0.6" / "summary.json").unlink()  # checkpoint kept, summary lost: an interrupted run
-    calls = []
+
+
+@pytest.fixture
+def decouple_calls(cp, monkeypatch) -> list[dict]:
+    """The keyword arguments of every ``decouple`` call the suite makes from now on (the calls still run)."""
+    import _suite
+
+    calls: list[dict] = []
     real = _suite.decouple
 
     def recording(*a, **k):
@@ -193,7 +197,18 @@ def test_reuse_resumes_an_interrupted_run_of_the_same_configuration(cp, tmp_path
         return real(*a, **k)
 
     monkeypatch.setattr(_suite, "decouple", recording)
-    row = Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=ratio)
+    return calls
+
+
+@pytest.mark.parametrize("ratio, resumed", [(0.6, True), (0.5, False)])
+def test_reuse_resumes_an_interrupted_run_of_the_same_configuration(reuse_args, decouple_calls, tmp_path, ratio, resumed) -> None:
+    from _suite import Suite
+
+    Suite(reuse_args, "compare_pruners_test").run("decoupling R=0.6", ratio=0.6)
+    (tmp_path / "decoupling_R=0.6" / "summary.json").unlink()  # checkpoint kept, summary lost: an interrupted run
+    calls = decouple_calls
+    calls.clear()
+    row = Suite(reuse_args, "compare_pruners_test").run("decoupling R=0.6", ratio=ratio)
     assert calls[0].get("resume", False) is resumed and calls[0].get("overwrite", False) is not resumed
     assert (tmp_path / "decoupling_R=0.6" / "summary.json").is_file() and row.ratio == ratio
 
@@ -241,32 +256,19 @@ def test_compare_pruners_refuses_an_empty_or_unreusable_call(cp, monkeypatch, ca
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_reuse_takes_a_run_that_predates_a_new_field_and_retrains_a_damaged_one(cp, tmp_path, monkeypatch) -> None:
-    import argparse
+def test_reuse_takes_a_run_that_predates_a_new_field_and_retrains_a_damaged_one(reuse_args, decouple_calls, tmp_path) -> None:
     import json
 
-    import _suite
-    from _suite import Suite, add_common_args
+    from _suite import Suite
 
-    parser = argparse.ArgumentParser()
-    add_common_args(parser)
-    args = parser.parse_args(
-        ["--data", "synthetic:64", "--weights", "none", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "32",
-         "--out-dir", str(tmp_path), "--reuse"]
-    )
+    args = reuse_args
     Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=0.6)
     run = tmp_path / "decoupling_R=0.6"
     config = json.loads((run / "config.json").read_text())
     del config["train"]["sparsity_cap"]  # written before the field existed: it had the default
     (run / "config.json").write_text(json.dumps(config))
-    calls = []
-    real = _suite.decouple
-
-    def recording(*a, **k):
-        calls.append(k)
-        return real(*a, **k)
-
-    monkeypatch.setattr(_suite, "decouple", recording)
+    calls = decouple_calls
+    calls.clear()
     Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=0.6)
     assert calls == []  # finished and the same configuration: reused
     (run / "summary.json").unlink()
