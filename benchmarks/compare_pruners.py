@@ -179,7 +179,7 @@ def claim_row(
     A row measured for another target (e.g. a fixed ``1.97x`` run beside this call) counts for
     ``target`` when its FLOPs are within ``tol`` of it, unless it already counts for one of this call's
     targets (``names``): one measurement never stands for two targets. The re-pointed row records the
-    new target, whether its FLOPs match it, and the target it was bisected to (``settings``).
+    new target (matched, by construction) and the target it was bisected to (``settings``).
 
     Example:
         >>> row = Result("tp group SL", "group_sl", 20.3, 20.3, 2.0, 0.84, 20.3, "1.97x", 0.4, True, 1.0)
@@ -202,7 +202,7 @@ def claim_row(
             continue
         log(f"  {method}: its row for {r.target_of} is within {tol:.0%} of {target_of}'s FLOPs and counts for it")
         r.settings = {**(r.settings or {}), "bisected_to": r.target_of, "bisected_target": r.target}
-        r.target_of, r.target, r.matched = target_of, target, abs(r.flops / target - 1) <= tol
+        r.target_of, r.target, r.matched = target_of, target, True  # within tol of the new target, checked above
         return r
     return None
 

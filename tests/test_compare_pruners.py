@@ -229,6 +229,7 @@ def test_rows_from_other_calls_are_merged_and_count_within_the_tolerance(cp, tmp
     # targets of this call: the decoupling row's FLOPs (20.5) and a fixed 2x (20.0); the side row (20.3) is
     # within 2% of both, but one measurement counts for one target only: the first
     names = ["decoupling R=0.5", "2x"]
+    rows[1].matched = False  # say its bisection missed its own 1.97x target: within 2% of 20.5 it matches this one
     first = cp.claim_row(rows, "tp group SL", "decoupling R=0.5", 20.5, 0.02, names)
     assert first is rows[1] and first.target_of == "decoupling R=0.5" and first.target == 20.5 and first.matched
     assert first.settings == {"bisected_to": "1.97x", "bisected_target": 20.3}
