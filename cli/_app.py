@@ -270,6 +270,12 @@ def decouple_command(
             help="highest on-rate a filter may have for free, in [--ratio, 1]: above it L_s charges the excess, so no filter runs for every input (1: off)"
         ),
     ] = _D.sparsity_cap,
+    lambda_c: Annotated[
+        float,
+        typer.Option(
+            help="weight of L_c (ours): rewards each filter for the mutual information between its gate and the class, >= 0 (0: off)"
+        ),
+    ] = _D.lambda_c,
     density_ramp: Annotated[
         float,
         typer.Option(help="share of the decoupling epochs over which the target density moves from 1 to --ratio, in [0, 1]"),
@@ -328,6 +334,7 @@ def decouple_command(
         density_ramp=density_ramp,
         sparsity_scope=sparsity_scope,
         sparsity_cap=sparsity_cap,
+        lambda_c=lambda_c,
         workers=workers,
         download=download,
         amp=amp,

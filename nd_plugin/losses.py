@@ -1,6 +1,6 @@
 """The three decoupling losses (METHOD.md §2).
 
-``L = CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``, each of the three summed over the gated layers:
+``L = CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s (+ λ_c·L_c, ours)``, each of the terms summed over the gated layers:
 
 - ``L_mi``: a bias-free linear classifier per layer reads the gates; cross-entropy with the label
   (a variational bound on the mutual information between path and class; with soft targets, as
@@ -14,6 +14,11 @@
 - ``L_s``: ``| mean over the batch of ‖α‖₁ − R·C |``, pulling the number of open gates of a
   layer towards the target fraction ``R`` of its ``C`` filters. Given the ACM logits, it counts the
   eval-time gates ``1[z > 0]`` (the trainer does this).
+- ``L_c`` (ours, not the paper's; ``λ_c`` = 0 turns it off): minus each layer's mean, over its
+  filters, of the mutual information between a filter's gate and the class, estimated on the batch
+  (``I_f = h(p_f) − Σ_c π_c h(p_fc)``, ``h`` the binary entropy, ``p_fc`` the filter's mean gate
+  over the class's inputs). A filter earns it only by being on for some classes and off for
+  others; one that is on (or off) for every input neither earns nor pays.
 
 :class:`DecouplingLoss` is the whole loss (``loss_fn(logits, targets, path, ...)``) or, through
 :meth:`DecouplingLoss.regularizer`, only ``λ_m·L_mi + λ_k·L_kl + λ_s·L_s`` to add to any criterion
@@ -58,18 +63,19 @@ SPARSITY_SCOPES = ("layer", "input", "filter")
 
 @dataclass
 class LossTerms:
-    """The total loss and its terms (unweighted ``mi``, ``kl``, ``s``), for logging."""
+    """The total loss and its terms (unweighted ``mi``, ``kl``, ``s``, ``c``), for logging."""
 
     total: torch.Tensor
     ce: torch.Tensor
     mi: torch.Tensor
     kl: torch.Tensor
     s: torch.Tensor
+    c: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
         """The terms as Python floats (one device sync)."""
-        values = torch.stack([self.total, self.ce, self.mi, self.kl, self.s]).detach().float().cpu().tolist()
-        return dict(zip(("loss", "ce", "l_mi", "l_kl", "l_s"), values))
+        values = torch.stack([self.total, self.ce, self.mi, self.kl, self.s, self.c]).detach().float().cpu().tolist()
+        return dict(zip(("loss", "ce", "l_mi", "l_kl", "l_s", "l_c"), values))
 
 
 def _check(name: str, value: float, low: float, high: float | None, closed_high: bool = True) -> None:
@@ -77,6 +83,16 @@ def _check(name: str, value: float, low: float, high: float | None, closed_high:
     if not ok:
         bound = "" if high is None else (f", {high}]" if closed_high else f", {high})")
         raise ConfigError(f"{name} must be in [{low}{bound or ', inf)'}, got {value}.", params=(name,))
+
+
+def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """``h(p) = −p ln p − (1 − p) ln(1 − p)`` in nats, ``p`` clamped to ``[1e-6, 1 − 1e-6]``.
+
+    The clamp keeps the gradient finite where a batch's hard gates give an on-rate of exactly 0 or 1
+    (``h′(p) = ln((1 − p) / p)``); there the term neither earns nor pays.
+    """
+    p = p.clamp(1e-6, 1.0 - 1e-6)
+    return -(p * p.log() + (1.0 - p) * (1.0 - p).log())
 
 
 def _layers(values: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -109,6 +125,8 @@ class DecouplingLoss(nn.Module):
         sparsity_scope: what ``L_s`` pulls towards ``ratio``, one of :data:`SPARSITY_SCOPES`.
         sparsity_cap: the highest on-rate a filter may have for free, in ``[ratio, 1]``; each
             filter's on-rate over the batch above it adds to ``L_s`` (1, the default, adds nothing).
+        lambda_c: weight of ``L_c``, the class-routing term (ours; 0, the default, turns it off):
+            minus each layer's mean gate–class mutual information per filter, ``>= 0``.
 
     Example:
         >>> loss_fn = DecouplingLoss(0.01, 1.0, 0.01, 0.6, channels=[4, 8], num_classes=3)
@@ -135,6 +153,7 @@ class DecouplingLoss(nn.Module):
         mi_scope: str = "all",
         sparsity_scope: str = "layer",
         sparsity_cap: float = 1.0,
+        lambda_c: float = 0.0,
     ) -> None:
         super().__init__()
         if sparsity_scope not in SPARSITY_SCOPES:
@@ -154,9 +173,10 @@ class DecouplingLoss(nn.Module):
                 f"mi_scope must be one of {', '.join(MI_SCOPES)} (what lambda_m scales), got {mi_scope!r}.", params=("mi_scope",)
             )
         self.mi_init, self.mi_scope = mi_init, mi_scope
-        for name, value in (("lambda_m", lambda_m), ("lambda_k", lambda_k), ("lambda_s", lambda_s)):
+        for name, value in (("lambda_m", lambda_m), ("lambda_k", lambda_k), ("lambda_s", lambda_s), ("lambda_c", lambda_c)):
             _check(name, value, 0.0, None)
         self.lambda_m, self.lambda_k, self.lambda_s, self.ratio = lambda_m, lambda_k, lambda_s, ratio
+        self.lambda_c = lambda_c
         _check("sparsity_cap", sparsity_cap, 0.0, 1.0)
         if sparsity_cap < ratio:
             raise ConfigError(
@@ -282,7 +302,7 @@ class DecouplingLoss(nn.Module):
         """
         ce = F.cross_entropy(logits, self.check_targets(targets, logits.shape[0]))
         reg = self._regularizer(targets, gates, pre_gate, gate_logits, zero=logits.new_zeros((), dtype=torch.float))
-        return LossTerms(total=ce + reg.total, ce=ce, mi=reg.mi, kl=reg.kl, s=reg.s)
+        return LossTerms(total=ce + reg.total, ce=ce, mi=reg.mi, kl=reg.kl, s=reg.s, c=reg.c)
 
     def regularizer(
         self,
@@ -319,12 +339,12 @@ class DecouplingLoss(nn.Module):
         *,
         zero: torch.Tensor,
     ) -> LossTerms:
-        """``λ_m·L_mi + λ_k·L_kl + λ_s·L_s`` on checked targets, every layer in one batch."""
+        """``λ_m·L_mi + λ_k·L_kl + λ_s·L_s + λ_c·L_c`` on checked targets, every layer in one batch."""
         gates, pre_gate, gate_logits = _layers(gates), _layers(pre_gate), _layers(gate_logits)
-        mi, kl, s = zero, zero, zero
+        mi, kl, s, c = zero, zero, zero, zero
         total = zero
         if not gates:
-            return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s)
+            return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s, c=c)
         if len(gates) != len(self.channels):
             raise ValueError(f"expected gates of {len(self.channels)} layers, got {len(gates)}")
         alpha = torch.cat(gates, 1).float()
@@ -363,4 +383,38 @@ class DecouplingLoss(nn.Module):
             if self.sparsity_cap < 1.0:  # no filter on for (nearly) every input
                 s = s + F.relu(counted.mean(0) - self._cap).sum()
             total = total + self.lambda_s * s
-        return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s)
+        if self.lambda_c > 0:
+            c = -self.class_information(alpha, targets).sum()
+            total = total + self.lambda_c * c
+        return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s, c=c)
+
+    def class_information(self, path: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each layer's mean, over its filters, of the gate–class mutual information on a batch.
+
+        For filter ``f`` with mean gate ``p_f`` over the batch and ``p_fc`` over the inputs of class
+        ``c`` (a share ``π_c`` of the batch), ``I_f = h(p_f) − Σ_c π_c h(p_fc)`` in nats, ``h`` the
+        binary entropy: 0 for a filter whose on-rate is the same for every class (an energetic,
+        silent or class-blind one), up to ``ln 2`` for one on for exactly the classes of half the
+        batch. ``L_c`` is minus the sum of these layer means. Soft targets weigh each input's
+        classes by their probabilities.
+
+        Args:
+            path: ``(N, sum C)`` gates of every layer, concatenated in path order.
+            targets: ``(N,)`` class indices or ``(N, K)`` class probabilities.
+
+        Returns:
+            ``(L,)``, one value per gated layer, each in ``[0, ln 2]``.
+
+        Example:
+            >>> loss_fn = DecouplingLoss(channels=[2], num_classes=2)
+            >>> # filter 0 on for class 0 only (ln 2), filter 1 on for both (0): the mean is ln(2)/2
+            >>> path = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+            >>> round(loss_fn.class_information(path, torch.tensor([0, 1])).item(), 4)
+            0.3466
+        """
+        weights = targets.float() if targets.is_floating_point() else F.one_hot(targets, self.num_classes).float()
+        counts = weights.sum(0)  # (K,)
+        per_class = (weights.t() @ path) / counts.clamp_min(1e-12).unsqueeze(1)  # (K, sum C)
+        share = counts / counts.sum()
+        information = _binary_entropy(path.mean(0)) - share @ _binary_entropy(per_class)
+        return (information @ self._one_hot) / self._widths

@@ -138,6 +138,5 @@ def test_recalibrate_bn_and_the_loss_default_to_the_trainers_settings() -> None:
     assert inspect.signature(nd_plugin.recalibrate_bn).parameters["batches"].default == FIELDS["bn_recalibrate"]
     # DecouplingLoss sits below TrainConfig (which imports its choices), so it cannot read the fields: checked here
     loss = {k: p.default for k, p in inspect.signature(DecouplingLoss).parameters.items()}
-    assert {k: loss[k] for k in ("mi_init", "mi_scope", "sparsity_scope", "sparsity_cap")} == {
-        k: FIELDS[k] for k in ("mi_init", "mi_scope", "sparsity_scope", "sparsity_cap")
-    }
+    shared = ("mi_init", "mi_scope", "sparsity_scope", "sparsity_cap", "lambda_c")
+    assert {k: loss[k] for k in shared} == {k: FIELDS[k] for k in shared}

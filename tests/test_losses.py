@@ -191,6 +191,47 @@ def test_a_sparsity_cap_out_of_range_names_it(cap: float, ratio: float) -> None:
     assert "sparsity_cap" in info.value.params
 
 
+@pytest.mark.parametrize(
+    "gates, targets, expected",
+    [
+        # one layer of 2 filters, classes (0, 1): filter 0 on for class 0 only (ln 2), filter 1 on for both (0)
+        ([[1.0, 1.0], [0.0, 1.0]], [0, 1], [math.log(2) / 2]),
+        # the same filter for classes (0, 0, 1, 1) at soft on-rates (0.5, 0.5 | 0, 0): p = 1/4,
+        # h(1/4) - (1/2 h(1/2) + 1/2 h(0)) for filter 0; filter 1 silent
+        ([[0.5, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.0]], [0, 0, 1, 1], [(0.5623351446 - 0.5 * math.log(2)) / 2]),
+        # a filter on at random, not by class: on for one input of each class -> 0
+        ([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], [0, 0, 1, 1], [0.0]),
+    ],
+)
+def test_class_information_by_hand(gates: list, targets: list, expected: list) -> None:
+    loss_fn = DecouplingLoss(0.0, 0.0, 0.0, 0.5, channels=[2], num_classes=2, lambda_c=2.0)
+    path, y = torch.tensor(gates), torch.tensor(targets)
+    assert loss_fn.class_information(path, y).tolist() == pytest.approx(expected, abs=1e-4)
+    terms = loss_fn(torch.zeros(len(targets), 2), y, [path])
+    assert terms.c.item() == pytest.approx(-sum(expected), abs=1e-4)
+    assert terms.total.item() == pytest.approx(terms.ce.item() - 2.0 * sum(expected), abs=1e-4)
+    # soft targets that are one-hot give the same value
+    soft = F.one_hot(y, 2).float()
+    assert loss_fn.class_information(path, soft).tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_class_information_sums_over_layers_and_has_finite_gradients_at_hard_gates() -> None:
+    loss_fn = DecouplingLoss(0.0, 0.0, 0.0, 0.5, channels=[2, 1], num_classes=2, lambda_c=1.0)
+    gates = [torch.tensor([[1.0, 1.0], [0.0, 1.0]], requires_grad=True), torch.tensor([[0.0], [1.0]], requires_grad=True)]
+    terms = loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]), gates)
+    assert terms.c.item() == pytest.approx(-(math.log(2) / 2 + math.log(2)), abs=1e-4)
+    terms.total.backward()
+    assert all(torch.isfinite(g.grad).all() for g in gates)
+    off = DecouplingLoss(0.0, 0.0, 0.0, 0.5, channels=[2, 1], num_classes=2)  # lambda_c 0: the term is off
+    assert off(torch.zeros(2, 2), torch.tensor([0, 1]), gates).c.item() == 0.0
+
+
+def test_negative_lambda_c_names_it() -> None:
+    with pytest.raises(ConfigError, match="lambda_c must be in") as info:
+        DecouplingLoss(channels=[2], num_classes=2, lambda_c=-1.0)
+    assert info.value.params == ("lambda_c",)
+
+
 def test_unknown_sparsity_scope_names_the_choices() -> None:
     with pytest.raises(ConfigError, match="sparsity_scope must be one of layer, input, filter"):
         DecouplingLoss(channels=[2], num_classes=2, sparsity_scope="channel")

@@ -73,6 +73,7 @@ def _cli(*args: str):
         (["--sparsity-scope", "channel"], "--sparsity-scope must be one of layer, input, filter"),
         (["--sparsity-cap", "1.5"], "--sparsity-cap must be in [--ratio, 1]"),
         (["--sparsity-cap", "0.3", "--ratio", "0.5"], "--sparsity-cap must be in [--ratio, 1]"),
+        (["--lambda-c", "-0.5"], "--lambda-c must be >= 0"),
     ],
 )
 def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], match: str) -> None:
@@ -94,6 +95,7 @@ def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], mat
         ({"bn_recalibrate": -1}, "bn_recalibrate must be >= 0"),
         ({"sparsity_cap": 0.4, "ratio": 0.5}, "sparsity_cap must be in [ratio, 1]"),
         ({"sparsity_cap": -0.1, "ratio": 0.0}, "sparsity_cap must be in [ratio, 1]"),
+        ({"lambda_c": -0.1}, "lambda_c must be >= 0"),
     ],
 )
 def test_bad_schedule_settings_are_a_config_error(settings: dict, match: str) -> None:
@@ -304,7 +306,7 @@ def test_graphed_step_updates_parameters_like_the_eager_step(compiled: bool) -> 
         def run(x, y):
             with model.gates_open():  # deterministic: no gate noise, so both twins see the same numbers
                 ce = F.cross_entropy(model(x), y)
-            return LossTerms(ce, ce, ce * 0, ce * 0, ce * 0), None, None
+            return LossTerms(ce, ce, ce * 0, ce * 0, ce * 0, ce * 0), None, None
 
         return run
 

@@ -127,6 +127,9 @@ class TrainConfig:
         sparsity_cap: the highest on-rate a filter may have before ``L_s`` charges it, in
             ``[ratio, 1]`` (ours; 1 turns it off): each filter on for more of the batch pays the
             excess, so no filter can be static-on and the layer must route to reach ``ratio``.
+        lambda_c: weight of ``L_c``, the class-routing term (ours; 0 turns it off, ``>= 0``): it
+            rewards each filter for the mutual information between its gate and the class, so a
+            filter earns by serving some classes and not others (:class:`nd_plugin.DecouplingLoss`).
     """
 
     model: str = "resnet18"
@@ -168,6 +171,7 @@ class TrainConfig:
     density_ramp: float = 0.5
     sparsity_scope: str = "layer"
     sparsity_cap: float = 1.0
+    lambda_c: float = 0.0
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by its default, validated."""
@@ -192,7 +196,7 @@ class TrainConfig:
             raise ConfigError(
                 f"ratio must be in [0, 1) (the target fraction of filters that are on), got {self.ratio}.", params=("ratio",)
             )
-        for key in ("lambda_m", "lambda_k", "lambda_s"):
+        for key in ("lambda_m", "lambda_k", "lambda_s", "lambda_c"):
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}.", params=(key,))

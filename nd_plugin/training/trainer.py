@@ -187,6 +187,7 @@ class Trainer:
             mi_scope=config.mi_scope,
             sparsity_scope=config.sparsity_scope,
             sparsity_cap=config.sparsity_cap,
+            lambda_c=config.lambda_c,
         ).to(self.device)
         groups = param_groups(
             self.dm,
@@ -303,7 +304,7 @@ class Trainer:
         warmup = epoch < self.cfg.warmup_epochs
         self.net = self._ddp.module(warmup)
         self.net.train()
-        sums = torch.zeros(8, device=self.device)  # loss, ce, mi, kl, s, correct, n, density*n
+        sums = torch.zeros(9, device=self.device)  # loss, ce, mi, kl, s, correct, n, density*n, c
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         loader = self._loader("train", epoch, shuffle=True)
         context = self.dm.gates_open() if warmup else nullcontext()
@@ -347,6 +348,7 @@ class Trainer:
                             (logits.argmax(1) == y).sum().float(),
                             sums.new_full((), float(n)),
                             density * n,
+                            terms.c.detach() * n,
                         ]
                     ).float()
                 if progress is not None and (step % 10 == 0 or step == len(loader) - 1):
@@ -362,6 +364,7 @@ class Trainer:
             "l_mi": s[2] / n,
             "l_kl": s[3] / n,
             "l_s": s[4] / n,
+            "l_c": s[8] / n,
             "top1": s[5] / n,
             "density": s[7] / n,
             **({} if warmup else {"target_density": self.loss_fn.ratio}),
