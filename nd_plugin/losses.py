@@ -1,4 +1,4 @@
-"""The three decoupling losses (METHOD.md §2).
+"""The three decoupling losses (METHOD.md §2) and our class-routing term.
 
 ``L = CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s (+ λ_c·L_c, ours)``, each of the terms summed over the gated layers:
 
@@ -21,7 +21,7 @@
   others; one that is on (or off) for every input neither earns nor pays.
 
 :class:`DecouplingLoss` is the whole loss (``loss_fn(logits, targets, path, ...)``) or, through
-:meth:`DecouplingLoss.regularizer`, only ``λ_m·L_mi + λ_k·L_kl + λ_s·L_s`` to add to any criterion
+:meth:`DecouplingLoss.regularizer`, only ``λ_m·L_mi + λ_k·L_kl + λ_s·L_s + λ_c·L_c`` to add to any criterion
 (timm's ``SoftTargetCrossEntropy``, a detection loss, ...). Targets are class indices ``(N,)`` or
 class probabilities ``(N, K)`` in both.
 """
@@ -92,7 +92,7 @@ def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
     (``h′(p) = ln((1 − p) / p)``); there the term neither earns nor pays.
     """
     p = p.clamp(1e-6, 1.0 - 1e-6)
-    return -(p * p.log() + (1.0 - p) * (1.0 - p).log())
+    return torch.special.entr(p) + torch.special.entr(1.0 - p)
 
 
 def _layers(values: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -107,7 +107,7 @@ class DecouplingLoss(nn.Module):
 
     The module owns the per-layer ``L_mi`` classifiers, so pass its parameters to the optimiser
     (:func:`nd_plugin.param_groups` puts them in the gates' group). Calling it returns the whole
-    loss, ``CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``; :meth:`regularizer` returns the three decoupling
+    loss, ``CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s + λ_c·L_c`` (``λ_c`` 0 by default); :meth:`regularizer` returns the decoupling
     terms alone, to add to another criterion. Targets are class indices ``(N,)`` or probabilities
     ``(N, K)`` (timm's ``Mixup``, label smoothing); ``L_mi`` then is each layer's soft
     cross-entropy.
@@ -280,7 +280,7 @@ class DecouplingLoss(nn.Module):
         pre_gate: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
         gate_logits: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
     ) -> LossTerms:
-        """Computes the whole loss, ``CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s``.
+        """Computes the whole loss, ``CE + λ_m·L_mi + λ_k·L_kl + λ_s·L_s + λ_c·L_c``.
 
         Args:
             logits: ``(N, K)`` network outputs.
@@ -311,7 +311,7 @@ class DecouplingLoss(nn.Module):
         pre_gate: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
         gate_logits: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
     ) -> LossTerms:
-        """The decoupling terms alone, ``λ_m·L_mi + λ_k·L_kl + λ_s·L_s``, to add to any criterion.
+        """The decoupling terms alone, ``λ_m·L_mi + λ_k·L_kl + λ_s·L_s + λ_c·L_c``, to add to any criterion.
 
         Arguments as in :meth:`forward`, without the logits. ``terms.total`` is the weighted sum
         and ``terms.ce`` is zero: add ``terms.total`` to your own classification loss.
