@@ -276,6 +276,16 @@ def decouple_command(
             help="weight of L_c (ours): rewards each filter for the mutual information between its gate and the class, >= 0 (0: off)"
         ),
     ] = _D.lambda_c,
+    lambda_c_until: Annotated[
+        float,
+        typer.Option(help="share of the decoupling epochs during which L_c is on, in [0, 1]; after it lambda_c is 0 (1: throughout)"),
+    ] = _D.lambda_c_until,
+    freeze_gates_after: Annotated[
+        float,
+        typer.Option(
+            help="share of the decoupling epochs after which the gates stop learning and the network adapts to their routes, in [0, 1] (1: never)"
+        ),
+    ] = _D.freeze_gates_after,
     density_ramp: Annotated[
         float,
         typer.Option(help="share of the decoupling epochs over which the target density moves from 1 to --ratio, in [0, 1]"),
@@ -335,6 +345,8 @@ def decouple_command(
         sparsity_scope=sparsity_scope,
         sparsity_cap=sparsity_cap,
         lambda_c=lambda_c,
+        lambda_c_until=lambda_c_until,
+        freeze_gates_after=freeze_gates_after,
         workers=workers,
         download=download,
         amp=amp,

@@ -226,6 +226,21 @@ class DecouplingLoss(nn.Module):
         self._ratio.fill_(ratio)
         self._cap.fill_(max(self.sparsity_cap, ratio))  # a target above the cap lifts it while it lasts
 
+    def set_lambda_c(self, lambda_c: float) -> None:
+        """Sets ``L_c``'s weight (a schedule calls this; 0 turns the term off).
+
+        Example:
+            >>> loss_fn = DecouplingLoss(0.0, 0.0, 0.0, 0.5, channels=[2], num_classes=2, lambda_c=1.0)
+            >>> gates, y = [torch.tensor([[1.0, 1.0], [0.0, 1.0]])], torch.tensor([0, 1])
+            >>> round(loss_fn(torch.zeros(2, 2), y, gates).total.item() - loss_fn(torch.zeros(2, 2), y, gates).ce.item(), 4)
+            -0.3466
+            >>> loss_fn.set_lambda_c(0.0)
+            >>> loss_fn(torch.zeros(2, 2), y, gates).c.item()  # off: not computed
+            0.0
+        """
+        _check("lambda_c", lambda_c, 0.0, None)
+        self.lambda_c = lambda_c
+
     def _segment_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         """``log_softmax`` within each layer's columns of an ``(N, sum C)`` path."""
         padded = x.new_full((x.shape[0], len(self.channels) * self._width), float("-inf"))

@@ -74,6 +74,8 @@ def _cli(*args: str):
         (["--sparsity-cap", "1.5"], "--sparsity-cap must be in [--ratio, 1]"),
         (["--sparsity-cap", "0.3", "--ratio", "0.5"], "--sparsity-cap must be in [--ratio, 1]"),
         (["--lambda-c", "-0.5"], "--lambda-c must be >= 0"),
+        (["--lambda-c-until", "1.5"], "--lambda-c-until must be in [0, 1]"),
+        (["--freeze-gates-after", "-0.1"], "--freeze-gates-after must be in [0, 1]"),
     ],
 )
 def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], match: str) -> None:
@@ -96,6 +98,8 @@ def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], mat
         ({"sparsity_cap": 0.4, "ratio": 0.5}, "sparsity_cap must be in [ratio, 1]"),
         ({"sparsity_cap": -0.1, "ratio": 0.0}, "sparsity_cap must be in [ratio, 1]"),
         ({"lambda_c": -0.1}, "lambda_c must be >= 0"),
+        ({"lambda_c_until": 1.2}, "lambda_c_until must be in [0, 1]"),
+        ({"freeze_gates_after": -0.5}, "freeze_gates_after must be in [0, 1]"),
     ],
 )
 def test_bad_schedule_settings_are_a_config_error(settings: dict, match: str) -> None:
@@ -139,6 +143,55 @@ def test_trainer_moves_the_sparsity_target_along_the_schedule() -> None:
     trainer.fit()
     warm, last = (r.train for r in trainer.history)
     assert "target_density" not in warm and last["target_density"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("until, expected", [(0.5, [2.0, 2.0, 0.0, 0.0]), (1.0, [2.0, 2.0, 2.0, 2.0]), (0.0, [0.0] * 4)])
+def test_trainer_turns_class_routing_off_after_its_share(until: float, expected: list[float]) -> None:
+    from nd_plugin import wrap
+    from nd_plugin.adapters import create_model
+    from nd_plugin.data import load_data
+
+    cfg = TrainConfig(**TINY, epochs=2, warmup_epochs=1, lambda_c=2.0, lambda_c_until=until).resolved()
+    data = load_data(cfg.data)
+    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
+    trainer = Trainer(dm, data, cfg, progress=False)
+    # global epochs 1, 1.5, 2, 2.5: decoupling progress 0, 1/4, 1/2, 3/4
+    got, previous = [], 2.0  # the loss starts at lambda_c
+    for epoch in (1.0, 1.5, 2.0, 2.5):
+        trainer._graphed = object()  # stands for a captured graph: a change of weight must drop it
+        got.append(trainer.set_class_routing(epoch))
+        assert trainer.loss_fn.lambda_c == got[-1]
+        assert (trainer._graphed is None) == (got[-1] != previous)
+        previous = got[-1]
+    assert got == expected
+
+
+@pytest.mark.parametrize("after", [0.5, 1.0])
+def test_trainer_freezes_the_gates_after_their_share(after: float) -> None:
+    from nd_plugin import wrap
+    from nd_plugin.adapters import create_model
+    from nd_plugin.data import load_data
+    from nd_plugin.training.optim import gate_parameters
+
+    cfg = TrainConfig(**TINY, epochs=2, warmup_epochs=0, freeze_gates_after=after, lambda_m=0.01, lambda_s=0.1).resolved()
+    data = load_data(cfg.data)
+    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
+    trainer = Trainer(dm, data, cfg, progress=False)
+    base = {g["name"]: g["base_lr"] for g in trainer.optimizer.param_groups}
+    for epoch in (0.5, 1.5):  # decoupling progress 1/4, then 3/4
+        factor = 0.5 * (1 + math.cos(math.pi * epoch / 2))
+        assert trainer.set_lr(epoch) == pytest.approx(base["network"] * factor)
+        lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+        frozen = after == 0.5 and epoch == 1.5
+        assert lrs["gates"] == pytest.approx(0.0 if frozen else base["gates"] * factor)
+    trainer.cfg.epochs, trainer.cfg.freeze_gates_after = 1, (0.0 if after == 0.5 else 1.0)  # one epoch, frozen throughout or never
+    before = [p.detach().clone() for p in gate_parameters(dm)]
+    weights = [p.detach().clone() for p in dm.parameters() if p.dim() == 4 and all(p is not q for q in gate_parameters(dm))]
+    trainer.fit()
+    after_gates = gate_parameters(dm)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, after_gates))
+    assert moved == (after == 1.0)
+    assert any(not torch.equal(a, b) for a, b in zip(weights, [p for p in dm.parameters() if p.dim() == 4 and all(p is not q for q in after_gates)]))
 
 
 def test_out_holding_another_models_run(tmp_path: Path) -> None:

@@ -130,6 +130,13 @@ class TrainConfig:
         lambda_c: weight of ``L_c``, the class-routing term (ours; 0 turns it off, ``>= 0``): it
             rewards each filter for the mutual information between its gate and the class, so a
             filter earns by serving some classes and not others (:class:`nd_plugin.DecouplingLoss`).
+        lambda_c_until: share of the decoupling phase during which ``L_c`` is on, in ``[0, 1]``
+            (ours; 1, the default, keeps it on throughout): after it ``λ_c`` is 0, so the network
+            can recover accuracy from routes ``L_c`` made.
+        freeze_gates_after: share of the decoupling phase after which the gates and the ``L_mi``
+            classifiers stop learning (their learning rate is 0), in ``[0, 1]`` (ours; 1, the
+            default, never freezes them): the network's weights then adapt to the routes the
+            gates learnt, and the routes stay.
     """
 
     model: str = "resnet18"
@@ -172,6 +179,8 @@ class TrainConfig:
     sparsity_scope: str = "layer"
     sparsity_cap: float = 1.0
     lambda_c: float = 0.0
+    lambda_c_until: float = 1.0
+    freeze_gates_after: float = 1.0
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by its default, validated."""
@@ -227,6 +236,12 @@ class TrainConfig:
                 f"density moves from 1 to ratio), got {self.density_ramp}.",
                 params=("density_ramp", "ratio"),
             )
+        for key, what in (
+            ("lambda_c_until", "the share of the decoupling epochs during which L_c is on"),
+            ("freeze_gates_after", "the share of the decoupling epochs after which the gates stop learning"),
+        ):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key} must be in [0, 1] ({what}), got {getattr(self, key)}.", params=(key,))
         if not 0.0 <= self.sparsity_cap <= 1.0 or (self.ratio is not None and self.sparsity_cap < self.ratio):
             raise ConfigError(
                 f"sparsity_cap must be in [ratio, 1] (the highest free on-rate of a filter), got {self.sparsity_cap}"

@@ -256,12 +256,32 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
+    def _phase_progress(self, epoch: float) -> float:
+        """Share of the decoupling phase done at a (fractional) global epoch (negative in warm-up)."""
+        return (epoch - self.cfg.warmup_epochs) / max(self.cfg.epochs, 1)
+
     def set_lr(self, epoch: float) -> float:
-        """Sets every group's learning rate for a (fractional) global epoch; returns the network's."""
+        """Sets every group's learning rate for a (fractional) global epoch; returns the network's.
+
+        The gates' group gets 0 once ``freeze_gates_after`` of the decoupling phase is done.
+        """
         factor = lr_factor(epoch, self.cfg)
+        frozen = self.cfg.freeze_gates_after < 1.0 and self._phase_progress(epoch) >= self.cfg.freeze_gates_after
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+            group["lr"] = 0.0 if frozen and group.get("name") == "gates" else group["base_lr"] * factor
         return self.optimizer.param_groups[0]["lr"]
+
+    def set_class_routing(self, epoch: float) -> float:
+        """Sets ``L_c``'s weight for a (fractional) global epoch of the decoupling phase; returns it.
+
+        ``lambda_c`` until ``lambda_c_until`` of the phase is done, 0 after. A captured CUDA graph
+        holds the loss it was captured with, so a change drops it (the next step captures again).
+        """
+        weight = self.cfg.lambda_c if self._phase_progress(epoch) < self.cfg.lambda_c_until else 0.0
+        if weight != self.loss_fn.lambda_c:
+            self.loss_fn.set_lambda_c(weight)
+            self._graphed = None
+        return weight
 
     def set_density_target(self, epoch: float) -> float:
         """Sets ``L_s``'s target density for a (fractional) global epoch of the decoupling phase.
@@ -270,8 +290,7 @@ class Trainer:
         epochs; returns the target.
         """
         cfg = self.cfg
-        progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs, 1)
-        target = density_target(progress, cfg.ratio, cfg.density_schedule, cfg.density_ramp)
+        target = density_target(self._phase_progress(epoch), cfg.ratio, cfg.density_schedule, cfg.density_ramp)
         if target != self.loss_fn.ratio:
             self.loss_fn.set_ratio(target)
         return target
@@ -328,6 +347,7 @@ class Trainer:
                 x, y = self._to_device(x, y)
                 if not warmup:
                     self.set_density_target(epoch + step / len(loader))
+                    self.set_class_routing(epoch + step / len(loader))
                 terms, logits, density = step_fn(x, y)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms.total.detach()), step, first_bad)
                 if step % check_every == 0 or step == len(loader) - 1:
