@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _helpers import tiny_trainer
 from typer.testing import CliRunner
 
 from nd_plugin.cli._app import app
@@ -23,6 +24,7 @@ from nd_plugin.commands.decoupling import decouple
 from nd_plugin.errors import ConfigError, TrainingError
 from nd_plugin.run import open_run
 from nd_plugin.training.config import TrainConfig
+from nd_plugin.training.optim import gate_parameters
 from nd_plugin.training.trainer import Trainer
 
 TINY = dict(model="cifar:resnet20", data="synthetic:96", batch_size=32, bn_recalibrate=2)
@@ -125,14 +127,8 @@ def test_density_target_by_hand(schedule: str, ramp: float, expected: list[float
 
 
 def test_trainer_moves_the_sparsity_target_along_the_schedule() -> None:
-    from nd_plugin import wrap
-    from nd_plugin.adapters import create_model
-    from nd_plugin.data import load_data
-
     cfg = TrainConfig(**TINY, epochs=4, warmup_epochs=1, ratio=0.4, density_schedule="linear", density_ramp=0.5).resolved()
-    data = load_data(cfg.data)
-    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
-    trainer = Trainer(dm, data, cfg, progress=False)
+    trainer = tiny_trainer(cfg)
     # global epoch 1 is the first decoupling epoch; the ramp covers decoupling epochs [0, 2)
     assert trainer.set_density_target(1.0) == pytest.approx(1.0)
     assert trainer.loss_fn.ratio == pytest.approx(1.0) and trainer.loss_fn._ratio.item() == pytest.approx(1.0)
@@ -147,14 +143,8 @@ def test_trainer_moves_the_sparsity_target_along_the_schedule() -> None:
 
 @pytest.mark.parametrize("until, expected", [(0.5, [2.0, 2.0, 0.0, 0.0]), (1.0, [2.0, 2.0, 2.0, 2.0]), (0.0, [0.0] * 4)])
 def test_trainer_turns_class_routing_off_after_its_share(until: float, expected: list[float]) -> None:
-    from nd_plugin import wrap
-    from nd_plugin.adapters import create_model
-    from nd_plugin.data import load_data
-
     cfg = TrainConfig(**TINY, epochs=2, warmup_epochs=1, lambda_c=2.0, lambda_c_until=until).resolved()
-    data = load_data(cfg.data)
-    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
-    trainer = Trainer(dm, data, cfg, progress=False)
+    trainer = tiny_trainer(cfg)
     # global epochs 1, 1.5, 2, 2.5: decoupling progress 0, 1/4, 1/2, 3/4
     got, previous = [], 2.0  # the loss starts at lambda_c
     for epoch in (1.0, 1.5, 2.0, 2.5):
@@ -168,15 +158,8 @@ def test_trainer_turns_class_routing_off_after_its_share(until: float, expected:
 
 @pytest.mark.parametrize("after", [0.5, 1.0])
 def test_trainer_freezes_the_gates_after_their_share(after: float) -> None:
-    from nd_plugin import wrap
-    from nd_plugin.adapters import create_model
-    from nd_plugin.data import load_data
-    from nd_plugin.training.optim import gate_parameters
-
     cfg = TrainConfig(**TINY, epochs=2, warmup_epochs=0, freeze_gates_after=after, lambda_m=0.01, lambda_s=0.1).resolved()
-    data = load_data(cfg.data)
-    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
-    trainer = Trainer(dm, data, cfg, progress=False)
+    trainer = tiny_trainer(cfg)
     base = {g["name"]: g["base_lr"] for g in trainer.optimizer.param_groups}
     for epoch in (0.5, 1.5):  # decoupling progress 1/4, then 3/4
         factor = 0.5 * (1 + math.cos(math.pi * epoch / 2))
@@ -185,13 +168,12 @@ def test_trainer_freezes_the_gates_after_their_share(after: float) -> None:
         frozen = after == 0.5 and epoch == 1.5
         assert lrs["gates"] == pytest.approx(0.0 if frozen else base["gates"] * factor)
     trainer.cfg.epochs, trainer.cfg.freeze_gates_after = 1, (0.0 if after == 0.5 else 1.0)  # one epoch, frozen throughout or never
-    before = [p.detach().clone() for p in gate_parameters(dm)]
-    weights = [p.detach().clone() for p in dm.parameters() if p.dim() == 4 and all(p is not q for q in gate_parameters(dm))]
+    gates = gate_parameters(trainer.dm)
+    network = [p for p in trainer.dm.parameters() if p.dim() == 4 and all(p is not g for g in gates)]  # conv weights
+    before = [p.detach().clone() for p in (*gates, *network)]
     trainer.fit()
-    after_gates = gate_parameters(dm)
-    moved = any(not torch.equal(a, b) for a, b in zip(before, after_gates))
-    assert moved == (after == 1.0)
-    assert any(not torch.equal(a, b) for a, b in zip(weights, [p for p in dm.parameters() if p.dim() == 4 and all(p is not q for q in after_gates)]))
+    moved = [not torch.equal(a, b) for a, b in zip(before, (*gates, *network))]
+    assert any(moved[: len(gates)]) == (after == 1.0) and any(moved[len(gates) :])
 
 
 def test_out_holding_another_models_run(tmp_path: Path) -> None:
@@ -210,14 +192,8 @@ def test_unknown_model_and_data_give_one_line(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
-    from nd_plugin import wrap
-    from nd_plugin.adapters import create_model
-    from nd_plugin.data import load_data
-
     cfg = TrainConfig(**TINY, epochs=2, warmup_epochs=0).resolved()
-    data = load_data(cfg.data)
-    dm = wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
-    trainer = Trainer(dm, data, cfg, tmp_path, progress=False)
+    trainer = tiny_trainer(cfg, tmp_path)
     trainer.cfg.epochs = 1
     trainer.fit()
     good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
