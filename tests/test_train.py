@@ -154,6 +154,11 @@ def test_trainer_turns_class_routing_off_after_its_share(until: float, expected:
         assert (trainer._graphed is None) == (got[-1] != previous)
         previous = got[-1]
     assert got == expected
+    trainer._graphed = None
+    trainer.loss_fn.set_lambda_c(2.0)
+    trainer.fit()  # the loop moves the weight per step: the last decoupling epoch runs at expected[-1]
+    assert trainer.loss_fn.lambda_c == expected[-1]
+    assert (trainer.history[-1].train["l_c"] != 0.0) == (expected[-1] > 0)
 
 
 @pytest.mark.parametrize("after", [0.5, 1.0])

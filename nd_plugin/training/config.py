@@ -135,8 +135,9 @@ class TrainConfig:
             can recover accuracy from routes ``L_c`` made.
         freeze_gates_after: share of the decoupling phase after which the gates and the ``L_mi``
             classifiers stop learning (their learning rate is 0), in ``[0, 1]`` (ours; 1, the
-            default, never freezes them): the network's weights then adapt to the routes the
-            gates learnt, and the routes stay.
+            default, never freezes them): the network's weights then adapt to fixed gate functions
+            (which still read the features, so the routes move as the weights do). Measured with
+            ``lambda_c_until`` in docs/notes/dynamic.md (approach 12).
     """
 
     model: str = "resnet18"
