@@ -177,6 +177,10 @@ class DecouplingLoss(nn.Module):
             _check(name, value, 0.0, None)
         self.lambda_m, self.lambda_k, self.lambda_s, self.ratio = lambda_m, lambda_k, lambda_s, ratio
         self.lambda_c = lambda_c
+        # L_c's weight, a tensor updated in place like _ratio (a schedule turns it off; graphs and
+        # compile see it); the term is computed, and logged, whenever it has had a weight > 0
+        self.register_buffer("_lambda_c", torch.tensor(float(lambda_c)), persistent=False)
+        self._routes = lambda_c > 0
         _check("sparsity_cap", sparsity_cap, 0.0, 1.0)
         if sparsity_cap < ratio:
             raise ConfigError(
@@ -227,19 +231,28 @@ class DecouplingLoss(nn.Module):
         self._cap.fill_(max(self.sparsity_cap, ratio))  # a target above the cap lifts it while it lasts
 
     def set_lambda_c(self, lambda_c: float) -> None:
-        """Sets ``L_c``'s weight (a schedule calls this; 0 turns the term off).
+        """Sets ``L_c``'s weight in place (a schedule calls this; 0 turns the term off).
+
+        As with :meth:`set_ratio`, the weight is a buffer updated in place, so a captured CUDA graph
+        or a compiled step sees it. Once the term has had a weight above 0 it is still computed,
+        weighted 0, and logged (``LossTerms.c``) after it is turned off: the gate–class information
+        of the routes stays visible.
 
         Example:
             >>> loss_fn = DecouplingLoss(0.0, 0.0, 0.0, 0.5, channels=[2], num_classes=2, lambda_c=1.0)
             >>> gates, y = [torch.tensor([[1.0, 1.0], [0.0, 1.0]])], torch.tensor([0, 1])
-            >>> round(loss_fn(torch.zeros(2, 2), y, gates).total.item() - loss_fn(torch.zeros(2, 2), y, gates).ce.item(), 4)
-            -0.3466
+            >>> terms = loss_fn(torch.zeros(2, 2), y, gates)
+            >>> round((terms.total - terms.ce).item(), 4), round(terms.c.item(), 4)
+            (-0.3466, -0.3466)
             >>> loss_fn.set_lambda_c(0.0)
-            >>> loss_fn(torch.zeros(2, 2), y, gates).c.item()  # off: not computed
-            0.0
+            >>> terms = loss_fn(torch.zeros(2, 2), y, gates)
+            >>> round((terms.total - terms.ce).item(), 4), round(terms.c.item(), 4)  # weighted 0, still logged
+            (0.0, -0.3466)
         """
         _check("lambda_c", lambda_c, 0.0, None)
         self.lambda_c = lambda_c
+        self._lambda_c.fill_(lambda_c)
+        self._routes = self._routes or lambda_c > 0
 
     def _segment_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         """``log_softmax`` within each layer's columns of an ``(N, sum C)`` path."""
@@ -398,9 +411,9 @@ class DecouplingLoss(nn.Module):
             if self.sparsity_cap < 1.0:  # no filter on for (nearly) every input
                 s = s + F.relu(counted.mean(0) - self._cap).sum()
             total = total + self.lambda_s * s
-        if self.lambda_c > 0:
+        if self._routes:
             c = -self.class_information(alpha, targets).sum()
-            total = total + self.lambda_c * c
+            total = total + self._lambda_c * c
         return LossTerms(total=total, ce=zero, mi=mi, kl=kl, s=s, c=c)
 
     def class_information(self, path: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

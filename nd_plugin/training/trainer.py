@@ -274,13 +274,13 @@ class Trainer:
     def set_class_routing(self, epoch: float) -> float:
         """Sets ``L_c``'s weight for a (fractional) global epoch of the decoupling phase; returns it.
 
-        ``lambda_c`` until ``lambda_c_until`` of the phase is done, 0 after. A captured CUDA graph
-        holds the loss it was captured with, so a change drops it (the next step captures again).
+        ``lambda_c`` until ``lambda_c_until`` of the phase is done, 0 after; the loss's weight is
+        updated in place (:meth:`DecouplingLoss.set_lambda_c <nd_plugin.DecouplingLoss.set_lambda_c>`),
+        so a captured CUDA graph sees it.
         """
         weight = self.cfg.lambda_c if self._phase_progress(epoch) < self.cfg.lambda_c_until else 0.0
         if weight != self.loss_fn.lambda_c:
             self.loss_fn.set_lambda_c(weight)
-            self._graphed = None
         return weight
 
     def set_density_target(self, epoch: float) -> float:
@@ -318,15 +318,6 @@ class Trainer:
     def _uses_cuda_graphs(self) -> bool:
         return self.cfg.cuda_graphs and self.device.type == "cuda" and not self.dist.enabled
 
-    def _step_fn(self, warmup: bool) -> Callable[[torch.Tensor, torch.Tensor], tuple[LossTerms, torch.Tensor, torch.Tensor]]:
-        """The phase's training step: eager, or on one GPU the decoupling step replayed as a CUDA graph
-        (captured on first use, again after :meth:`set_class_routing` drops it)."""
-        if not warmup and self._uses_cuda_graphs():
-            if self._graphed is None:
-                self._graphed = _GraphedStep(functools.partial(self._compute, warmup=False), self.optimizer)
-            return self._graphed
-        return functools.partial(eager_step, functools.partial(self._compute, warmup=warmup), self.optimizer)
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training data; returns mean loss terms, accuracy and gate density."""
         warmup = epoch < self.cfg.warmup_epochs
@@ -336,7 +327,11 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         loader = self._loader("train", epoch, shuffle=True)
         context = self.dm.gates_open() if warmup else nullcontext()
-        step_fn = self._step_fn(warmup)
+        step_fn: Any = functools.partial(eager_step, functools.partial(self._compute, warmup=warmup), self.optimizer)
+        if not warmup and self._uses_cuda_graphs():
+            if self._graphed is None:
+                self._graphed = _GraphedStep(functools.partial(self._compute, warmup=False), self.optimizer)
+            step_fn = self._graphed
         # a sync per step stalls the GPU queue: there, finiteness is checked every few steps
         check_every = 1 if self.device.type == "cpu" else 25
         from nd_plugin._progress import make_progress
@@ -352,9 +347,7 @@ class Trainer:
                 x, y = self._to_device(x, y)
                 if not warmup:
                     self.set_density_target(epoch + step / len(loader))
-                    weight = self.loss_fn.lambda_c
-                    if self.set_class_routing(epoch + step / len(loader)) != weight:
-                        step_fn = self._step_fn(warmup)  # a new loss: a graph captured with the old one is gone
+                    self.set_class_routing(epoch + step / len(loader))
                 terms, logits, density = step_fn(x, y)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms.total.detach()), step, first_bad)
                 if step % check_every == 0 or step == len(loader) - 1:
