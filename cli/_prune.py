@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["prune_command", "print_dynamic_value", "print_prune_table", "settings_note"]
+__all__ = ["prune_command", "print_dynamic_value", "print_prune_table", "settings_note", "static_note"]
 
 
 def print_prune_table(result: dict[str, Any]) -> None:
@@ -117,8 +117,30 @@ def print_engines(result: dict[str, Any], console: Any) -> None:
             notes.append(settings_note(row))
     if "gated" in acc:
         notes.append(f"gated model top-1 {acc['gated']:.2%} on {acc['inputs']} validation images")
+    notes.extend(static_note(row, result) for row in engines.values() if "static_ms" in row)
     table.caption = "\n".join(notes) or None
     console.print(table)
+
+
+def static_note(row: dict[str, Any], result: dict[str, Any]) -> str:
+    """One line: the eager runtime against the static compact model in the same engine, and how that one was chosen.
+
+    Example:
+        >>> row = {"engine": "eager", "batch": 1, "compact_ms": 2.0, "static_ms": 2.5, "vs_static": 1.25}
+        >>> static_note(row, {"accuracy": {"static": 0.9}, "static_match": {"by": "accuracy", "matched": True}})
+        'eager b1: dynamic runtime 2.00 ms vs static compact 2.50 ms (1.25x; static top-1 90.00%, the gated top-1 matched)'
+    """
+    how = result.get("static_match", {})
+    if how.get("by") == "accuracy":
+        chosen = "the gated top-1 matched" if how.get("matched") else "widest static model, gated top-1 not matched"
+    else:
+        chosen = "filters on for more than half the inputs"
+    top1 = result.get("accuracy", {}).get("static")
+    acc = f"static top-1 {top1:.2%}, " if top1 is not None else ""
+    return (
+        f"{row['engine']} b{row['batch']}: dynamic runtime {row['compact_ms']:.2f} ms vs static compact "
+        f"{row['static_ms']:.2f} ms ({row['vs_static']:.2f}x; {acc}{chosen})"
+    )
 
 
 def settings_note(row: dict[str, Any]) -> str:
@@ -176,6 +198,16 @@ def prune_command(
         str,
         typer.Option(help="ONNX Runtime's idle workers spinning: on, off, or auto (both timed, the row shows the faster)"),
     ] = "auto",
+    static_match: Annotated[
+        str,
+        typer.Option(
+            help="the static model each gate must beat, ONNX gets and eager is timed beside: frequency (filters on for "
+            "more than half the inputs: about the gated FLOPs) or accuracy (fewest filters within --match-tolerance of the gated top-1)"
+        ),
+    ] = "frequency",
+    match_tolerance: Annotated[
+        float, typer.Option(help="top-1 the --static-match accuracy model may lose, a fraction in [0, 1) (0.003: 0.3 points)")
+    ] = 0.003,
 ) -> None:
     """Remove silent filters for good; keep a gate only where skipping pays; measure and export.
 
@@ -197,6 +229,8 @@ def prune_command(
         latency_repeats=repeats,
         threads=threads,
         onnx_spinning=onnx_spinning,
+        static_match=static_match,
+        match_tolerance=match_tolerance,
     )
     print_prune_table(result)
     if export is not None:

@@ -18,6 +18,7 @@ from _helpers import decoupled, real_images
 from torch import nn
 
 import nd_plugin
+from nd_plugin.errors import ConfigError
 from nd_plugin.flops import count_flops, expected_flops
 from nd_plugin.paths import PathStats
 from nd_plugin.pruning import (
@@ -27,11 +28,14 @@ from nd_plugin.pruning import (
     apply_record,
     dynamic_value,
     fixed_gates,
+    match_accuracy,
     match_static,
     prune,
+    static_record,
 )
 from nd_plugin.pruning.synthetic import synthetic_gates
 from nd_plugin.pruning.value import describe, static_ranking
+from nd_plugin.utilities import accuracy
 
 
 class HandNet(nn.Module):
@@ -199,6 +203,73 @@ def test_dynamic_value_record(kind: str) -> None:
     assert "points" in str(dv) and f"{dv.dynamic_share:.1%}" in str(dv)
 
 
+@pytest.mark.parametrize("kind", ["tiny", "cifar:resnet20"])
+def test_accuracy_match_without_dynamic_filters_is_the_frequency_model(kind: str) -> None:
+    """No dynamic filter: the static model at threshold 0.5 is the gated model, matched in one evaluation."""
+    dm, _, x = decoupled(kind)
+    synthetic_gates(dm, x, seed=0, fractions=(1.0, 1.0, 0.0))
+    _, y = real_images()
+    stats = dm.paths(_loader(x, y), raw=True)
+    m = match_accuracy(dm, stats, _loader(x, y), tolerance=0.0)
+    assert m.matched and m.threshold == 0.5 and m.top1 == m.gated_top1 and len(m.tried) == 1
+    assert m.record.kept == static_record(dm, stats).kept
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_accuracy_match_bisects_to_a_static_model_that_does_as_well(round_to: int) -> None:
+    """Labels are the gated model's own predictions (gated top-1 100%); the target sits between the
+    0.5 model and the widest one, so the threshold is bisected below 0.5. (With random synthetic
+    gates a wider static model is not always closer to the gated one: seed 0 is a case where it is.)"""
+    dm, stats, x = decoupled("cifar:resnet20", seed=0)
+    with torch.no_grad():
+        y = dm(x).argmax(1)
+    batches = _loader(x, y)
+    widest = accuracy(apply_record(dm, static_record(dm, stats, threshold=0.0, round_to=round_to)), batches)
+    at_half = accuracy(apply_record(dm, static_record(dm, stats, threshold=0.5, round_to=round_to)), batches)
+    assert at_half < widest  # the synthetic gates' dynamic third: the 0.5 model loses inputs
+    tol = 1.0 - (at_half + widest) / 2  # a target strictly between the two
+    m = match_accuracy(dm, stats, batches, tolerance=tol, round_to=round_to)
+    assert m.gated_top1 == 1.0 and m.matched and 0.0 <= m.threshold < 0.5
+    assert [t for t, _ in m.tried[:2]] == [0.5, 0.0] and m.tried[0][1] == at_half and m.tried[1][1] == widest
+    # the fixed-gate evaluation is the structurally pruned model's
+    assert m.top1 == accuracy(apply_record(dm, m.record), batches) >= 1.0 - tol
+    # every threshold tried above the answer failed, every one at or below it matched
+    assert all((top1 >= 1.0 - tol) == (t <= m.threshold) for t, top1 in m.tried)
+    d = m.to_dict()
+    assert d["matched"] and d["kept"] == {s: len(k) for s, k in m.record.kept.items()} and d["inputs"] == len(x)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_accuracy_match_out_of_reach_returns_the_better_end(seed: int) -> None:
+    """Seed 0: the widest static model is the closer to the gated one; seed 1: the 0.5 model is."""
+    dm, stats, x = decoupled("cifar:resnet20", seed=seed)
+    with torch.no_grad():
+        y = dm(x).argmax(1)
+    m = match_accuracy(dm, stats, _loader(x, y), tolerance=0.0, gated_top1=1.5)
+    (t_half, at_half), (t_zero, at_zero) = m.tried
+    assert not m.matched and (t_half, t_zero) == (0.5, 0.0) and (at_zero > at_half) == (seed == 0)
+    assert m.threshold == (0.0 if seed == 0 else 0.5) and m.top1 == max(at_half, at_zero)
+    assert m.record.kept == static_record(dm, stats, threshold=m.threshold).kept
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"tolerance": -0.01}, "match_tolerance must be in"),
+        ({"tolerance": 1.0}, "match_tolerance must be in"),
+        ({"tolerance": "a lot"}, "match_tolerance must be a number"),
+        ({"start": 1.0}, "tolerance must be in"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"round_to": 0}, "round_to must be a positive integer"),
+    ],
+)
+def test_accuracy_match_refuses_bad_settings(kwargs: dict, match: str) -> None:
+    dm, stats, x = decoupled("tiny")
+    _, y = real_images()
+    with pytest.raises(ConfigError, match=match):
+        match_accuracy(dm, stats, _loader(x, y), **kwargs)
+
+
 def test_describe_is_signed_in_points() -> None:
     d = {"value": -0.004, "gated_top1": 0.5, "static_top1": 0.504, "inputs": 250,
          "gated_flops": 1500.0, "static_flops": 1500.0, "dynamic_share": 0.0}
@@ -258,6 +329,30 @@ def test_summary_prune_json_cli_and_report_show_the_dynamic_value(resnet20_run: 
     assert "dynamic value" in page and f"{100 * recorded['value']:+.2f} points" in page
     analysis = json.loads((tmp_path / "report" / "analysis.json").read_text())
     assert analysis["dynamic_value"]["source"].startswith("recorded in")
+
+
+def test_prune_matches_the_static_model_to_the_gated_top1(resnet20_run: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from nd_plugin.cli._prune import print_engines
+    from nd_plugin.commands.pruning import prune_run
+
+    result = prune_run(resnet20_run, latency_repeats=1, engines=["eager"], static_match="accuracy", match_tolerance=0.0)
+    match, acc = result["static_match"], result["accuracy"]
+    assert match["by"] == "accuracy" and match["gated_top1"] == acc["gated"] and match["inputs"] == acc["inputs"]
+    assert match["top1"] == acc["static"]  # the fixed-gate evaluation is the exported static model's
+    assert match["matched"] == (acc["static"] >= acc["gated"]) and 0.0 <= match["threshold"] <= 0.5
+    flops = result["flops"]
+    assert sum(match["kept"].values()) <= sum(match["channels"].values()) and flops["static_model"] <= flops["original"]
+    eager = result["engines"]["eager/b1"]
+    assert eager["static_ms"] > 0 and eager["vs_static"] == pytest.approx(eager["static_ms"] / eager["compact_ms"])
+    buf = io.StringIO()
+    print_engines(result, Console(file=buf, width=400))
+    assert "eager b1: dynamic runtime" in buf.getvalue() and ("the gated top-1 matched" in buf.getvalue()) == match["matched"]
+    default = prune_run(resnet20_run, latency_repeats=1, engines=["eager"])
+    assert default["static_match"] == {"by": "frequency", "threshold": 0.5}
 
 
 def test_report_measures_the_dynamic_value_when_no_file_records_it(resnet20_run: Path) -> None:

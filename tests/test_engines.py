@@ -110,6 +110,14 @@ def test_engine_latency_records_how_each_engine_was_timed(pair: dict[str, nn.Mod
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["compact_ms"])
 
 
+def test_engine_latency_times_the_static_model_beside_the_eager_form(pair: dict[str, nn.Module]) -> None:
+    out = engine_latency(pair["dense"], {"eager": pair["compact"]}, torch.randn(4, 3, 8, 8), repeats=3, threads=1, static=pair["dense"])
+    eager = out["eager/b1"]
+    assert _medians_ok({"dense": eager["dense_ms"], "compact": eager["compact_ms"]}) and eager["static_ms"] > 0
+    assert eager["vs_static"] == pytest.approx(eager["static_ms"] / eager["compact_ms"])
+    assert "static_ms" not in engine_latency(pair["dense"], {"eager": pair["compact"]}, torch.randn(2, 3, 8, 8), repeats=1)["eager/b1"]
+
+
 def test_engine_latency_with_spinning_off_times_only_that(pair: dict[str, nn.Module]) -> None:
     out = engine_latency(
         pair["dense"], {"onnx": pair["compact"]}, torch.randn(2, 3, 8, 8), repeats=1, threads=2, onnx_spinning="off"
@@ -136,7 +144,28 @@ def test_bad_settings_are_config_errors_naming_the_parameter(tmp_path: Path, kwa
 
 
 @pytest.mark.parametrize(
-    ("args", "flag"), [(["--threads", "0"], "--threads"), (["--onnx-spinning", "sometimes"], "--onnx-spinning")]
+    ("kwargs", "param"),
+    [
+        ({"static_match": "flops"}, "static_match"),
+        ({"match_tolerance": -0.001}, "match_tolerance"),
+        ({"match_tolerance": 1.0}, "match_tolerance"),
+        ({"match_tolerance": "some"}, "match_tolerance"),
+    ],
+)
+def test_bad_static_match_settings_are_config_errors_naming_the_parameter(tmp_path: Path, kwargs: dict, param: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{param} must be") as info:
+        prune_run(tmp_path / "run", **kwargs)
+    assert info.value.params == (param,)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--threads", "0"], "--threads"),
+        (["--onnx-spinning", "sometimes"], "--onnx-spinning"),
+        (["--static-match", "flops"], "--static-match"),
+        (["--match-tolerance", "1.5"], "--match-tolerance"),
+    ],
 )
 def test_bad_settings_are_one_line_and_exit_2(tmp_path: Path, args: list[str], flag: str) -> None:
     result = CliRunner().invoke(app, ["prune", str(tmp_path / "run"), *args])

@@ -6,7 +6,7 @@
    gated one, so statistics from another checkpoint are caught;
 2. decides per gated layer, by measured batch-1 cost, whether the eager runtime keeps its gate
    (:func:`~nd_plugin.pruning.deploy.plan_deployment`), and builds the static compact model for the
-   engines that cannot skip per input;
+   engines that cannot skip per input (``static_match``: about the gated FLOPs, or the gated top-1);
 3. measures accuracy, FLOPs, and dense vs compact latency in every requested engine, side by side,
    each engine as deployed: ONNX Runtime in a process of its own, at the requested threads
    (spinning on and off) and at 1 thread (:func:`engine_latency`);
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from nd_plugin.errors import ExportError
+from nd_plugin.errors import ConfigError, ExportError
 from nd_plugin.files import atomic_write_json
 from nd_plugin.paths import check_tolerance
 from nd_plugin.pruning.engines import (
@@ -39,7 +39,24 @@ from nd_plugin.pruning.engines import (
 from nd_plugin.run import PRUNE, open_run
 from nd_plugin.utilities import accuracy
 
-__all__ = ["engine_latency", "prune_run", "spread_batches"]
+__all__ = ["STATIC_MATCHES", "check_static_match", "engine_latency", "prune_run", "spread_batches"]
+
+
+STATIC_MATCHES = ("frequency", "accuracy")
+
+
+def check_static_match(static_match: str) -> str:
+    """Returns ``static_match``, or raises ConfigError unless it is one of :data:`STATIC_MATCHES`.
+
+    Example:
+        >>> check_static_match("accuracy")
+        'accuracy'
+    """
+    if static_match not in STATIC_MATCHES:
+        raise ConfigError(
+            f"static_match must be one of {', '.join(STATIC_MATCHES)}, got {static_match!r}.", params=("static_match",)
+        )
+    return static_match
 
 
 def spread_batches(dataset: torch.utils.data.Dataset, n: int, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,6 +76,7 @@ def engine_latency(
     repeats: int = 10,
     threads: int | None = None,
     onnx_spinning: str = "auto",
+    static: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Dense vs compact latency per engine and batch size, each engine timed as deployed (median ms).
 
@@ -78,10 +96,14 @@ def engine_latency(
         repeats: timed calls per model and setting.
         threads: torch threads and ONNX Runtime's intra-op threads (None: torch's setting).
         onnx_spinning: ``auto``, ``on`` or ``off`` (ONNX Runtime's idle workers spinning).
+        static: the static compact model (norms folded), timed in eager torch beside the eager
+            form (the dynamic runtime), in turn with it and the dense model.
 
     Returns:
         ``"engine/bB"`` -> ``{"engine", "batch", "dense_ms", "compact_ms", "speedup", "settings"}``
-        (``settings``: ``threads``, ``spinning``, ``process``; ``onnx`` adds ``measured`` and ``fastest``).
+        (``settings``: ``threads``, ``spinning``, ``process``; ``onnx`` adds ``measured`` and ``fastest``;
+        ``eager`` with ``static`` adds ``static_ms`` and ``vs_static``, the static model's time over
+        the eager form's).
 
     Raises:
         ConfigError: ``threads`` not a positive integer, ``onnx_spinning`` not auto, on or off.
@@ -110,7 +132,12 @@ def engine_latency(
                         "dense": engine_runner(engine, dense, xs[0], threads),
                         "compact": engine_runner(engine, compact, xs[0], threads),
                     }
-                    row = _setting_row(_timing(side_by_side(fns, xs, repeats), {"threads": used, "process": "caller"}))
+                    if engine == "eager" and static is not None:
+                        fns["static"] = engine_runner(engine, static, xs[0], threads)
+                    ms = side_by_side(fns, xs, repeats)
+                    row = _setting_row(_timing(ms, {"threads": used, "process": "caller"}))
+                    if "static" in ms:
+                        row.update(static_ms=ms["static"], vs_static=ms["static"] / ms["compact"])
                 out[f"{engine}/b{b}"] = {"engine": engine, "batch": b, **row}
         return out
     finally:
@@ -142,6 +169,8 @@ def prune_run(
     keep_gates: bool = False,
     accuracy_inputs: int = 2000,
     onnx_spinning: str = "auto",
+    static_match: str = "frequency",
+    match_tolerance: float = 0.003,
 ) -> dict[str, Any]:
     """``nd prune``: prunes a run's model with its path statistics, measures it, optionally exports.
 
@@ -165,13 +194,22 @@ def prune_run(
             the whole validation split).
         onnx_spinning: ONNX Runtime's idle workers spinning (``on``, ``off``) or ``auto``: both
             timed, the row shows the faster for the compact model.
+        static_match: the static compact model (every gate dropped) that each gate is timed
+            against, that the engines which cannot skip get, and that the eager runtime is timed
+            beside: ``frequency``, the filters on for more than half of the inputs (about the
+            gated model's FLOPs), or ``accuracy``, the fewest filters whose top-1 on the
+            ``accuracy_inputs`` is within ``match_tolerance`` of the gated model's
+            (:func:`~nd_plugin.pruning.match_accuracy`): a gate is kept only where it beats the
+            static layers that do as well.
+        match_tolerance: top-1 the ``accuracy`` static model may lose, a fraction in ``[0, 1)``.
 
     Returns:
         The content of ``prune.json`` (also written to ``RUN/prune.json``).
 
     Raises:
         ConfigError: tolerance outside ``[0, 0.5)``, a bad ``round_to``, an unknown engine,
-            ``threads`` not a positive integer, ``onnx_spinning`` not auto, on or off.
+            ``threads`` not a positive integer, ``onnx_spinning`` not auto, on or off,
+            ``static_match`` not frequency or accuracy, ``match_tolerance`` outside ``[0, 1)``.
         RunDirError: no run, no checkpoint, or no ``paths.npz`` (the message says how to make it).
         ExportError: an engine is not installed; ``export_dir`` not empty without ``force``; a
             check failed (nothing is written).
@@ -181,7 +219,7 @@ def prune_run(
     from nd_plugin.pruning.deploy import plan_deployment
     from nd_plugin.pruning.export import agreement, check_export_dir, export
     from nd_plugin.pruning.plan import analyse, plain_copy
-    from nd_plugin.pruning.value import StaticFlops
+    from nd_plugin.pruning.value import StaticFlops, check_match_tolerance, match_accuracy
     from nd_plugin.training.optim import gate_parameters
 
     tolerance = check_tolerance(tolerance)
@@ -189,6 +227,8 @@ def prune_run(
     engines = check_engines(engines)
     threads = check_threads(threads)
     onnx_spinning = check_spinning(onnx_spinning)
+    static_match = check_static_match(static_match)
+    match_tolerance = check_match_tolerance(match_tolerance)
     if export_dir is not None:
         check_export_dir(export_dir, force)
     run = open_run(run_dir)
@@ -213,13 +253,25 @@ def prune_run(
             f"the compact model differs from the gated model on validation inputs (max rel. error "
             f"{equality['max_rel_err']:.2e}); were paths.npz collected with this checkpoint? Rerun `nd analyze {run.path}`."
         )
+    match = None
+    if static_match == "accuracy":
+        match = match_accuracy(dm, stats, batches, tolerance=match_tolerance, round_to=round_to, dg=dg)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         margin = -math.inf if keep_gates else 0.0
         plan = plan_deployment(
-            dm, stats, inputs[:8], tolerance=tolerance, round_to=round_to, repeats=latency_repeats, margin=margin, dg=dg, plan=net
+            dm,
+            stats,
+            inputs[:8],
+            tolerance=tolerance,
+            round_to=round_to,
+            repeats=latency_repeats,
+            margin=margin,
+            dg=dg,
+            plan=net,
+            static=match.record if match is not None else None,
         )
     finally:
         torch.set_num_threads(previous)
@@ -234,7 +286,9 @@ def prune_run(
     static_plain = fold_batchnorm(plain_copy(static.model), inputs[:1], norms=net.norms)
     forms.update({e: static_plain for e in engines if e != "eager"})
     forms = {e: forms[e] for e in engines}
-    latency = engine_latency(dense, forms, inputs, repeats=latency_repeats, threads=threads, onnx_spinning=onnx_spinning)
+    latency = engine_latency(
+        dense, forms, inputs, repeats=latency_repeats, threads=threads, onnx_spinning=onnx_spinning, static=static_plain
+    )
     # the gated model (tolerance 0: the exact compact model's expected FLOPs) against the static
     # network of the same FLOPs, on the whole validation split
     gated_flops = exp_exact if tolerance == 0.0 else expected_flops(prune(dm, stats, dg=dg), stats, plan=net)
@@ -275,6 +329,7 @@ def prune_run(
             "static_reduction": original_flops / max(static_flops, 1e-9),
         },
         "dynamic_value": value.to_dict(),
+        "static_match": {"by": static_match, **(match.to_dict() if match is not None else {"threshold": 0.5})},
         "deployment": plan.to_dict(),
         "engines": latency,
         "latency_ms": {

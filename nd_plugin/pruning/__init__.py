@@ -8,7 +8,8 @@
 - :func:`dynamic_runtime` turns a compact model into a batch-1 runtime that computes only the
   active filters of each dynamic layer and feeds only those channels to their consumers.
 - :func:`dynamic_value` compares the gated model with the static network of the same FLOPs
-  (every gate dropped, the most-often-on filters kept): a :class:`DynamicValue`.
+  (every gate dropped, the most-often-on filters kept): a :class:`DynamicValue`;
+  :func:`match_accuracy` finds the static compact model of the gated model's top-1.
 """
 
 from nd_plugin.pruning.importance import DecouplingImportance
@@ -27,9 +28,18 @@ from nd_plugin.pruning.structural import (
     prune,
     static_record,
 )
-from nd_plugin.pruning.value import DynamicValue, StaticFlops, dynamic_value, fixed_gates, match_static
+from nd_plugin.pruning.value import (
+    AccuracyMatch,
+    DynamicValue,
+    StaticFlops,
+    dynamic_value,
+    fixed_gates,
+    match_accuracy,
+    match_static,
+)
 
 __all__ = [
+    "AccuracyMatch",
     "CompactModel",
     "DecouplingImportance",
     "DynamicRuntime",
@@ -38,6 +48,7 @@ __all__ = [
     "dynamic_runtime",
     "dynamic_value",
     "fixed_gates",
+    "match_accuracy",
     "match_static",
     "fold_batchnorm",
     "FixedSite",

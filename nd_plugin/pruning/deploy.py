@@ -8,7 +8,9 @@ at the small inputs where PyTorch's CPU conv runs through im2col, saves less tha
   filters only) plus the layers that read its channels (narrow inputs);
 - the *static* unit: the same layers in the static compact model, where the gate is dropped and
   the filters on for more than half of the inputs stay for every input
-  (:func:`~nd_plugin.pruning.static_record`);
+  (:func:`~nd_plugin.pruning.static_record`), or those of a static model given, such as the one
+  with the gated model's top-1 (:func:`~nd_plugin.pruning.match_accuracy`: where the network
+  needs its paths, wider than the one of its FLOPs);
 
 and keeps the gate only where the dynamic unit is faster. Coupled layers (shared channels) are
 decided together. The result is a :class:`DeployPlan`: the mixed record for the eager runtime,
@@ -214,6 +216,7 @@ def plan_deployment(
     margin: float = 0.0,
     dg: tp.DependencyGraph | None = None,
     plan: DynamicPlan | None = None,
+    static: PruneRecord | None = None,
 ) -> DeployPlan:
     """Decides, per gated layer, whether the eager runtime keeps its gate, by measured batch-1 cost.
 
@@ -230,6 +233,10 @@ def plan_deployment(
             traced when omitted; every record is planned and applied with it.
         plan: the :class:`~nd_plugin.pruning.plan.DynamicPlan` of ``dm``'s gated layers
             (:func:`~nd_plugin.pruning.plan.analyse`), traced when omitted; both runtimes use it.
+        static: the static record each gated layer is timed against and the engines that cannot
+            skip get (e.g. :func:`~nd_plugin.pruning.match_accuracy`'s, of the gated model's
+            top-1); by default :func:`~nd_plugin.pruning.static_record` at ``threshold`` and
+            ``round_to`` (about the gated model's FLOPs).
 
     Returns:
         The :class:`DeployPlan`.
@@ -237,7 +244,8 @@ def plan_deployment(
     dg = dg if dg is not None else _graph(dm)
     plan = plan if plan is not None else analyse(dm.model, dm.site_names, dm.input_size)
     dynamic = plan_record(dm, stats, tolerance, dg=dg)
-    static = static_record(dm, stats, threshold=threshold, round_to=round_to, dg=dg)
+    if static is None:
+        static = static_record(dm, stats, threshold=threshold, round_to=round_to, dg=dg)
     groups = coupled_sites(dm, stats, dg=dg)
     rt_dynamic = dynamic_runtime(apply_record(dm, dynamic, dg=dg), plan=plan)
     rt_static = dynamic_runtime(apply_record(dm, static, dg=dg), plan=plan)

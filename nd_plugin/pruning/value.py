@@ -19,6 +19,9 @@ How the static network is chosen (:func:`match_static`):
   two match to a fraction of one filter's cost. Keeping the top ``k`` is the same as a global
   on-frequency threshold, with ties split.
 
+:func:`match_accuracy` gives the static network the gated model's *top-1* instead: the fewest
+filters (by on-frequency) that do as well, the model a deployment must beat to keep a gate.
+
 How it is evaluated (:func:`fixed_gates`): the static network *is* the gated network with every
 gate fixed to 1 for a kept filter and 0 for a removed one. The gate multiplies the output of the
 layer's norm, so a fixed 1 is the filter computed for every input (its BatchNorm as trained) and a
@@ -49,12 +52,26 @@ import torch
 
 from nd_plugin._hooks import HookOwner
 from nd_plugin.decoupled import DecoupledModel
-from nd_plugin.paths import PathStats
+from nd_plugin.errors import ConfigError
+from nd_plugin.paths import PathStats, check_tolerance
 
 if TYPE_CHECKING:
-    from nd_plugin.pruning.plan import DynamicPlan
+    import torch_pruning as tp
 
-__all__ = ["DynamicValue", "StaticFlops", "dynamic_value", "fixed_gates", "match_static", "static_ranking"]
+    from nd_plugin.pruning.plan import DynamicPlan
+    from nd_plugin.pruning.structural import PruneRecord
+
+__all__ = [
+    "AccuracyMatch",
+    "DynamicValue",
+    "StaticFlops",
+    "check_match_tolerance",
+    "dynamic_value",
+    "fixed_gates",
+    "match_accuracy",
+    "match_static",
+    "static_ranking",
+]
 
 _ACM = re.compile(r"(^|\.)acm(\.|$)")
 
@@ -223,6 +240,184 @@ def match_static(
     if k > 0 and abs(flops(k - 1) - target) <= abs(flops(k) - target):
         k -= 1
     return keep_top(k), flops(k)
+
+
+def check_match_tolerance(tolerance: float) -> float:
+    """Returns ``tolerance`` as a float, or raises ConfigError unless it is in ``[0, 1)``.
+
+    Example:
+        >>> check_match_tolerance(0.003)
+        0.003
+    """
+    try:
+        value = float(tolerance)
+    except (TypeError, ValueError):
+        raise ConfigError(f"match_tolerance must be a number in [0, 1), got {tolerance!r}.", params=("match_tolerance",)) from None
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(
+            f"match_tolerance must be in [0, 1) (top-1 the static model may lose against the gated one, "
+            f"a fraction: 0.003 is 0.3 points), got {value}.",
+            params=("match_tolerance",),
+        )
+    return value
+
+
+@dataclass
+class AccuracyMatch:
+    """The static compact model with the gated model's top-1: what :func:`match_accuracy` found.
+
+    Attributes:
+        record: the static record (every gate dropped) of the match, or of the widest static
+            model tried when none matches.
+        threshold: on-frequency a filter must exceed to be kept
+            (:func:`~nd_plugin.pruning.static_record`'s ``threshold``).
+        top1: the static model's top-1 on the inputs.
+        gated_top1: the gated model's top-1 on the same inputs.
+        tolerance: top-1 the static model may lose and still match (a fraction).
+        inputs: images both were evaluated on.
+        tried: ``[threshold, top1]`` of each static model evaluated, in order.
+    """
+
+    record: PruneRecord
+    threshold: float
+    top1: float
+    gated_top1: float
+    tolerance: float
+    inputs: int
+    tried: list[list[float]] = field(default_factory=list)
+
+    @property
+    def matched(self) -> bool:
+        """Whether the static model is within ``tolerance`` of the gated one."""
+        return self.top1 >= self.gated_top1 - self.tolerance - 1e-12
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dictionary (for ``prune.json``): the kept filters per layer, not the whole record."""
+        return {
+            "matched": self.matched,
+            "threshold": self.threshold,
+            "top1": self.top1,
+            "gated_top1": self.gated_top1,
+            "tolerance": self.tolerance,
+            "inputs": self.inputs,
+            "tried": self.tried,
+            "kept": {site: len(k) for site, k in self.record.kept.items()},
+            "channels": dict(self.record.original_channels),
+        }
+
+
+@torch.no_grad()
+def match_accuracy(
+    dm: DecoupledModel,
+    stats: PathStats,
+    batches: Iterable,
+    *,
+    tolerance: float = 0.003,
+    round_to: int = 1,
+    start: float = 0.5,
+    steps: int = 12,
+    gated_top1: float | None = None,
+    dg: tp.DependencyGraph | None = None,
+) -> AccuracyMatch:
+    """The static compact model with the fewest filters whose top-1 is within ``tolerance`` of the gated model's.
+
+    :func:`match_static` gives the static network a gated model's *FLOPs*; this gives it its
+    *accuracy*, the comparison a deployment needs: a gate is worth keeping only where skipping is
+    faster than the static layers that do as well (issue 23). Where the network needs its paths,
+    that static model keeps many more filters than the one of the same FLOPs.
+
+    The static models are :func:`~nd_plugin.pruning.static_record`'s: each gated layer keeps the
+    filters on for more than ``threshold`` of the inputs (rounded to ``round_to``). ``threshold``
+    starts at ``start`` (0.5: the static model ``nd prune`` exports) and, if that one loses more
+    than ``tolerance``, is bisected down towards 0 (every filter that is ever on) for ``steps``
+    halvings; a lower threshold keeps a superset, so top-1 is taken to rise as it falls. Each
+    static model is evaluated as the gated network with its gates fixed (:func:`fixed_gates`:
+    exact, no copy), and each distinct one once.
+
+    Args:
+        dm: the decoupled model (evaluated in eval mode; left as it was).
+        stats: its path statistics (rank the filters).
+        batches: ``(inputs, labels)`` batches both models are evaluated on.
+        tolerance: top-1 the static model may lose, a fraction in ``[0, 1)`` (0.003: 0.3 points).
+        round_to: channel block of the static layers.
+        start: the first threshold tried, in ``[0, 1)``.
+        steps: halvings of the threshold interval at most.
+        gated_top1: the gated model's top-1 on ``batches``, when already measured.
+        dg: torch-pruning's graph of ``dm`` (built once when omitted).
+
+    Returns:
+        The :class:`AccuracyMatch`; when neither ``start`` nor 0 matches, the better of those two
+        (the narrower on a tie), with ``matched`` false. A wider static model is not always closer
+        to the gated one (it computes filters the gated model turns off for most inputs), so that
+        can be the ``start`` model.
+
+    Raises:
+        ConfigError: ``tolerance`` (named ``match_tolerance``) outside ``[0, 1)``, ``start``
+            outside ``[0, 1)``, ``steps`` not a positive integer, a bad ``round_to``.
+
+    Example:
+        >>> m = match_accuracy(dm, stats, val_loader, tolerance=0.0)
+        >>> m.matched, 0.0 <= m.threshold <= 0.5
+        (True, True)
+    """
+    from nd_plugin.pruning.structural import _with_graph, check_round_to, check_stats, static_record
+    from nd_plugin.utilities import accuracy
+
+    tolerance = check_match_tolerance(tolerance)
+    start = check_tolerance(start, upper=1.0)
+    round_to = check_round_to(round_to)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}.", params=("steps",))
+    check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
+    batches = list(batches)
+    was_training = dm.training
+    dg = _with_graph(dm, dg)
+    dm.eval()
+    try:
+        if gated_top1 is None:
+            gated_top1 = accuracy(dm, batches)
+        tried: list[list[float]] = []
+        seen: dict[tuple, tuple[PruneRecord, float]] = {}
+
+        def evaluate(threshold: float) -> tuple[PruneRecord, float]:
+            record = static_record(dm, stats, threshold=threshold, round_to=round_to, dg=dg)
+            key = tuple(tuple(record.kept[s]) for s in dm.site_names)
+            if key not in seen:
+                masks = {s: torch.zeros(record.original_channels[s]).index_fill_(0, torch.tensor(record.kept[s]), 1.0) for s in dm.site_names}
+                with _FixedGates(dm, masks):
+                    seen[key] = (record, accuracy(dm, batches))
+            tried.append([threshold, seen[key][1]])
+            return seen[key]
+
+        def ok(top1: float) -> bool:
+            return top1 >= gated_top1 - tolerance - 1e-12
+
+        best_t, (best, best_top1) = start, evaluate(start)
+        if not ok(best_top1):
+            lo, hi = 0.0, start  # lo's model matches (checked next), hi's does not
+            record, top1 = evaluate(lo)
+            if ok(top1):
+                best_t, best, best_top1 = lo, record, top1
+                for _ in range(steps):
+                    mid = (lo + hi) / 2
+                    record, top1 = evaluate(mid)
+                    if ok(top1):
+                        lo, best_t, best, best_top1 = mid, mid, record, top1
+                    else:
+                        hi = mid
+            elif top1 > best_top1:  # neither matches: the better of the two
+                best_t, best, best_top1 = lo, record, top1
+    finally:
+        dm.train(was_training)
+    return AccuracyMatch(
+        record=best,
+        threshold=best_t,
+        top1=best_top1,
+        gated_top1=float(gated_top1),
+        tolerance=tolerance,
+        inputs=sum(len(y) for _, y in batches),
+        tried=tried,
+    )
 
 
 @dataclass
