@@ -81,6 +81,12 @@ def print_decisions(result: dict[str, Any], console: Any) -> None:
     for d in decisions:
         kept = d["kept_dynamic"] if d["mode"] == "dynamic" else d["kept_static"]
         table.add_row(d["site"], d["mode"], str(kept), d["reason"])
+    dep = result["deployment"]
+    if dep.get("gated_top1") is not None:
+        table.caption = (
+            f"a gate is dropped only if top-1 stays within {100 * result.get('static_match', {}).get('tolerance', 0.003):.1f} points of the gated "
+            f"{dep['gated_top1']:.2%} on {dep['guard_inputs']} validation images: {dep['top1']:.2%} as decided"
+        )
     console.print(table)
 
 

@@ -11,6 +11,7 @@ from _helpers import decoupled
 from nd_plugin.errors import ConfigError
 from nd_plugin.pruning import apply_record, dynamic_runtime, keep_count, mix_records, plan_record, static_record
 from nd_plugin.pruning.deploy import plan_deployment
+from nd_plugin.utilities import accuracy
 
 
 @pytest.fixture(scope="module", params=["tiny", "cifar:resnet20"])
@@ -96,3 +97,33 @@ def test_plan_deployment_follows_the_measured_comparison(model, margin: float, m
     with torch.no_grad():
         assert torch.allclose(rt(x[:1]), ref(x[:1]), rtol=1e-4, atol=1e-4)
         assert torch.allclose(rt(x[:4]), ref(x[:4]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.999])
+def test_a_guard_keeps_the_gates_whose_static_layer_loses_accuracy(tolerance: float) -> None:
+    """Every static unit made "faster" (margin 1), labels the gated model's own predictions (top-1
+    100%): with tolerance 0 a layer goes static only if no prediction changes; with 0.999 all go."""
+    dm, stats, x = decoupled("cifar:resnet20")
+    with torch.no_grad():
+        y = dm(x).argmax(1)
+    guard = [(x[:16], y[:16]), (x[16:], y[16:])]
+    plan = plan_deployment(dm, stats, x[:3], repeats=2, margin=1.0, guard=guard, match_tolerance=tolerance)
+    gated = [d for d in plan.decisions if d.dynamic_ms is not None]
+    assert plan.gated_top1 == 1.0 and plan.guard_inputs == len(x) and all(d.top1 is not None for d in gated)
+    for d in gated:  # each layer went static exactly when its trial kept the accuracy
+        assert (d.mode == "static") == (d.top1 >= 1.0 - tolerance)
+        assert ("loses" in d.reason) == (d.mode == "dynamic")
+    # the model decided (the mixed record, structurally pruned) has the top-1 the guard measured
+    assert accuracy(apply_record(dm, plan.record), guard) == plan.top1 >= 1.0 - tolerance
+    if tolerance == 0.0:  # the synthetic third of dynamic filters: some layer needs its gate
+        assert any(d.mode == "dynamic" for d in gated)
+    else:
+        assert plan.record.dynamic == [] and plan.to_dict()["top1"] == plan.top1
+
+
+def test_without_a_guard_the_decision_is_by_time_alone() -> None:
+    dm, stats, x = decoupled("cifar:resnet20")
+    plan = plan_deployment(dm, stats, x[:3], repeats=2, margin=1.0)
+    assert plan.record.dynamic == [] and plan.gated_top1 is None and plan.guard_inputs == 0
+    with pytest.raises(ConfigError, match="match_tolerance"):
+        plan_deployment(dm, stats, x[:3], repeats=2, match_tolerance=-0.1)

@@ -201,7 +201,10 @@ def prune_run(
             ``accuracy_inputs`` is within ``match_tolerance`` of the gated model's
             (:func:`~nd_plugin.pruning.match_accuracy`): a gate is kept only where it beats the
             static layers that do as well.
-        match_tolerance: top-1 the ``accuracy`` static model may lose, a fraction in ``[0, 1)``.
+        match_tolerance: top-1 the ``accuracy`` static model may lose, a fraction in ``[0, 1)``;
+            also what a gate dropped for speed may cost: a layer goes static only if the model
+            stays within it of the gated top-1 on the ``accuracy_inputs`` (``plan_deployment``'s
+            ``guard``), so a network that needs its paths keeps its gates.
 
     Returns:
         The content of ``prune.json`` (also written to ``RUN/prune.json``).
@@ -272,6 +275,8 @@ def prune_run(
             dg=dg,
             plan=net,
             static=match.record if match is not None else None,
+            guard=batches,
+            match_tolerance=match_tolerance,
         )
     finally:
         torch.set_num_threads(previous)
@@ -329,7 +334,10 @@ def prune_run(
             "static_reduction": original_flops / max(static_flops, 1e-9),
         },
         "dynamic_value": value.to_dict(),
-        "static_match": {"by": static_match, **(match.to_dict() if match is not None else {"threshold": 0.5})},
+        "static_match": {
+            "by": static_match,
+            **(match.to_dict() if match is not None else {"threshold": 0.5, "tolerance": match_tolerance}),
+        },
         "deployment": plan.to_dict(),
         "engines": latency,
         "latency_ms": {

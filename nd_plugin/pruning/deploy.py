@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ from nd_plugin.pruning.structural import (
     plan_record,
     static_record,
 )
+from nd_plugin.pruning.value import check_match_tolerance, fixed_gates, record_masks
+from nd_plugin.utilities import accuracy
 
 __all__ = ["DeployPlan", "LayerDecision", "UnitTimer", "plan_deployment"]
 
@@ -68,6 +70,8 @@ class LayerDecision:
         kept_dynamic: filters the dynamic layer keeps (silent ones removed).
         kept_static: filters the static layer keeps.
         reason: why, in words.
+        top1: top-1 on the guard inputs with this layer (and those made static before it) static,
+            where that was measured (see :func:`plan_deployment`'s ``guard``).
     """
 
     site: str
@@ -77,6 +81,7 @@ class LayerDecision:
     kept_dynamic: int
     kept_static: int
     reason: str
+    top1: float | None = None
 
 
 @dataclass
@@ -88,12 +93,18 @@ class DeployPlan:
         static: the fully static record (ONNX, ``torch.export``: engines that cannot skip per input).
         decisions: one :class:`LayerDecision` per gated layer, in path order.
         threads: CPU threads the units were timed with.
+        gated_top1: the gated model's top-1 on the guard inputs (None without a guard).
+        top1: top-1 on the guard inputs with the layers decided static made static.
+        guard_inputs: images in the guard.
     """
 
     record: PruneRecord
     static: PruneRecord
     decisions: list[LayerDecision] = field(default_factory=list)
     threads: int = 1
+    gated_top1: float | None = None
+    top1: float | None = None
+    guard_inputs: int = 0
 
     @property
     def dynamic_sites(self) -> list[str]:
@@ -105,6 +116,9 @@ class DeployPlan:
         return {
             "threads": self.threads,
             "dynamic_sites": self.dynamic_sites,
+            "gated_top1": self.gated_top1,
+            "top1": self.top1,
+            "guard_inputs": self.guard_inputs,
             "decisions": [asdict(d) for d in self.decisions],
         }
 
@@ -217,6 +231,8 @@ def plan_deployment(
     dg: tp.DependencyGraph | None = None,
     plan: DynamicPlan | None = None,
     static: PruneRecord | None = None,
+    guard: Iterable | None = None,
+    match_tolerance: float = 0.003,
 ) -> DeployPlan:
     """Decides, per gated layer, whether the eager runtime keeps its gate, by measured batch-1 cost.
 
@@ -237,10 +253,19 @@ def plan_deployment(
             skip get (e.g. :func:`~nd_plugin.pruning.match_accuracy`'s, of the gated model's
             top-1); by default :func:`~nd_plugin.pruning.static_record` at ``threshold`` and
             ``round_to`` (about the gated model's FLOPs).
+        guard: ``(inputs, labels)`` batches that keep the decision honest: a layer whose static
+            unit is faster goes static only if the model with it (and the layers made static
+            before it, the largest time saved first) stays within ``match_tolerance`` of the
+            gated model's top-1 on them; otherwise it keeps its gate, the reason saying how many
+            points the static layer loses. A network that routes its inputs (issue 23) loses
+            most of its accuracy when its gates are dropped: without a guard the decision looks
+            at time alone.
+        match_tolerance: top-1 a static layer may lose, a fraction in ``[0, 1)``.
 
     Returns:
         The :class:`DeployPlan`.
     """
+    match_tolerance = check_match_tolerance(match_tolerance)
     dg = dg if dg is not None else _graph(dm)
     plan = plan if plan is not None else analyse(dm.model, dm.site_names, dm.input_size)
     dynamic = plan_record(dm, stats, tolerance, dg=dg)
@@ -253,23 +278,55 @@ def plan_deployment(
     units = _units(rt_dynamic, gated)
     singles = [inputs[i : i + 1] for i in range(len(inputs))]
     t_dyn, t_stat = _time_pair([rt_dynamic, rt_static], units, singles, repeats) if units else ({}, {})
-    decisions: list[LayerDecision] = []
-    to_static: list[str] = []
-    for group in groups:
-        head = group[0]
+    decided: dict[str, LayerDecision] = {}
+    slower: list[tuple[float, float, list[str]]] = []  # groups whose static unit is faster: (d, s, group)
+
+    def decide(group: Sequence[str], mode: str, d: float | None, s: float, reason: str, top1: float | None = None) -> None:
         for site in group:
             n_dyn, n_stat = len(dynamic.kept[site]), len(static.kept[site])
-            if head not in units:
-                decisions.append(
-                    LayerDecision(site, "static", None, 0.0, n_dyn, n_dyn, "every remaining filter energetic: no gate")
-                )
-                continue
-            d, s = t_dyn[head] * 1e3, t_stat[head] * 1e3
-            if d < s * (1.0 - margin):
-                reason = f"skipping pays: {d:.3f} ms gated vs {s:.3f} ms static"
-                decisions.append(LayerDecision(site, "dynamic", d, s, n_dyn, n_stat, reason))
-            else:
-                reason = f"gate costs more than it saves: {d:.3f} ms gated vs {s:.3f} ms static"
-                decisions.append(LayerDecision(site, "static", d, s, n_dyn, n_stat, reason))
-                to_static.append(site)
-    return DeployPlan(mix_records(dynamic, static, to_static), static, decisions, torch.get_num_threads())
+            decided[site] = LayerDecision(site, mode, d, s, n_dyn, n_dyn if d is None else n_stat, reason, top1)
+
+    for group in groups:
+        head = group[0]
+        if head not in units:
+            decide(group, "static", None, 0.0, "every remaining filter energetic: no gate")
+            continue
+        d, s = t_dyn[head] * 1e3, t_stat[head] * 1e3
+        if d < s * (1.0 - margin):
+            decide(group, "dynamic", d, s, f"skipping pays: {d:.3f} ms gated vs {s:.3f} ms static")
+        else:
+            slower.append((d, s, list(group)))
+    to_static: list[str] = []
+    gated_top1 = top1 = None
+    batches = list(guard) if guard is not None else []
+    if batches and slower:
+        was_training = dm.training
+        dm.eval()
+        try:
+            gated_top1 = top1 = accuracy(dm, batches)
+            for d, s, group in sorted(slower, key=lambda t: t[1] - t[0]):  # the largest time saved first
+                with fixed_gates(dm, record_masks(static, to_static + group)):
+                    trial = accuracy(dm, batches)
+                times = f"{d:.3f} ms gated vs {s:.3f} ms static"
+                if trial >= gated_top1 - match_tolerance - 1e-12:
+                    to_static += group
+                    top1 = trial
+                    decide(group, "static", d, s, f"gate costs more than it saves: {times}; top-1 {trial:.2%} static", trial)
+                else:
+                    lost = 100 * (gated_top1 - trial)
+                    decide(group, "dynamic", d, s, f"static layer loses {lost:.2f} points (top-1 {trial:.2%} vs {gated_top1:.2%}), though {times}", trial)
+        finally:
+            dm.train(was_training)
+    else:
+        for d, s, group in slower:
+            to_static += group
+            decide(group, "static", d, s, f"gate costs more than it saves: {d:.3f} ms gated vs {s:.3f} ms static")
+    return DeployPlan(
+        mix_records(dynamic, static, to_static),
+        static,
+        [decided[site] for group in groups for site in group],
+        torch.get_num_threads(),
+        gated_top1=gated_top1,
+        top1=top1,
+        guard_inputs=sum(len(y) for _, y in batches),
+    )

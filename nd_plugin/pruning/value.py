@@ -70,6 +70,7 @@ __all__ = [
     "fixed_gates",
     "match_accuracy",
     "match_static",
+    "record_masks",
     "static_ranking",
 ]
 
@@ -79,7 +80,7 @@ _ACM = re.compile(r"(^|\.)acm(\.|$)")
 class _FixedGates(HookOwner):
     def __init__(self, dm: DecoupledModel, keep: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        self.targets = [(site.gate, keep[name]) for name, site in zip(dm.site_names, dm.sites())]
+        self.targets = [(site.gate, keep[name]) for name, site in zip(dm.site_names, dm.sites()) if name in keep]
 
     def register(self) -> None:
         for module, mask in self.targets:
@@ -95,7 +96,10 @@ def _replace_with(mask: torch.Tensor):
 
 def _split_keep(dm: DecoupledModel, keep: np.ndarray | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if isinstance(keep, Mapping):
-        out = {name: torch.as_tensor(np.asarray(keep[name], dtype=np.float32)) for name in dm.site_names}
+        unknown = sorted(set(keep) - set(dm.site_names))
+        if unknown:
+            raise ValueError(f"keep names layers that are not gated: {unknown}")
+        out = {name: torch.as_tensor(np.asarray(keep[name], dtype=np.float32)) for name in dm.site_names if name in keep}
     else:
         flat = np.asarray(keep, dtype=np.float32)
         if flat.shape != (dm.num_filters,):
@@ -103,7 +107,7 @@ def _split_keep(dm: DecoupledModel, keep: np.ndarray | Mapping[str, Any]) -> dic
         bounds = np.cumsum([0] + [s.channels for s in dm.gate_sites])
         out = {name: torch.from_numpy(flat[bounds[i] : bounds[i + 1]].copy()) for i, name in enumerate(dm.site_names)}
     for info in dm.gate_sites:
-        if out[info.name].shape != (info.channels,):
+        if info.name in out and out[info.name].shape != (info.channels,):
             raise ValueError(f"keep[{info.name!r}] must have {info.channels} entries, got {tuple(out[info.name].shape)}")
     return out
 
@@ -115,7 +119,8 @@ def fixed_gates(dm: DecoupledModel, keep: np.ndarray | Mapping[str, Any]) -> Ite
     Args:
         dm: the decoupled model.
         keep: ``(F,)`` booleans over the whole path (layers in path order), or ``{layer: (C,)}``;
-            1 keeps a filter for every input, 0 removes it.
+            1 keeps a filter for every input, 0 removes it. A mapping may name only some gated
+            layers: the others keep their gates (a model partly static).
 
     Example:
         >>> keep = np.ones(dm.num_filters, dtype=bool)
@@ -127,6 +132,27 @@ def fixed_gates(dm: DecoupledModel, keep: np.ndarray | Mapping[str, Any]) -> Ite
     """
     with _FixedGates(dm, _split_keep(dm, keep)):
         yield dm
+
+
+def record_masks(record: PruneRecord, sites: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """``{layer: (C,) booleans}`` of the filters ``record`` keeps, for :func:`fixed_gates`.
+
+    Args:
+        record: a prune record (e.g. :func:`~nd_plugin.pruning.static_record`'s).
+        sites: the gated layers to include (default: all of the record's).
+
+    Example:
+        >>> from nd_plugin.pruning import PruneRecord
+        >>> r = PruneRecord(0.0, ["a", "b"], {"a": 3, "b": 2}, {"a": [0, 2], "b": [1]})
+        >>> {k: v.tolist() for k, v in record_masks(r, ["a"]).items()}
+        {'a': [True, False, True]}
+    """
+    out = {}
+    for site in record.sites if sites is None else sites:
+        mask = np.zeros(record.original_channels[site], dtype=bool)
+        mask[list(record.kept[site])] = True
+        out[site] = mask
+    return out
 
 
 def static_ranking(stats: PathStats) -> tuple[np.ndarray, np.ndarray]:
@@ -383,8 +409,7 @@ def match_accuracy(
             record = static_record(dm, stats, threshold=threshold, round_to=round_to, dg=dg)
             key = tuple(tuple(record.kept[s]) for s in dm.site_names)
             if key not in seen:
-                masks = {s: torch.zeros(record.original_channels[s]).index_fill_(0, torch.tensor(record.kept[s]), 1.0) for s in dm.site_names}
-                with _FixedGates(dm, masks):
+                with fixed_gates(dm, record_masks(record)):
                     seen[key] = (record, accuracy(dm, batches))
             tried.append([threshold, seen[key][1]])
             return seen[key]
