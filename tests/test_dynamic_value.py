@@ -216,21 +216,22 @@ def test_accuracy_match_without_dynamic_filters_is_the_frequency_model(kind: str
 
 
 @pytest.mark.parametrize("round_to", [1, 4])
-def test_accuracy_match_bisects_to_a_static_model_that_does_as_well(round_to: int) -> None:
+def test_accuracy_match_scans_down_to_a_static_model_that_does_as_well(round_to: int) -> None:
     """Labels are the gated model's own predictions (gated top-1 100%); the target sits between the
-    0.5 model and the widest one, so the threshold is bisected below 0.5. (With random synthetic
-    gates a wider static model is not always closer to the gated one: seed 0 is a case where it is.)"""
+    0.5 model and the widest one, so the scan goes below 0.5, then refines the step above."""
     dm, stats, x = decoupled("cifar:resnet20", seed=0)
     with torch.no_grad():
         y = dm(x).argmax(1)
     batches = _loader(x, y)
     widest = accuracy(apply_record(dm, static_record(dm, stats, threshold=0.0, round_to=round_to)), batches)
     at_half = accuracy(apply_record(dm, static_record(dm, stats, threshold=0.5, round_to=round_to)), batches)
-    assert at_half < widest  # the synthetic gates' dynamic third: the 0.5 model loses inputs
+    assert at_half < widest  # seed 0: the wider static model is the closer to the gated one
     tol = 1.0 - (at_half + widest) / 2  # a target strictly between the two
-    m = match_accuracy(dm, stats, batches, tolerance=tol, round_to=round_to)
+    m = match_accuracy(dm, stats, batches, tolerance=tol, round_to=round_to, points=6, refine=3)
     assert m.gated_top1 == 1.0 and m.matched and 0.0 <= m.threshold < 0.5
-    assert [t for t, _ in m.tried[:2]] == [0.5, 0.0] and m.tried[0][1] == at_half and m.tried[1][1] == widest
+    scanned = [t for t, _ in m.tried if round(t / 0.1, 9).is_integer()]
+    assert scanned == [0.5, 0.4, 0.3, 0.2, 0.1, 0.0][: len(scanned)] and m.tried[0] == [0.5, at_half]
+    assert len(m.tried) - len(scanned) <= 3  # the refinement
     # the fixed-gate evaluation is the structurally pruned model's
     assert m.top1 == accuracy(apply_record(dm, m.record), batches) >= 1.0 - tol
     # every threshold tried above the answer failed, every one at or below it matched
@@ -240,15 +241,16 @@ def test_accuracy_match_bisects_to_a_static_model_that_does_as_well(round_to: in
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_accuracy_match_out_of_reach_returns_the_better_end(seed: int) -> None:
+def test_accuracy_match_out_of_reach_returns_the_best_scanned(seed: int) -> None:
     """Seed 0: the widest static model is the closer to the gated one; seed 1: the 0.5 model is."""
     dm, stats, x = decoupled("cifar:resnet20", seed=seed)
     with torch.no_grad():
         y = dm(x).argmax(1)
-    m = match_accuracy(dm, stats, _loader(x, y), tolerance=0.0, gated_top1=1.5)
-    (t_half, at_half), (t_zero, at_zero) = m.tried
-    assert not m.matched and (t_half, t_zero) == (0.5, 0.0) and (at_zero > at_half) == (seed == 0)
-    assert m.threshold == (0.0 if seed == 0 else 0.5) and m.top1 == max(at_half, at_zero)
+    m = match_accuracy(dm, stats, _loader(x, y), tolerance=0.0, gated_top1=1.5, points=3)
+    assert not m.matched and [t for t, _ in m.tried] == [0.5, 0.25, 0.0]
+    best = max(top1 for _, top1 in m.tried)
+    assert m.top1 == best and m.threshold == max(t for t, top1 in m.tried if top1 == best)
+    assert (m.tried[2][1] > m.tried[0][1]) == (seed == 0)
     assert m.record.kept == static_record(dm, stats, threshold=m.threshold).kept
 
 
@@ -259,7 +261,8 @@ def test_accuracy_match_out_of_reach_returns_the_better_end(seed: int) -> None:
         ({"tolerance": 1.0}, "match_tolerance must be in"),
         ({"tolerance": "a lot"}, "match_tolerance must be a number"),
         ({"start": 1.0}, "tolerance must be in"),
-        ({"steps": 0}, "steps must be a positive integer"),
+        ({"points": 1}, "points must be an integer >= 2"),
+        ({"refine": -1}, "refine must be an integer >= 0"),
         ({"round_to": 0}, "round_to must be a positive integer"),
     ],
 )

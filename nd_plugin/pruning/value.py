@@ -341,7 +341,8 @@ def match_accuracy(
     tolerance: float = 0.003,
     round_to: int = 1,
     start: float = 0.5,
-    steps: int = 12,
+    points: int = 11,
+    refine: int = 4,
     gated_top1: float | None = None,
     dg: tp.DependencyGraph | None = None,
 ) -> AccuracyMatch:
@@ -350,15 +351,19 @@ def match_accuracy(
     :func:`match_static` gives the static network a gated model's *FLOPs*; this gives it its
     *accuracy*, the comparison a deployment needs: a gate is worth keeping only where skipping is
     faster than the static layers that do as well (issue 23). Where the network needs its paths,
-    that static model keeps many more filters than the one of the same FLOPs.
+    that static model keeps more filters than the one of the same FLOPs, or does not exist.
 
     The static models are :func:`~nd_plugin.pruning.static_record`'s: each gated layer keeps the
-    filters on for more than ``threshold`` of the inputs (rounded to ``round_to``). ``threshold``
-    starts at ``start`` (0.5: the static model ``nd prune`` exports) and, if that one loses more
-    than ``tolerance``, is bisected down towards 0 (every filter that is ever on) for ``steps``
-    halvings; a lower threshold keeps a superset, so top-1 is taken to rise as it falls. Each
-    static model is evaluated as the gated network with its gates fixed (:func:`fixed_gates`:
-    exact, no copy), and each distinct one once.
+    filters on for more than ``threshold`` of the inputs (rounded to ``round_to``). The threshold
+    is scanned down from ``start`` (0.5: the static model ``nd prune`` exports) to 0 (every filter
+    that is ever on) in ``points`` even steps, stopping at the first static model within
+    ``tolerance``; the step above it is then halved ``refine`` times, a halving that matches
+    moving the answer up. A scan, not a bisection over the whole range: top-1 does not rise all
+    the way as the threshold falls. Computing filters the gated model turns off for most inputs
+    hurts, and on networks that route their inputs keeping every filter that is ever on was
+    measured 11-41 points below the 0.5 model (docs/notes/dynamic.md). Each static model is
+    evaluated as the gated network with its gates fixed (:func:`fixed_gates`: exact, no copy),
+    each distinct one once.
 
     Args:
         dm: the decoupled model (evaluated in eval mode; left as it was).
@@ -366,20 +371,19 @@ def match_accuracy(
         batches: ``(inputs, labels)`` batches both models are evaluated on.
         tolerance: top-1 the static model may lose, a fraction in ``[0, 1)`` (0.003: 0.3 points).
         round_to: channel block of the static layers.
-        start: the first threshold tried, in ``[0, 1)``.
-        steps: halvings of the threshold interval at most.
+        start: the first (highest) threshold, in ``[0, 1)``.
+        points: thresholds scanned from ``start`` to 0, both included (at least 2).
+        refine: halvings of the step above the first match (0: none).
         gated_top1: the gated model's top-1 on ``batches``, when already measured.
         dg: torch-pruning's graph of ``dm`` (built once when omitted).
 
     Returns:
-        The :class:`AccuracyMatch`; when neither ``start`` nor 0 matches, the better of those two
-        (the narrower on a tie), with ``matched`` false. A wider static model is not always closer
-        to the gated one (it computes filters the gated model turns off for most inputs), so that
-        can be the ``start`` model.
+        The :class:`AccuracyMatch`; when no static model scanned matches, the one with the best
+        top-1 (the highest threshold on a tie), with ``matched`` false.
 
     Raises:
         ConfigError: ``tolerance`` (named ``match_tolerance``) outside ``[0, 1)``, ``start``
-            outside ``[0, 1)``, ``steps`` not a positive integer, a bad ``round_to``.
+            outside ``[0, 1)``, ``points`` below 2, ``refine`` below 0, a bad ``round_to``.
 
     Example:
         >>> m = match_accuracy(dm, stats, val_loader, tolerance=0.0)
@@ -392,8 +396,9 @@ def match_accuracy(
     tolerance = check_match_tolerance(tolerance)
     start = check_tolerance(start, upper=1.0)
     round_to = check_round_to(round_to)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}.", params=("steps",))
+    for name, value, least in (("points", points, 2), ("refine", refine, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}.", params=(name,))
     check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
     batches = list(batches)
     was_training = dm.training
@@ -417,21 +422,30 @@ def match_accuracy(
         def ok(top1: float) -> bool:
             return top1 >= gated_top1 - tolerance - 1e-12
 
-        best_t, (best, best_top1) = start, evaluate(start)
-        if not ok(best_top1):
-            lo, hi = 0.0, start  # lo's model matches (checked next), hi's does not
-            record, top1 = evaluate(lo)
+        found = None
+        above = None  # the threshold scanned before the first match (it failed)
+        for k in range(points):
+            t = start * (1 - k / (points - 1))
+            record, top1 = evaluate(t)
             if ok(top1):
-                best_t, best, best_top1 = lo, record, top1
-                for _ in range(steps):
-                    mid = (lo + hi) / 2
-                    record, top1 = evaluate(mid)
-                    if ok(top1):
-                        lo, best_t, best, best_top1 = mid, mid, record, top1
-                    else:
-                        hi = mid
-            elif top1 > best_top1:  # neither matches: the better of the two
-                best_t, best, best_top1 = lo, record, top1
+                found = (t, record, top1)
+                break
+            above = t
+        if found is not None:
+            lo = found[0]
+            for _ in range(refine if above is not None else 0):
+                mid = (lo + above) / 2
+                record, top1 = evaluate(mid)
+                if ok(top1):
+                    lo, found = mid, (mid, record, top1)
+                else:
+                    above = mid
+        else:  # none matches: the best (the highest threshold on a tie)
+            best = max(range(len(tried)), key=lambda i: (tried[i][1], tried[i][0]))
+            t = tried[best][0]
+            found = (t, *evaluate(t))
+            tried.pop()
+        best_t, best, best_top1 = found
     finally:
         dm.train(was_training)
     return AccuracyMatch(
