@@ -425,7 +425,7 @@ def match_accuracy(
         found = None
         above = None  # the threshold scanned before the first match (it failed)
         for k in range(points):
-            t = start * (1 - k / (points - 1))
+            t = round(start * (1 - k / (points - 1)), 9)
             record, top1 = evaluate(t)
             if ok(top1):
                 found = (t, record, top1)
