@@ -69,6 +69,21 @@ data = load_data("digits", image_size=224)
 cfg = TrainConfig(model="tv:resnet18", data="digits", ratio=0.6, device="cuda", workers=6, cuda_graphs="--no-cuda-graphs" not in sys.argv)
 decouple(cfg, "/tmp/runs/r18_224_digits", data=data, progress=False)
 PY
+# issue 23's runtime target at 224x224: the paper's objective and a routed run (L_c for half the
+# decoupling epochs), R 0.5, then nd prune against the static model of the same top-1 on 1 CPU thread
+step r18_224_routed 90 python3 - $GRAPHS <<'PY'
+import sys
+from nd_plugin.commands.decoupling import decouple
+from nd_plugin.data import load_data
+from nd_plugin.training.config import TrainConfig
+data = load_data("digits", image_size=224)
+graphs = "--no-cuda-graphs" not in sys.argv
+for name, extra in (("paper", {}), ("routed", {"lambda_c": 6.0, "lambda_c_until": 0.5})):
+    cfg = TrainConfig(model="tv:resnet18", data="digits", ratio=0.5, device="cuda", workers=6, cuda_graphs=graphs, **extra)
+    decouple(cfg, f"/tmp/runs/r18_224_{name}", data=data, progress=False)
+PY
+step keep_gate_224 150 bash -c "for r in paper routed; do [ -d /tmp/runs/r18_224_\$r ] || continue; taskset -c 0 env OMP_NUM_THREADS=1 \
+  $ND prune /tmp/runs/r18_224_\$r --static-match accuracy --engine eager,onnx --threads 1 --repeats 20 && cp /tmp/runs/r18_224_\$r/prune.json $R/prune_r18_224_\$r.json; done"
 step table_c_r56 100 python3 $ROOT/benchmarks/table_c.py --model cifar:resnet56 --weights $W56 --data $D --ratio 0.5 --lambda-s 0.01 \
   --epochs 2 --no-baseline $COMMON $GRAPHS --out-dir /tmp/runs/table_c_r56 --json $R/table_c_r56.json
 step lambda_sweep_r20 90 python3 $ROOT/benchmarks/lambda_sweep.py --model cifar:resnet20 --weights $W20 --data $D --ratio 0.5 --lambda-s 0.01 \
@@ -85,6 +100,6 @@ for ck in pathlib.Path("/tmp/runs").glob("*/checkpoint.pt"):
     torch.save(state, ck)
 PY
 keep=""
-for d in r20_classpaths r18_224_digits "table_c_r56/ACM+L_s+L_mi+L_kl"; do [ -d /tmp/runs/$d ] && keep="$keep runs/$d"; done
+for d in r20_classpaths r18_224_digits r18_224_paper r18_224_routed "table_c_r56/ACM+L_s+L_mi+L_kl"; do [ -d /tmp/runs/$d ] && keep="$keep runs/$d"; done
 [ -n "$keep" ] && tar czf - -C /tmp $keep | split -b 15M - $OUT/runs.tar.gz.part-
 ls -la $OUT; echo "total $(( $(date +%s) - START ))s"
