@@ -83,9 +83,10 @@ def print_decisions(result: dict[str, Any], console: Any) -> None:
         table.add_row(d["site"], d["mode"], str(kept), d["reason"])
     dep = result["deployment"]
     if dep.get("gated_top1") is not None:
+        points = 100 * dep.get("match_tolerance", 0.003)
         table.caption = (
-            f"a gate is dropped only if top-1 stays within {100 * result.get('static_match', {}).get('tolerance', 0.003):.1f} points of the gated "
-            f"{dep['gated_top1']:.2%} on {dep['guard_inputs']} validation images: {dep['top1']:.2%} as decided"
+            f"a gate is dropped only if top-1 stays within {points:g} points of the gated {dep['gated_top1']:.2%} "
+            f"on {dep['guard_inputs']} validation images: {dep['top1']:.2%} as decided"
         )
     console.print(table)
 
@@ -138,7 +139,7 @@ def static_note(row: dict[str, Any], result: dict[str, Any]) -> str:
     """
     how = result.get("static_match", {})
     if how.get("by") == "accuracy":
-        chosen = "the gated top-1 matched" if how.get("matched") else "widest static model, gated top-1 not matched"
+        chosen = "the gated top-1 matched" if how.get("matched") else "the best static model scanned, gated top-1 not matched"
     else:
         chosen = "filters on for more than half the inputs"
     top1 = result.get("accuracy", {}).get("static")
@@ -212,7 +213,11 @@ def prune_command(
         ),
     ] = "frequency",
     match_tolerance: Annotated[
-        float, typer.Option(help="top-1 the --static-match accuracy model may lose, a fraction in [0, 1) (0.003: 0.3 points)")
+        float,
+        typer.Option(
+            help="top-1 the compact model may lose against the gated one, a fraction in [0, 1) (0.003: 0.3 points): "
+            "a gate is dropped for speed only within it, and the --static-match accuracy model is matched within it"
+        ),
     ] = 0.003,
 ) -> None:
     """Remove silent filters for good; keep a gate only where skipping pays; measure and export.

@@ -112,7 +112,7 @@ def test_a_guard_keeps_the_gates_whose_static_layer_loses_accuracy(tolerance: fl
     assert plan.gated_top1 == 1.0 and plan.guard_inputs == len(x) and all(d.top1 is not None for d in gated)
     for d in gated:  # each layer went static exactly when its trial kept the accuracy
         assert (d.mode == "static") == (d.top1 >= 1.0 - tolerance)
-        assert ("loses" in d.reason) == (d.mode == "dynamic")
+        assert ("the model loses" in d.reason) == (d.mode == "dynamic")
     # the model decided (the mixed record, structurally pruned) has the top-1 the guard measured
     assert accuracy(apply_record(dm, plan.record), guard) == plan.top1 >= 1.0 - tolerance
     if tolerance == 0.0:  # the synthetic third of dynamic filters: some layer needs its gate
@@ -123,7 +123,25 @@ def test_a_guard_keeps_the_gates_whose_static_layer_loses_accuracy(tolerance: fl
 
 def test_without_a_guard_the_decision_is_by_time_alone() -> None:
     dm, stats, x = decoupled("cifar:resnet20")
+    dm.train()
     plan = plan_deployment(dm, stats, x[:3], repeats=2, margin=1.0)
     assert plan.record.dynamic == [] and plan.gated_top1 is None and plan.guard_inputs == 0
-    with pytest.raises(ConfigError, match="match_tolerance"):
-        plan_deployment(dm, stats, x[:3], repeats=2, match_tolerance=-0.1)
+    assert dm.training  # the graph traced in eval mode, the model handed back as it came
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"match_tolerance": -0.1}, "match_tolerance"),
+        ({"guard": []}, "guard"),
+        ({"static": "other"}, "static"),
+    ],
+)
+def test_plan_deployment_refuses_bad_settings(kwargs: dict, param: str) -> None:
+    dm, stats, x = decoupled("tiny")
+    if kwargs.get("static") == "other":
+        other, other_stats, _ = decoupled("cifar:resnet20")
+        kwargs["static"] = static_record(other, other_stats)
+    with pytest.raises(ConfigError, match=f"^{param} must") as info:
+        plan_deployment(dm, stats, x[:3], repeats=2, **kwargs)
+    assert info.value.params == (param,)

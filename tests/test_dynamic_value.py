@@ -210,7 +210,7 @@ def test_accuracy_match_without_dynamic_filters_is_the_frequency_model(kind: str
     synthetic_gates(dm, x, seed=0, fractions=(1.0, 1.0, 0.0))
     _, y = real_images()
     stats = dm.paths(_loader(x, y), raw=True)
-    m = match_accuracy(dm, stats, _loader(x, y), tolerance=0.0)
+    m = match_accuracy(dm, stats, _loader(x, y), match_tolerance=0.0)
     assert m.matched and m.threshold == 0.5 and m.top1 == m.gated_top1 and len(m.tried) == 1
     assert m.record.kept == static_record(dm, stats).kept
 
@@ -227,11 +227,11 @@ def test_accuracy_match_scans_down_to_a_static_model_that_does_as_well(round_to:
     at_half = accuracy(apply_record(dm, static_record(dm, stats, threshold=0.5, round_to=round_to)), batches)
     assert at_half < widest  # seed 0: the wider static model is the closer to the gated one
     tol = 1.0 - (at_half + widest) / 2  # a target strictly between the two
-    m = match_accuracy(dm, stats, batches, tolerance=tol, round_to=round_to, points=6, refine=3)
+    m = match_accuracy(dm, stats, batches, match_tolerance=tol, round_to=round_to, points=6, refine=3)
     assert m.gated_top1 == 1.0 and m.matched and 0.0 <= m.threshold < 0.5
     scanned = [t for t, _ in m.tried if round(t / 0.1, 9).is_integer()]
     assert scanned == [0.5, 0.4, 0.3, 0.2, 0.1, 0.0][: len(scanned)] and m.tried[0] == [0.5, at_half]
-    assert len(m.tried) - len(scanned) <= 3  # the refinement
+    assert len(m.tried) - len(scanned) == 3  # the refinement
     # the fixed-gate evaluation is the structurally pruned model's
     assert m.top1 == accuracy(apply_record(dm, m.record), batches) >= 1.0 - tol
     # every threshold tried above the answer failed, every one at or below it matched
@@ -246,7 +246,7 @@ def test_accuracy_match_out_of_reach_returns_the_best_scanned(seed: int) -> None
     dm, stats, x = decoupled("cifar:resnet20", seed=seed)
     with torch.no_grad():
         y = dm(x).argmax(1)
-    m = match_accuracy(dm, stats, _loader(x, y), tolerance=0.0, gated_top1=1.5, points=3)
+    m = match_accuracy(dm, stats, _loader(x, y), match_tolerance=0.0, gated_top1=1.5, points=3)
     assert not m.matched and [t for t, _ in m.tried] == [0.5, 0.25, 0.0]
     best = max(top1 for _, top1 in m.tried)
     assert m.top1 == best and m.threshold == max(t for t, top1 in m.tried if top1 == best)
@@ -257,20 +257,22 @@ def test_accuracy_match_out_of_reach_returns_the_best_scanned(seed: int) -> None
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"tolerance": -0.01}, "match_tolerance must be in"),
-        ({"tolerance": 1.0}, "match_tolerance must be in"),
-        ({"tolerance": "a lot"}, "match_tolerance must be a number"),
-        ({"start": 1.0}, "tolerance must be in"),
-        ({"points": 1}, "points must be an integer >= 2"),
-        ({"refine": -1}, "refine must be an integer >= 0"),
-        ({"round_to": 0}, "round_to must be a positive integer"),
+        ({"match_tolerance": -0.01}, "^match_tolerance must be in"),
+        ({"match_tolerance": 1.0}, "^match_tolerance must be in"),
+        ({"match_tolerance": "a lot"}, "^match_tolerance must be a number"),
+        ({"start": 1.0}, "^start must be a threshold in"),
+        ({"batches": []}, "^batches must hold"),
+        ({"points": 1}, "^points must be an integer >= 2"),
+        ({"refine": -1}, "^refine must be an integer >= 0"),
+        ({"round_to": 0}, "^round_to must be a positive integer"),
     ],
 )
 def test_accuracy_match_refuses_bad_settings(kwargs: dict, match: str) -> None:
     dm, stats, x = decoupled("tiny")
     _, y = real_images()
-    with pytest.raises(ConfigError, match=match):
-        match_accuracy(dm, stats, _loader(x, y), **kwargs)
+    with pytest.raises(ConfigError, match=match) as info:
+        match_accuracy(dm, stats, kwargs.pop("batches", _loader(x, y)), **kwargs)
+    assert info.value.params == (match.split()[0][1:],)
 
 
 def test_describe_is_signed_in_points() -> None:
@@ -278,6 +280,12 @@ def test_describe_is_signed_in_points() -> None:
          "gated_flops": 1500.0, "static_flops": 1500.0, "dynamic_share": 0.0}
     assert describe(d).startswith("-0.40 points (gated 50.00% vs static 50.40% at 1.50k vs 1.50k FLOPs, 250 inputs)")
     assert "same prediction on 97.2%)" in describe({**d, "agreement": 0.972})
+
+
+def test_keep_naming_a_layer_that_is_not_gated_is_refused() -> None:
+    dm = _hand_model()
+    with pytest.raises(ValueError, match=r"not gated: \['c9'\]"), fixed_gates(dm, {"c1": np.ones(6), "c9": np.ones(2)}):
+        pass
 
 
 def test_keep_of_the_wrong_length_is_refused() -> None:

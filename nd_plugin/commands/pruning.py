@@ -258,7 +258,7 @@ def prune_run(
         )
     match = None
     if static_match == "accuracy":
-        match = match_accuracy(dm, stats, batches, tolerance=match_tolerance, round_to=round_to, dg=dg)
+        match = match_accuracy(dm, stats, batches, match_tolerance=match_tolerance, round_to=round_to, dg=dg)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -277,6 +277,7 @@ def prune_run(
             static=match.record if match is not None else None,
             guard=batches,
             match_tolerance=match_tolerance,
+            gated_top1=match.gated_top1 if match is not None else None,
         )
     finally:
         torch.set_num_threads(previous)

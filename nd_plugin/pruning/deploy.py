@@ -40,19 +40,20 @@ from torch import nn
 
 from nd_plugin._hooks import HookOwner
 from nd_plugin.decoupled import DecoupledModel
+from nd_plugin.errors import ConfigError
 from nd_plugin.paths import PathStats
 from nd_plugin.pruning.plan import DynamicPlan, analyse
 from nd_plugin.pruning.runtime import DynamicRuntime, dynamic_runtime
 from nd_plugin.pruning.structural import (
     PruneRecord,
-    _graph,
     apply_record,
     coupled_sites,
+    graph_of,
     mix_records,
     plan_record,
     static_record,
 )
-from nd_plugin.pruning.value import check_match_tolerance, fixed_gates, record_masks
+from nd_plugin.pruning.value import check_match_tolerance, within
 from nd_plugin.utilities import accuracy
 
 __all__ = ["DeployPlan", "LayerDecision", "UnitTimer", "plan_deployment"]
@@ -70,8 +71,8 @@ class LayerDecision:
         kept_dynamic: filters the dynamic layer keeps (silent ones removed).
         kept_static: filters the static layer keeps.
         reason: why, in words.
-        top1: top-1 on the guard inputs with this layer (and those made static before it) static,
-            where that was measured (see :func:`plan_deployment`'s ``guard``).
+        top1: top-1 on the guard inputs of the compact model with this layer (and those made
+            static before it) static, where that was measured (:func:`plan_deployment`'s ``guard``).
     """
 
     site: str
@@ -93,9 +94,11 @@ class DeployPlan:
         static: the fully static record (ONNX, ``torch.export``: engines that cannot skip per input).
         decisions: one :class:`LayerDecision` per gated layer, in path order.
         threads: CPU threads the units were timed with.
-        gated_top1: the gated model's top-1 on the guard inputs (None without a guard).
-        top1: top-1 on the guard inputs with the layers decided static made static.
-        guard_inputs: images in the guard.
+        gated_top1: the gated model's top-1 on the guard inputs (None when no trial ran: no guard,
+            or no layer whose static unit was faster).
+        top1: top-1 of the decided compact model on the guard inputs (None when no trial ran).
+        guard_inputs: images in the guard (0 when no trial ran).
+        match_tolerance: top-1 the decided model could lose against the gated one.
     """
 
     record: PruneRecord
@@ -105,6 +108,7 @@ class DeployPlan:
     gated_top1: float | None = None
     top1: float | None = None
     guard_inputs: int = 0
+    match_tolerance: float = 0.003
 
     @property
     def dynamic_sites(self) -> list[str]:
@@ -119,6 +123,7 @@ class DeployPlan:
             "gated_top1": self.gated_top1,
             "top1": self.top1,
             "guard_inputs": self.guard_inputs,
+            "match_tolerance": self.match_tolerance,
             "decisions": [asdict(d) for d in self.decisions],
         }
 
@@ -233,6 +238,7 @@ def plan_deployment(
     static: PruneRecord | None = None,
     guard: Iterable | None = None,
     match_tolerance: float = 0.003,
+    gated_top1: float | None = None,
 ) -> DeployPlan:
     """Decides, per gated layer, whether the eager runtime keeps its gate, by measured batch-1 cost.
 
@@ -241,8 +247,8 @@ def plan_deployment(
         stats: its path statistics.
         inputs: real inputs ``(N, C, H, W)``; each is timed at batch 1.
         tolerance: the dynamic record's tolerance (see :func:`~nd_plugin.prune`).
-        threshold: on-frequency above which a static layer keeps a filter.
-        round_to: channel block of the static layers.
+        threshold: on-frequency above which a static layer keeps a filter (unused with ``static``).
+        round_to: channel block of the static layers (unused with ``static``).
         repeats: timed batch-1 calls per model (alternating dynamic and static).
         margin: a gate stays only when its unit is faster than the static one by this fraction.
         dg: torch-pruning's graph of ``dm`` (:meth:`~nd_plugin.DecoupledModel.dependency_graph`),
@@ -254,19 +260,29 @@ def plan_deployment(
             top-1); by default :func:`~nd_plugin.pruning.static_record` at ``threshold`` and
             ``round_to`` (about the gated model's FLOPs).
         guard: ``(inputs, labels)`` batches that keep the decision honest: a layer whose static
-            unit is faster goes static only if the model with it (and the layers made static
-            before it, the largest time saved first) stays within ``match_tolerance`` of the
-            gated model's top-1 on them; otherwise it keeps its gate, the reason saying how many
-            points the static layer loses. A network that routes its inputs (issue 23) loses
-            most of its accuracy when its gates are dropped: without a guard the decision looks
-            at time alone.
-        match_tolerance: top-1 a static layer may lose, a fraction in ``[0, 1)``.
+            unit is faster goes static only if the compact model with it static (and the layers
+            made static before it, the largest time saved first) stays within
+            ``match_tolerance`` of the gated model's top-1 on them; otherwise it keeps its gate,
+            the reason saying how many points the model would lose. A network that routes its
+            inputs (issue 23) loses most of its accuracy when its gates are dropped: without a
+            guard the decision looks at time alone.
+        match_tolerance: top-1 the decided model may lose against the gated one, a fraction in ``[0, 1)``.
+        gated_top1: the gated model's top-1 on ``guard``, when already measured.
 
     Returns:
         The :class:`DeployPlan`.
+
+    Raises:
+        ConfigError: ``match_tolerance`` outside ``[0, 1)``; a ``guard`` with no batch; a
+            ``static`` record of other layers.
     """
     match_tolerance = check_match_tolerance(match_tolerance)
-    dg = dg if dg is not None else _graph(dm)
+    batches = list(guard) if guard is not None else None
+    if batches is not None and not batches:
+        raise ConfigError("guard must hold at least one (inputs, labels) batch (None: decide by time alone).", params=("guard",))
+    if static is not None and (static.sites != list(dm.site_names) or static.original_channels != {s.name: s.channels for s in dm.gate_sites}):
+        raise ConfigError("static must be a record of this model's gated layers (static_record or match_accuracy of dm).", params=("static",))
+    dg = graph_of(dm, dg)
     plan = plan if plan is not None else analyse(dm.model, dm.site_names, dm.input_size)
     dynamic = plan_record(dm, stats, tolerance, dg=dg)
     if static is None:
@@ -297,27 +313,28 @@ def plan_deployment(
         else:
             slower.append((d, s, list(group)))
     to_static: list[str] = []
-    gated_top1 = top1 = None
-    batches = list(guard) if guard is not None else []
+    top1 = None
     if batches and slower:
-        was_training = dm.training
-        dm.eval()
-        try:
-            gated_top1 = top1 = accuracy(dm, batches)
-            for d, s, group in sorted(slower, key=lambda t: t[1] - t[0]):  # the largest time saved first
-                with fixed_gates(dm, record_masks(static, to_static + group)):
-                    trial = accuracy(dm, batches)
-                times = f"{d:.3f} ms gated vs {s:.3f} ms static"
-                if trial >= gated_top1 - match_tolerance - 1e-12:
-                    to_static += group
-                    top1 = trial
-                    decide(group, "static", d, s, f"gate costs more than it saves: {times}; top-1 {trial:.2%} static", trial)
-                else:
-                    lost = 100 * (gated_top1 - trial)
-                    decide(group, "dynamic", d, s, f"static layer loses {lost:.2f} points (top-1 {trial:.2%} vs {gated_top1:.2%}), though {times}", trial)
-        finally:
-            dm.train(was_training)
+        if gated_top1 is None:
+            was_training = dm.training
+            try:
+                gated_top1 = accuracy(dm.eval(), batches)
+            finally:
+                dm.train(was_training)
+        top1 = accuracy(apply_record(dm, dynamic, dg=dg).eval(), batches)  # every gate kept
+        for d, s, group in sorted(slower, key=lambda t: t[1] - t[0]):  # the largest time saved first
+            trial = accuracy(apply_record(dm, mix_records(dynamic, static, to_static + group), dg=dg).eval(), batches)
+            times = f"{d:.3f} ms gated vs {s:.3f} ms static"
+            if within(trial, gated_top1, match_tolerance):
+                to_static += group
+                top1 = trial
+                decide(group, "static", d, s, f"gate costs more than it saves: {times}; top-1 {trial:.2%}", trial)
+            else:
+                lost = 100 * (gated_top1 - trial)
+                why = f"static here, the model loses {lost:.2f} points (top-1 {trial:.2%} vs gated {gated_top1:.2%}), though {times}"
+                decide(group, "dynamic", d, s, why, trial)
     else:
+        gated_top1 = None
         for d, s, group in slower:
             to_static += group
             decide(group, "static", d, s, f"gate costs more than it saves: {d:.3f} ms gated vs {s:.3f} ms static")
@@ -328,5 +345,6 @@ def plan_deployment(
         torch.get_num_threads(),
         gated_top1=gated_top1,
         top1=top1,
-        guard_inputs=sum(len(y) for _, y in batches),
+        guard_inputs=sum(len(y) for _, y in batches) if gated_top1 is not None else 0,
+        match_tolerance=match_tolerance,
     )

@@ -323,7 +323,7 @@ def apply_record(
             "the prune record was made for other gated layers than this model has; rebuild the model "
             "with the same architecture and `sites` as the run."
         )
-    steps = _removal(dm, {s: record.removed(s) for s in record.sites}, _with_graph(dm, dg))
+    steps = _removal(dm, {s: record.removed(s) for s in record.sites}, graph_of(dm, dg))
     dm = dm if inplace else copy.deepcopy(dm)
     was_grad = [p.requires_grad for p in dm.parameters()]
     _apply_removal(dm.model, steps)
@@ -384,7 +384,7 @@ def prune(
     """
     tolerance = check_tolerance(tolerance)
     check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
-    dg = _with_graph(dm, dg)
+    dg = graph_of(dm, dg)
     record = plan_record(dm, stats, tolerance, dg=dg)
     return apply_record(dm, record, inplace=inplace, dg=dg)
 
@@ -423,7 +423,7 @@ def _group_removal(
 def check_round_to(round_to: int) -> int:
     """Returns ``round_to`` as an int, or raises ConfigError unless it is a positive integer."""
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ConfigError(f"round_to must be a positive integer (channel block, e.g. 8 or 16), got {round_to!r}.")
+        raise ConfigError(f"round_to must be a positive integer (channel block, e.g. 8 or 16), got {round_to!r}.", params=("round_to",))
     return round_to
 
 
@@ -482,7 +482,7 @@ def static_record(
     threshold = check_tolerance(threshold, upper=1.0)
     round_to = check_round_to(round_to)
     check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
-    dg = _with_graph(dm, dg)
+    dg = graph_of(dm, dg)
 
     def weakest(score: torch.Tensor) -> set[int]:
         order = sorted(range(score.numel()), key=lambda i: (-float(score[i]), i))
@@ -504,7 +504,7 @@ def coupled_sites(dm: DecoupledModel, stats: PathStats, *, dg: tp.DependencyGrap
 
     A per-layer deployment decision must treat each list as one unit.
     """
-    _, groups = _group_removal(dm, stats, _with_graph(dm, dg), lambda score: set())
+    _, groups = _group_removal(dm, stats, graph_of(dm, dg), lambda score: set())
     return groups
 
 
@@ -525,7 +525,8 @@ def mix_records(dynamic: PruneRecord, static: PruneRecord, static_sites: Sequenc
     return dataclasses.replace(dynamic, kept=kept, static=statics)
 
 
-def _with_graph(dm: DecoupledModel, dg: tp.DependencyGraph | None) -> tp.DependencyGraph:
+def graph_of(dm: DecoupledModel, dg: tp.DependencyGraph | None = None) -> tp.DependencyGraph:
+    """torch-pruning's graph of ``dm``: ``dg`` when given, otherwise traced (``dm``'s train/eval mode kept)."""
     if dg is not None:
         return dg
     was_training = dm.training
@@ -551,7 +552,7 @@ def plan_record(
     """
     tolerance = check_tolerance(tolerance)
     check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
-    dg = _with_graph(dm, dg)
+    dg = graph_of(dm, dg)
     def silent(score: torch.Tensor) -> set[int]:
         drop = (score <= tolerance).nonzero().flatten()
         if drop.numel() == score.numel():  # a layer keeps at least one filter

@@ -53,7 +53,7 @@ import torch
 from nd_plugin._hooks import HookOwner
 from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.errors import ConfigError
-from nd_plugin.paths import PathStats, check_tolerance
+from nd_plugin.paths import PathStats
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -72,6 +72,7 @@ __all__ = [
     "match_static",
     "record_masks",
     "static_ranking",
+    "within",
 ]
 
 _ACM = re.compile(r"(^|\.)acm(\.|$)")
@@ -268,6 +269,16 @@ def match_static(
     return keep_top(k), flops(k)
 
 
+def within(top1: float, reference: float, tolerance: float) -> bool:
+    """Whether ``top1`` is at most ``tolerance`` below ``reference`` (all fractions; float noise allowed).
+
+    Example:
+        >>> within(0.897, 0.9, 0.003), within(0.896, 0.9, 0.003)
+        (True, False)
+    """
+    return top1 >= reference - tolerance - 1e-12
+
+
 def check_match_tolerance(tolerance: float) -> float:
     """Returns ``tolerance`` as a float, or raises ConfigError unless it is in ``[0, 1)``.
 
@@ -293,8 +304,8 @@ class AccuracyMatch:
     """The static compact model with the gated model's top-1: what :func:`match_accuracy` found.
 
     Attributes:
-        record: the static record (every gate dropped) of the match, or of the widest static
-            model tried when none matches.
+        record: the static record (every gate dropped) of the match or, when none matches, of the
+            static model with the best top-1 scanned (the highest threshold on a tie).
         threshold: on-frequency a filter must exceed to be kept
             (:func:`~nd_plugin.pruning.static_record`'s ``threshold``).
         top1: the static model's top-1 on the inputs.
@@ -315,7 +326,7 @@ class AccuracyMatch:
     @property
     def matched(self) -> bool:
         """Whether the static model is within ``tolerance`` of the gated one."""
-        return self.top1 >= self.gated_top1 - self.tolerance - 1e-12
+        return within(self.top1, self.gated_top1, self.tolerance)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dictionary (for ``prune.json``): the kept filters per layer, not the whole record."""
@@ -338,7 +349,7 @@ def match_accuracy(
     stats: PathStats,
     batches: Iterable,
     *,
-    tolerance: float = 0.003,
+    match_tolerance: float = 0.003,
     round_to: int = 1,
     start: float = 0.5,
     points: int = 11,
@@ -346,7 +357,7 @@ def match_accuracy(
     gated_top1: float | None = None,
     dg: tp.DependencyGraph | None = None,
 ) -> AccuracyMatch:
-    """The static compact model with the fewest filters whose top-1 is within ``tolerance`` of the gated model's.
+    """The static compact model with the fewest filters whose top-1 is within ``match_tolerance`` of the gated model's.
 
     :func:`match_static` gives the static network a gated model's *FLOPs*; this gives it its
     *accuracy*, the comparison a deployment needs: a gate is worth keeping only where skipping is
@@ -357,7 +368,7 @@ def match_accuracy(
     filters on for more than ``threshold`` of the inputs (rounded to ``round_to``). The threshold
     is scanned down from ``start`` (0.5: the static model ``nd prune`` exports) to 0 (every filter
     that is ever on) in ``points`` even steps, stopping at the first static model within
-    ``tolerance``; the step above it is then halved ``refine`` times, a halving that matches
+    ``match_tolerance``; the step above it is then halved ``refine`` times, a halving that matches
     moving the answer up. A scan, not a bisection over the whole range: top-1 does not rise all
     the way as the threshold falls. Computing filters the gated model turns off for most inputs
     hurts, and on networks that route their inputs keeping every filter that is ever on was
@@ -368,8 +379,8 @@ def match_accuracy(
     Args:
         dm: the decoupled model (evaluated in eval mode; left as it was).
         stats: its path statistics (rank the filters).
-        batches: ``(inputs, labels)`` batches both models are evaluated on.
-        tolerance: top-1 the static model may lose, a fraction in ``[0, 1)`` (0.003: 0.3 points).
+        batches: ``(inputs, labels)`` batches both models are evaluated on (not empty).
+        match_tolerance: top-1 the static model may lose, a fraction in ``[0, 1)`` (0.003: 0.3 points).
         round_to: channel block of the static layers.
         start: the first (highest) threshold, in ``[0, 1)``.
         points: thresholds scanned from ``start`` to 0, both included (at least 2).
@@ -382,27 +393,31 @@ def match_accuracy(
         top-1 (the highest threshold on a tie), with ``matched`` false.
 
     Raises:
-        ConfigError: ``tolerance`` (named ``match_tolerance``) outside ``[0, 1)``, ``start``
-            outside ``[0, 1)``, ``points`` below 2, ``refine`` below 0, a bad ``round_to``.
+        ConfigError: ``match_tolerance`` or ``start`` outside ``[0, 1)``, ``points`` below 2,
+            ``refine`` below 0, a bad ``round_to``, no ``batches``.
 
     Example:
-        >>> m = match_accuracy(dm, stats, val_loader, tolerance=0.0)
-        >>> m.matched, 0.0 <= m.threshold <= 0.5
-        (True, True)
+        >>> m = match_accuracy(dm, stats, val_loader, match_tolerance=0.5)  # any static model does
+        >>> m.matched, m.threshold, len(m.tried)
+        (True, 0.5, 1)
     """
-    from nd_plugin.pruning.structural import _with_graph, check_round_to, check_stats, static_record
+    from nd_plugin.pruning.structural import check_round_to, check_stats, graph_of, static_record
     from nd_plugin.utilities import accuracy
 
-    tolerance = check_match_tolerance(tolerance)
-    start = check_tolerance(start, upper=1.0)
+    tolerance = check_match_tolerance(match_tolerance)
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start < 1.0:
+        raise ConfigError(f"start must be a threshold in [0, 1), got {start!r}.", params=("start",))
+    start = float(start)
     round_to = check_round_to(round_to)
     for name, value, least in (("points", points, 2), ("refine", refine, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}.", params=(name,))
     check_stats(stats, dm.site_names, [s.channels for s in dm.gate_sites])
     batches = list(batches)
+    if not batches:
+        raise ConfigError("batches must hold at least one (inputs, labels) batch to match the top-1 on.", params=("batches",))
     was_training = dm.training
-    dg = _with_graph(dm, dg)
+    dg = graph_of(dm, dg)
     dm.eval()
     try:
         if gated_top1 is None:
@@ -420,7 +435,7 @@ def match_accuracy(
             return seen[key]
 
         def ok(top1: float) -> bool:
-            return top1 >= gated_top1 - tolerance - 1e-12
+            return within(top1, gated_top1, tolerance)
 
         found = None
         above = None  # the threshold scanned before the first match (it failed)
