@@ -222,7 +222,8 @@ def prune_run(
     from nd_plugin.pruning.deploy import plan_deployment
     from nd_plugin.pruning.export import agreement, check_export_dir, export
     from nd_plugin.pruning.plan import analyse, plain_copy
-    from nd_plugin.pruning.value import StaticFlops, check_match_tolerance, match_accuracy
+    from nd_plugin.pruning.static_match import check_match_tolerance, match_accuracy
+    from nd_plugin.pruning.value import StaticFlops
     from nd_plugin.training.optim import gate_parameters
 
     tolerance = check_tolerance(tolerance)

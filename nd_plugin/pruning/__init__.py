@@ -14,6 +14,7 @@
 
 from nd_plugin.pruning.importance import DecouplingImportance
 from nd_plugin.pruning.runtime import DynamicRuntime, dynamic_runtime, fold_batchnorm
+from nd_plugin.pruning.static_match import AccuracyMatch, match_accuracy
 from nd_plugin.pruning.structural import (
     CompactModel,
     FixedSite,
@@ -28,15 +29,7 @@ from nd_plugin.pruning.structural import (
     prune,
     static_record,
 )
-from nd_plugin.pruning.value import (
-    AccuracyMatch,
-    DynamicValue,
-    StaticFlops,
-    dynamic_value,
-    fixed_gates,
-    match_accuracy,
-    match_static,
-)
+from nd_plugin.pruning.value import DynamicValue, StaticFlops, dynamic_value, fixed_gates, match_static
 
 __all__ = [
     "AccuracyMatch",

@@ -44,6 +44,7 @@ from nd_plugin.errors import ConfigError
 from nd_plugin.paths import PathStats
 from nd_plugin.pruning.plan import DynamicPlan, analyse
 from nd_plugin.pruning.runtime import DynamicRuntime, dynamic_runtime
+from nd_plugin.pruning.static_match import check_match_tolerance, within
 from nd_plugin.pruning.structural import (
     PruneRecord,
     apply_record,
@@ -53,7 +54,6 @@ from nd_plugin.pruning.structural import (
     plan_record,
     static_record,
 )
-from nd_plugin.pruning.value import check_match_tolerance, within
 from nd_plugin.utilities import accuracy
 
 __all__ = ["DeployPlan", "LayerDecision", "UnitTimer", "plan_deployment"]
