@@ -282,12 +282,6 @@ def test_describe_is_signed_in_points() -> None:
     assert "same prediction on 97.2%)" in describe({**d, "agreement": 0.972})
 
 
-def test_keep_naming_a_layer_that_is_not_gated_is_refused() -> None:
-    dm = _hand_model()
-    with pytest.raises(ValueError, match=r"not gated: \['c9'\]"), fixed_gates(dm, {"c1": np.ones(6), "c9": np.ones(2)}):
-        pass
-
-
 def test_keep_of_the_wrong_length_is_refused() -> None:
     dm = _hand_model()
     with pytest.raises(ValueError, match="one entry per gated filter"), fixed_gates(dm, np.ones(3)):

@@ -257,9 +257,12 @@ def prune_run(
             f"the compact model differs from the gated model on validation inputs (max rel. error "
             f"{equality['max_rel_err']:.2e}); were paths.npz collected with this checkpoint? Rerun `nd analyze {run.path}`."
         )
+    gated_top1 = accuracy(dm, batches)  # once: the match, the guard and prune.json use it
     match = None
     if static_match == "accuracy":
-        match = match_accuracy(dm, stats, batches, match_tolerance=match_tolerance, round_to=round_to, dg=dg)
+        match = match_accuracy(
+            dm, stats, batches, match_tolerance=match_tolerance, round_to=round_to, gated_top1=gated_top1, dg=dg
+        )
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -278,7 +281,7 @@ def prune_run(
             static=match.record if match is not None else None,
             guard=batches,
             match_tolerance=match_tolerance,
-            gated_top1=match.gated_top1 if match is not None else None,
+            gated_top1=gated_top1,
         )
     finally:
         torch.set_num_threads(previous)
@@ -316,7 +319,7 @@ def prune_run(
         "equality": equality,
         "accuracy": {
             "inputs": sum(len(y) for _, y in batches),
-            "gated": accuracy(dm, batches),
+            "gated": gated_top1,
             "eager": accuracy(compact, batches),
             "static": accuracy(static, batches),
         },

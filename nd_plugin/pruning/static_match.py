@@ -28,24 +28,13 @@ if TYPE_CHECKING:
 
     from nd_plugin.pruning.structural import PruneRecord
 
-__all__ = ["AccuracyMatch", "check_match_tolerance", "match_accuracy", "record_masks", "within"]
+__all__ = ["AccuracyMatch", "check_match_tolerance", "match_accuracy", "within"]
 
 
-def record_masks(record: PruneRecord, sites: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """``{layer: (C,) booleans}`` of the filters ``record`` keeps, for :func:`fixed_gates`.
-
-    Args:
-        record: a prune record (e.g. :func:`~nd_plugin.pruning.static_record`'s).
-        sites: the gated layers to include (default: all of the record's).
-
-    Example:
-        >>> from nd_plugin.pruning import PruneRecord
-        >>> r = PruneRecord(0.0, ["a", "b"], {"a": 3, "b": 2}, {"a": [0, 2], "b": [1]})
-        >>> {k: v.tolist() for k, v in record_masks(r, ["a"]).items()}
-        {'a': [True, False, True]}
-    """
+def _record_masks(record: PruneRecord) -> dict[str, np.ndarray]:
+    """``{layer: (C,) booleans}`` of the filters ``record`` keeps, for :func:`fixed_gates`."""
     out = {}
-    for site in record.sites if sites is None else sites:
+    for site in record.sites:
         mask = np.zeros(record.original_channels[site], dtype=bool)
         mask[list(record.kept[site])] = True
         out[site] = mask
@@ -212,7 +201,7 @@ def match_accuracy(
             record = static_record(dm, stats, threshold=threshold, round_to=round_to, dg=dg)
             key = tuple(tuple(record.kept[s]) for s in dm.site_names)
             if key not in seen:
-                with fixed_gates(dm, record_masks(record)):
+                with fixed_gates(dm, _record_masks(record)):
                     seen[key] = (record, accuracy(dm, batches))
             tried.append([threshold, seen[key][1]])
             return seen[key]

@@ -56,7 +56,6 @@ from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.paths import PathStats
 
 if TYPE_CHECKING:
-
     from nd_plugin.pruning.plan import DynamicPlan
 
 __all__ = ["DynamicValue", "StaticFlops", "dynamic_value", "fixed_gates", "match_static", "static_ranking"]
@@ -67,7 +66,7 @@ _ACM = re.compile(r"(^|\.)acm(\.|$)")
 class _FixedGates(HookOwner):
     def __init__(self, dm: DecoupledModel, keep: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        self.targets = [(site.gate, keep[name]) for name, site in zip(dm.site_names, dm.sites()) if name in keep]
+        self.targets = [(site.gate, keep[name]) for name, site in zip(dm.site_names, dm.sites())]
 
     def register(self) -> None:
         for module, mask in self.targets:
@@ -83,10 +82,7 @@ def _replace_with(mask: torch.Tensor):
 
 def _split_keep(dm: DecoupledModel, keep: np.ndarray | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if isinstance(keep, Mapping):
-        unknown = sorted(set(keep) - set(dm.site_names))
-        if unknown:
-            raise ValueError(f"keep names layers that are not gated: {unknown}")
-        out = {name: torch.as_tensor(np.asarray(keep[name], dtype=np.float32)) for name in dm.site_names if name in keep}
+        out = {name: torch.as_tensor(np.asarray(keep[name], dtype=np.float32)) for name in dm.site_names}
     else:
         flat = np.asarray(keep, dtype=np.float32)
         if flat.shape != (dm.num_filters,):
@@ -94,7 +90,7 @@ def _split_keep(dm: DecoupledModel, keep: np.ndarray | Mapping[str, Any]) -> dic
         bounds = np.cumsum([0] + [s.channels for s in dm.gate_sites])
         out = {name: torch.from_numpy(flat[bounds[i] : bounds[i + 1]].copy()) for i, name in enumerate(dm.site_names)}
     for info in dm.gate_sites:
-        if info.name in out and out[info.name].shape != (info.channels,):
+        if out[info.name].shape != (info.channels,):
             raise ValueError(f"keep[{info.name!r}] must have {info.channels} entries, got {tuple(out[info.name].shape)}")
     return out
 
@@ -106,8 +102,7 @@ def fixed_gates(dm: DecoupledModel, keep: np.ndarray | Mapping[str, Any]) -> Ite
     Args:
         dm: the decoupled model.
         keep: ``(F,)`` booleans over the whole path (layers in path order), or ``{layer: (C,)}``;
-            1 keeps a filter for every input, 0 removes it. A mapping may name only some gated
-            layers: the others keep their gates (a model partly static).
+            1 keeps a filter for every input, 0 removes it.
 
     Example:
         >>> keep = np.ones(dm.num_filters, dtype=bool)
