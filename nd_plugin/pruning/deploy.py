@@ -259,10 +259,11 @@ def plan_deployment(
             skip get (e.g. :func:`~nd_plugin.pruning.match_accuracy`'s, of the gated model's
             top-1); by default :func:`~nd_plugin.pruning.static_record` at ``threshold`` and
             ``round_to`` (about the gated model's FLOPs).
-        guard: ``(inputs, labels)`` batches that keep the decision honest: a layer whose static
-            unit is faster goes static only if the compact model with it static (and the layers
-            made static before it, the largest time saved first) stays within
-            ``match_tolerance`` of the gated model's top-1 on them; otherwise it keeps its gate,
+        guard: ``(inputs, labels)`` batches that keep the decision honest: the layers whose static
+            unit is faster go static together if the compact model stays within
+            ``match_tolerance`` of the gated model's top-1 on them (one evaluation); if not, one
+            by one, each only if the model with it static (and the layers made static before it,
+            the largest time saved first) stays within; otherwise it keeps its gate,
             the reason saying how many points the model would lose. A network that routes its
             inputs (issue 23) loses most of its accuracy when its gates are dropped: without a
             guard the decision looks at time alone.
@@ -321,8 +322,19 @@ def plan_deployment(
                 gated_top1 = accuracy(dm.eval(), batches)
             finally:
                 dm.train(was_training)
-        for d, s, group in sorted(slower, key=lambda t: t[1] - t[0]):  # the largest time saved first
-            trial = accuracy(apply_record(dm, mix_records(dynamic, static, to_static + group), dg=dg).eval(), batches)
+
+        def top1_with(sites: list[str]) -> float:
+            return accuracy(apply_record(dm, mix_records(dynamic, static, sites), dg=dg).eval(), batches)
+
+        every = [site for _, _, group in slower for site in group]
+        trial = top1_with(every)  # one evaluation where the static model keeps the accuracy (a network that does not route)
+        if within(trial, gated_top1, match_tolerance):
+            to_static, top1 = every, trial
+            for d, s, group in slower:
+                decide(group, "static", d, s, f"gate costs more than it saves: {d:.3f} ms gated vs {s:.3f} ms static; top-1 {trial:.2%}", trial)
+            slower = []
+        for d, s, group in sorted(slower, key=lambda t: t[1] - t[0]):  # layer by layer, the largest time saved first
+            trial = top1_with(to_static + group)
             times = f"{d:.3f} ms gated vs {s:.3f} ms static"
             if within(trial, gated_top1, match_tolerance):
                 to_static += group
