@@ -16,6 +16,7 @@ from nd_plugin.gates import ACM_INITS, GatedSite
 from nd_plugin.paths import GateRecorder, PathStats
 from nd_plugin.tracing import SiteInfo, build_graph, find_sites
 from nd_plugin.training.config import TrainConfig
+from nd_plugin.utilities import eval_mode
 
 __all__ = ["DecoupledModel", "ForwardOutput", "wrap"]
 
@@ -268,41 +269,36 @@ class DecoupledModel(nn.Module):
         from nd_plugin._progress import track
 
         device = torch.device(device) if device is not None else next(self.parameters()).device
-        was_training = self.training
-        self.eval()
         sites = self.sites()
         counts = class_counts = None
         class_n = None
         correct = torch.zeros((), dtype=torch.long, device=device)
         raw_paths, raw_labels, raw_preds = [], [], []
         n = 0
-        try:
-            with GateRecorder(sites) as rec:
-                for b, (x, y) in enumerate(track(loader, "collecting paths", enabled=progress)):
-                    if max_batches is not None and b >= max_batches:
-                        break
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    logits = self.model(x)
-                    per_site = rec.path(x.shape[0], device)
-                    path = torch.cat(per_site, dim=1) if per_site else logits.new_zeros(x.shape[0], 0)
-                    if counts is None:
-                        k = num_classes or (len(classes) if classes else logits.shape[1])
-                        counts = torch.zeros(path.shape[1], dtype=torch.long, device=device)
-                        class_counts = torch.zeros(k, path.shape[1], dtype=torch.long, device=device)
-                        class_n = torch.zeros(k, dtype=torch.long, device=device)
-                    on = path > 0.5
-                    counts += on.sum(0)
-                    class_counts.index_add_(0, y, on.long())
-                    class_n += torch.bincount(y, minlength=class_n.shape[0])
-                    pred = logits.argmax(1)
-                    correct += (pred == y).sum()
-                    n += x.shape[0]
-                    if raw:
-                        raw_paths.append(on)
-                        raw_labels.append(y)
-                        raw_preds.append(pred)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), GateRecorder(sites) as rec:
+            for b, (x, y) in enumerate(track(loader, "collecting paths", enabled=progress)):
+                if max_batches is not None and b >= max_batches:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = self.model(x)
+                per_site = rec.path(x.shape[0], device)
+                path = torch.cat(per_site, dim=1) if per_site else logits.new_zeros(x.shape[0], 0)
+                if counts is None:
+                    k = num_classes or (len(classes) if classes else logits.shape[1])
+                    counts = torch.zeros(path.shape[1], dtype=torch.long, device=device)
+                    class_counts = torch.zeros(k, path.shape[1], dtype=torch.long, device=device)
+                    class_n = torch.zeros(k, dtype=torch.long, device=device)
+                on = path > 0.5
+                counts += on.sum(0)
+                class_counts.index_add_(0, y, on.long())
+                class_n += torch.bincount(y, minlength=class_n.shape[0])
+                pred = logits.argmax(1)
+                correct += (pred == y).sum()
+                n += x.shape[0]
+                if raw:
+                    raw_paths.append(on)
+                    raw_labels.append(y)
+                    raw_preds.append(pred)
         if counts is None:
             raise ValueError("the loader yielded no batches")
 
@@ -383,19 +379,14 @@ def wrap(
         raise ConfigError(f"acm_init must be one of {', '.join(ACM_INITS)}, got {acm_init!r}.", params=("acm_init",))
     example_inputs = _example_inputs(model, example_inputs)
     was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs)
-    except (RuntimeError, ValueError) as exc:  # what torch raises for shapes that do not fit
-        raise InputShapeError(f"the model cannot run on example_inputs of shape {tuple(example_inputs.shape)}: {exc}") from exc
-    finally:  # any other error is a bug in the model's forward and propagates as it is
-        model.train(was_training)
-    model.eval()
-    try:
+    with eval_mode(model):
+        try:
+            with torch.no_grad():
+                model(example_inputs)
+        except (RuntimeError, ValueError) as exc:  # what torch raises for shapes that do not fit
+            # any other error is a bug in the model's forward and propagates as it is
+            raise InputShapeError(f"the model cannot run on example_inputs of shape {tuple(example_inputs.shape)}: {exc}") from exc
         candidates = find_sites(model, example_inputs)
-    finally:
-        model.train(was_training)
     chosen = _select(candidates, sites)
     if not chosen:
         raise NothingToGateError(

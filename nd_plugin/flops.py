@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nd_plugin.utilities import eval_mode
+
 __all__ = [
     "ExpectedFlops",
     "count_flops",
@@ -114,9 +116,7 @@ def flops_by_module(model: nn.Module, input_size: Sequence[int]) -> dict[str, in
     Returns:
         ``{module name: FLOPs}``, including every parent module's total.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logger = logging.getLogger("fvcore")
         level = logger.level
         logger.setLevel(logging.ERROR)
@@ -133,8 +133,6 @@ def flops_by_module(model: nn.Module, input_size: Sequence[int]) -> dict[str, in
                 ", ".join(f"{op} (x{n})" for op, n in sorted(missed.items())),
             )
         return counts
-    finally:
-        model.train(was_training)
 
 
 def format_si(value: float) -> str:

@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from nd_plugin._hooks import ForwardHooks
 from nd_plugin.errors import UntraceableModelError
+from nd_plugin.utilities import eval_mode
 
 if TYPE_CHECKING:  # torch-pruning imports timm and torchvision: load it when a graph is built
     import torch_pruning as tp
@@ -62,10 +63,9 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     """
     import torch_pruning as tp
 
-    was_training = model.training
     try:
         # tracing follows autograd: it must work when called under no_grad / inference_mode too
-        with torch.inference_mode(False), torch.enable_grad():
+        with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
             if isinstance(example_inputs, torch.Tensor):
                 example_inputs = example_inputs.clone()
             else:
@@ -76,8 +76,6 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
             f"torch-pruning cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
             "Gate sites are found by tracing; make the model traceable (plain tensor in, tensor out)."
         ) from exc
-    finally:
-        model.train(was_training)
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:

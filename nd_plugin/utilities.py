@@ -2,22 +2,26 @@
 
 - :func:`auroc`: the area under the ROC curve of two score sets (negatives, positives);
 - :func:`subset_loader`: a loader over a seeded random subset of a dataset;
-- :func:`accuracy`: top-1 accuracy of a model over ready batches.
+- :func:`accuracy`: top-1 accuracy of a model over ready batches;
+- :func:`eval_mode`: a block run with a module in eval mode, its train/eval mode restored after.
 
 scikit-learn is imported inside :func:`auroc`, so importing this module stays light.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-__all__ = ["accuracy", "auroc", "subset_loader"]
+__all__ = ["accuracy", "auroc", "eval_mode", "subset_loader"]
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -80,3 +84,33 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     return correct / max(total, 1)
+
+
+@contextlib.contextmanager
+def eval_mode(module: M) -> Iterator[M]:
+    """Runs the block with ``module`` in eval mode and gives it back its train/eval mode after, on error too.
+
+    The mode restored is the module's own ``training`` flag, applied to every submodule (as
+    ``module.train(flag)`` does), which is what a caller that set ``train()`` or ``eval()`` on the
+    whole model expects.
+
+    Args:
+        module: any module.
+
+    Yields:
+        ``module``, in eval mode.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2).train()
+        >>> with eval_mode(bn) as m:
+        ...     m.training
+        False
+        >>> bn.training
+        True
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

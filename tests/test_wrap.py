@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -17,6 +18,7 @@ from nd_plugin.errors import ConfigError, InputShapeError, NothingToGateError, U
 from nd_plugin.gates import ACM, GatedSite, binarize
 from nd_plugin.losses import DecouplingLoss
 from nd_plugin.paths import GateRecorder, PathStats
+from nd_plugin.utilities import eval_mode
 
 
 def test_binarize_eval_is_hard_threshold() -> None:
@@ -299,3 +301,25 @@ def test_a_bug_in_forward_is_not_reported_as_a_shape_error() -> None:
     with pytest.raises(AttributeError, match="meann"):
         nd_plugin.wrap(net, torch.randn(1, 3, 8, 8))
     assert net.training  # the caller's mode is restored
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("raises", [False, True])
+def test_eval_mode_gives_the_module_its_mode_back(training: bool, raises: bool) -> None:
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).train(training)
+    seen = []
+    with contextlib.suppress(RuntimeError), eval_mode(net) as m:
+        seen.append((m is net, net.training, net[1].training))
+        if raises:
+            raise RuntimeError("inside the block")
+    assert seen == [(True, False, False)]
+    assert (net.training, net[1].training) == (training, training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_path_collection_keeps_the_callers_mode(training: bool) -> None:
+    dm = nd_plugin.wrap(ResidualTinyNet(), torch.randn(1, 3, 8, 8)).train(training)
+    batches = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))]
+    stats = dm.paths(batches)
+    assert stats.n == 4
+    assert dm.training is training

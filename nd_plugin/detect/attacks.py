@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from nd_plugin.errors import AttackArgumentError, ConfigError, UnknownAttackError
+from nd_plugin.utilities import eval_mode
 
 __all__ = [
     "ATTACKS",
@@ -441,9 +442,8 @@ def attack(
         )
     pixels = pixels.clamp(0.0, 1.0)
     wrapped = PixelSpaceModel(model, mean, std)
-    was_training = model.training
     devices = [inputs.device] if inputs.device.type == "cuda" else []
-    try:
+    with eval_mode(model):
         extra = {}
         if "n_classes" in spec.parameters and "n_classes" not in spec.kwargs:
             with torch.no_grad():
@@ -452,6 +452,4 @@ def attack(
             torch.manual_seed(seed)
             atk = spec.build(wrapped, **extra)
             adv = atk(pixels, labels.to(inputs.device))
-    finally:
-        model.train(was_training)
     return to_normalised(adv.detach().clamp(0.0, 1.0), mean, std)

@@ -20,6 +20,7 @@ from nd_plugin.detect.features import (
 )
 from nd_plugin.errors import DetectionError, RunDirError
 from nd_plugin.files import atomic_savez
+from nd_plugin.utilities import eval_mode
 
 __all__ = [
     "CONFIDENCE_FEATURES",
@@ -270,11 +271,9 @@ class LeeMahalanobis:
         if not self.means:
             raise DetectionError("this LeeMahalanobis is not fitted: call fit(dm, clean_loader).")
         net, device = dm.model, next(dm.parameters()).device
-        was_training = dm.training
-        dm.eval()
         scale = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         out = {float(m): np.empty((x.shape[0], len(self.layers))) for m in magnitudes}
-        try:
+        with eval_mode(dm):
             for i in range(0, x.shape[0], batch_size):
                 xb = x[i : i + batch_size].to(device)
                 with torch.no_grad():
@@ -295,8 +294,6 @@ class LeeMahalanobis:
                         for m in moved:
                             dm_ = self._distances(run_pooled(net, xb - m * step, self.layers, stop_at=l))[l]
                             out[m][i : i + xb.shape[0], l] = dm_.min(1).values.cpu().numpy()
-        finally:
-            dm.train(was_training)
         return out
 
     def save(self, path: str | os.PathLike) -> None:

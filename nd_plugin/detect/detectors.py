@@ -15,7 +15,7 @@ from torch import nn
 from nd_plugin.detect.features import Probe, _ProbeHooks, collect_probe
 from nd_plugin.errors import ConfigError, DetectionError, RunDirError
 from nd_plugin.files import atomic_savez
-from nd_plugin.utilities import auroc
+from nd_plugin.utilities import auroc, eval_mode
 
 __all__ = ["PathDetector", "PathScore"]
 
@@ -416,9 +416,7 @@ class PathDetector:
         wm = (t["joint_mu"] / t["joint_scale"]) @ t["joint_white"]
         inv_std = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         moved: dict[float, list[torch.Tensor]] = {float(m): [] for m in magnitudes}
-        was_training = dm.training
-        dm.eval()
-        try:
+        with eval_mode(dm):
             for i in range(0, x.shape[0], batch_size):
                 xb = x[i : i + batch_size].to(device).clone().requires_grad_(True)
                 with _ProbeHooks(dm.sites(), None, keep_grad=True) as hooks:
@@ -430,8 +428,6 @@ class PathDetector:
                 step = grad.sign() * inv_std
                 for m, parts in moved.items():
                     parts.append((xb.detach() - m * step).cpu())
-        finally:
-            dm.train(was_training)
         return {m: collect_probe(dm, torch.cat(parts), batch_size=batch_size) for m, parts in moved.items()}
 
     def score(self, x: torch.Tensor, *, batch_size: int = 256) -> PathScore:

@@ -16,6 +16,7 @@ from torch import nn
 from nd_plugin._hooks import ForwardHooks, HookOwner
 from nd_plugin.errors import DetectionError
 from nd_plugin.gates import ACM
+from nd_plugin.utilities import eval_mode
 
 __all__ = ["PooledHooks", "Probe", "collect_probe", "find_feature_layer", "find_stage_layers"]
 
@@ -303,12 +304,10 @@ def collect_probe(
         (5, (5, 64), (5, 32), [16, 32, 64])
     """
     device = torch.device(device) if device is not None else next(dm.parameters()).device
-    was_training = dm.training
-    dm.eval()
     feature_module = dm.model.get_submodule(feature_layer) if feature_layer else None
     parts: list[Probe] = []
     seen = 0
-    try:
+    with eval_mode(dm):
         with _ProbeHooks(dm.sites(), feature_module, gate_inputs) as hooks, PooledHooks(dm.model, stages or []) as pooled:
             for xb, yb in _batches(data, batch_size):
                 if max_samples is not None and seen >= max_samples:
@@ -329,8 +328,6 @@ def collect_probe(
                 )
                 seen += xb.shape[0]
                 hooks.z = [None] * len(hooks.z)
-    finally:
-        dm.train(was_training)
     if not parts:
         raise DetectionError("no inputs to score: the data yielded no batches.")
     return Probe.concat(parts)

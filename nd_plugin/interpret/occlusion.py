@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from nd_plugin.errors import InputShapeError
+from nd_plugin.utilities import eval_mode
 
 from ._common import jsonable
 
@@ -306,11 +307,9 @@ def occlusion_concepts(
     fill_t = torch.as_tensor(fill, dtype=images.dtype, device=device).reshape(-1, 1, 1)
     if fill_t.shape[0] not in (1, c):
         raise InputShapeError(f"fill has {fill_t.shape[0]} values but the images have {c} channels")
-    was_training = dm.training
-    dm.eval()
     images = images.to(device)
     n_img, n_box = images.shape[0], len(box_arr)
-    try:
+    with eval_mode(dm):
         logits, path = dm(images, return_path=True)
         base = torch.cat(list(path.values()), 1) > 0.5
         base_pred = logits.argmax(1)
@@ -327,8 +326,6 @@ def occlusion_concepts(
             preds_b.append(logits.argmax(1))
         occluded = torch.cat(paths_b).reshape(n_img, n_box, -1)
         occ_pred = torch.cat(preds_b).reshape(n_img, n_box)
-    finally:
-        dm.train(was_training)
     sites = getattr(dm, "gate_sites", None)
     names = tuple(s.name for s in sites) if sites is not None else tuple(f"layer{i}" for i in range(len(path)))
     sizes = tuple(s.channels for s in sites) if sites is not None else tuple(v.shape[1] for v in path.values())

@@ -54,7 +54,7 @@ from nd_plugin.pruning.structural import (
     plan_record,
     static_record,
 )
-from nd_plugin.utilities import accuracy
+from nd_plugin.utilities import accuracy, eval_mode
 
 __all__ = ["DeployPlan", "LayerDecision", "UnitTimer", "plan_deployment"]
 
@@ -317,11 +317,8 @@ def plan_deployment(
     top1 = None
     if batches and slower:
         if gated_top1 is None:
-            was_training = dm.training
-            try:
-                gated_top1 = accuracy(dm.eval(), batches)
-            finally:
-                dm.train(was_training)
+            with eval_mode(dm):
+                gated_top1 = accuracy(dm, batches)
 
         def top1_with(sites: list[str]) -> float:
             return accuracy(apply_record(dm, mix_records(dynamic, static, sites), dg=dg).eval(), batches)

@@ -22,6 +22,7 @@ from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.errors import ConfigError
 from nd_plugin.paths import PathStats
 from nd_plugin.pruning.value import fixed_gates
+from nd_plugin.utilities import accuracy, eval_mode
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -174,7 +175,6 @@ def match_accuracy(
         (True, 0.5, 1)
     """
     from nd_plugin.pruning.structural import check_round_to, check_stats, graph_of, static_record
-    from nd_plugin.utilities import accuracy
 
     tolerance = check_match_tolerance(match_tolerance)
     if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start < 1.0:
@@ -188,10 +188,8 @@ def match_accuracy(
     batches = list(batches)
     if not batches:
         raise ConfigError("batches must hold at least one (inputs, labels) batch to match the top-1 on.", params=("batches",))
-    was_training = dm.training
     dg = graph_of(dm, dg)
-    dm.eval()
-    try:
+    with eval_mode(dm):
         if gated_top1 is None:
             gated_top1 = accuracy(dm, batches)
         tried: list[list[float]] = []
@@ -233,8 +231,6 @@ def match_accuracy(
             found = (t, *evaluate(t))
             tried.pop()
         best_t, best, best_top1 = found
-    finally:
-        dm.train(was_training)
     return AccuracyMatch(
         record=best,
         threshold=best_t,

@@ -33,6 +33,7 @@ from nd_plugin.gates import GatedSite
 from nd_plugin.paths import PathStats, check_tolerance
 from nd_plugin.pruning.importance import DecouplingImportance
 from nd_plugin.tracing import SiteInfo, build_graph
+from nd_plugin.utilities import eval_mode
 
 __all__ = [
     "CompactModel",
@@ -529,11 +530,8 @@ def graph_of(dm: DecoupledModel, dg: tp.DependencyGraph | None = None) -> tp.Dep
     """torch-pruning's graph of ``dm``: ``dg`` when given, otherwise traced (``dm``'s train/eval mode kept)."""
     if dg is not None:
         return dg
-    was_training = dm.training
-    try:
+    with eval_mode(dm):
         return _graph(dm)
-    finally:
-        dm.train(was_training)
 
 
 def plan_record(

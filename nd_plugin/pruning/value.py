@@ -54,6 +54,7 @@ import torch
 from nd_plugin._hooks import HookOwner
 from nd_plugin.decoupled import DecoupledModel
 from nd_plugin.paths import PathStats
+from nd_plugin.utilities import eval_mode
 
 if TYPE_CHECKING:
     from nd_plugin.pruning.plan import DynamicPlan
@@ -354,11 +355,9 @@ def dynamic_value(
     counter = counter if counter is not None else StaticFlops(dm)
     keep, static_flops = match_static(dm, stats, float(gated_flops), counter=counter)
     masks = _split_keep(dm, keep)
-    was_training = dm.training
-    dm.eval()
     device = next(dm.parameters()).device
     gated = static = same = total = 0
-    try:
+    with eval_mode(dm):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             pred = dm(x).argmax(1)
@@ -368,8 +367,6 @@ def dynamic_value(
             static += int((pred_static == y).sum())
             same += int((pred == pred_static).sum())
             total += len(y)
-    finally:
-        dm.train(was_training)
     freq = stats.frequency()
     ranked = keep.copy()
     ranked[static_ranking(stats)[0]] = False  # the one filter per layer kept whatever its frequency
