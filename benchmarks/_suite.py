@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from nd_plugin.commands.decoupling import decouple
 from nd_plugin.errors import RunDirError
@@ -269,6 +270,14 @@ class Suite:
         t = time.perf_counter()
         self.data = load_data(args.data)
         log(f"[{script}] data loaded in {time.perf_counter() - t:.0f}s ({len(self.data.train)} train / {len(self.data.val)} val)")
+
+    def dense_model(self) -> nn.Module:
+        """A fresh copy of the suite's trained network (``--weights``), the teacher of every distilled row."""
+        from nd_plugin.adapters import create_model
+
+        if self.weights is None:
+            raise SystemExit("distill_weight > 0: the teacher is the trained network, so pass --weights")
+        return create_model(self.args.model, num_classes=self.data.num_classes, checkpoint=self.weights).eval()
 
     def preset(self) -> dict[str, float]:
         """The λs this suite uses where a loss is on: the model's preset, overridden by the flags."""

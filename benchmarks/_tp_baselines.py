@@ -222,7 +222,9 @@ def finetune(
         progress: show the trainer's progress.
         epochs: plain epochs (default: the suite's whole budget).
         before_step: the trainer's ``before_step`` hook (sparse learning regularises there).
-        **overrides: other :class:`TrainConfig` fields (e.g. ``weight_decay``).
+        **overrides: other :class:`TrainConfig` fields (e.g. ``weight_decay``). With a
+            ``distill_weight`` > 0 (``--set distill_weight:W``) the teacher is the suite's dense
+            network, as for the decoupling rows.
 
     Returns:
         ``(validation top-1, the trained wrapped model)``.
@@ -233,7 +235,9 @@ def finetune(
     cfg = suite.config(**settings)
     seed_everything(cfg.seed)
     dm = nd_plugin.wrap(model, torch.zeros(1, *suite.data.input_size))
-    stats = Trainer(dm, suite.data, cfg, out=None, progress=progress, before_step=before_step).fit()
+    # a pruned network learns from the same dense teacher as the decoupling rows (their network at step 0)
+    teacher = suite.dense_model() if cfg.distill_weight > 0 else None
+    stats = Trainer(dm, suite.data, cfg, out=None, progress=progress, before_step=before_step, teacher=teacher).fit()
     return float(stats.accuracy), dm
 
 

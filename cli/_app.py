@@ -290,6 +290,13 @@ def decouple_command(
         float,
         typer.Option(help="share of the decoupling epochs over which the target density moves from 1 to --ratio, in [0, 1]"),
     ] = _D.density_ramp,
+    distill_weight: Annotated[
+        float,
+        typer.Option(
+            help="weight of a distillation term from the network as decoupling begins (the trained network with --weights), >= 0 (0: off)"
+        ),
+    ] = _D.distill_weight,
+    distill_temperature: Annotated[float, typer.Option(help="distillation temperature, > 0")] = _D.distill_temperature,
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = _D.workers,
     download: Annotated[
         bool,
@@ -347,6 +354,8 @@ def decouple_command(
         lambda_c=lambda_c,
         lambda_c_until=lambda_c_until,
         freeze_gates_after=freeze_gates_after,
+        distill_weight=distill_weight,
+        distill_temperature=distill_temperature,
         workers=workers,
         download=download,
         amp=amp,

@@ -24,6 +24,9 @@
 :meth:`DecouplingLoss.regularizer`, only ``λ_m·L_mi + λ_k·L_kl + λ_s·L_s + λ_c·L_c`` to add to any criterion
 (timm's ``SoftTargetCrossEntropy``, a detection loss, ...). Targets are class indices ``(N,)`` or
 class probabilities ``(N, K)`` in both.
+
+:func:`distillation_loss` is Hinton et al.'s knowledge-distillation term, which the Trainer adds
+(weight ``distill_weight``) to any run, decoupled or plain, that learns from a dense teacher.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import nn
 from nd_plugin.errors import ConfigError, InputShapeError
 from nd_plugin.gates import binarize
 
-__all__ = ["MI_INITS", "MI_SCOPES", "SPARSITY_SCOPES", "DecouplingLoss", "LossTerms"]
+__all__ = ["MI_INITS", "MI_SCOPES", "SPARSITY_SCOPES", "DecouplingLoss", "LossTerms", "distillation_loss"]
 
 #: Initialisation of the ``L_mi`` classifiers: ``kaiming`` (Kaiming-normal, the authors' release) or
 #: ``torch`` (``nn.Linear``'s default, about 2.45x smaller weights).
@@ -63,7 +66,10 @@ SPARSITY_SCOPES = ("layer", "input", "filter")
 
 @dataclass
 class LossTerms:
-    """The total loss and its terms (unweighted ``mi``, ``kl``, ``s``, ``c``), for logging."""
+    """The total loss and its terms (unweighted ``mi``, ``kl``, ``s``, ``c``, ``d``), for logging.
+
+    ``d`` is the distillation term (:func:`distillation_loss`) where the Trainer added one, else None.
+    """
 
     total: torch.Tensor
     ce: torch.Tensor
@@ -71,11 +77,48 @@ class LossTerms:
     kl: torch.Tensor
     s: torch.Tensor
     c: torch.Tensor
+    d: torch.Tensor | None = None
 
     def as_floats(self) -> dict[str, float]:
-        """The terms as Python floats (one device sync)."""
-        values = torch.stack([self.total, self.ce, self.mi, self.kl, self.s, self.c]).detach().float().cpu().tolist()
-        return dict(zip(("loss", "ce", "l_mi", "l_kl", "l_s", "l_c"), values))
+        """The terms as Python floats (one device sync); ``l_d`` only where there is a distillation term."""
+        names = ("loss", "ce", "l_mi", "l_kl", "l_s", "l_c") + (("l_d",) if self.d is not None else ())
+        terms = [self.total, self.ce, self.mi, self.kl, self.s, self.c] + ([self.d] if self.d is not None else [])
+        return dict(zip(names, torch.stack(terms).detach().float().cpu().tolist()))
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch mean.
+
+    The ``T²`` keeps the gradient's scale independent of the temperature, so one weight serves any
+    ``T``. The teacher's logits carry no gradient.
+
+    Args:
+        student: the trained network's logits, ``(N, K)``.
+        teacher: the teacher's logits for the same inputs, ``(N, K)``.
+        temperature: ``T > 0``; higher spreads the teacher's probabilities over more classes.
+
+    Returns:
+        A scalar, 0 where the two agree.
+
+    Raises:
+        ConfigError: ``temperature`` is not > 0.
+        InputShapeError: the logits' shapes differ.
+
+    Example:
+        >>> s = torch.tensor([[2.0, 0.0]])
+        >>> float(distillation_loss(s, s))
+        0.0
+        >>> t = torch.tensor([[0.0, 0.0]])  # T = 2: 4 · Σ_i ½ ln(½ / q_i), q = (σ(1), σ(−1))
+        >>> round(float(distillation_loss(s, t, temperature=2.0)), 4)
+        0.4805
+    """
+    if not temperature > 0:
+        raise ConfigError(f"distill_temperature must be > 0, got {temperature}.", params=("distill_temperature",))
+    if student.shape != teacher.shape:
+        raise InputShapeError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape.")
+    log_s = F.log_softmax(student.float() / temperature, dim=1)
+    log_t = F.log_softmax(teacher.detach().float() / temperature, dim=1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
 
 
 def _check(name: str, value: float, low: float, high: float | None, closed_high: bool = True) -> None:

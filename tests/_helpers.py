@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -119,14 +120,18 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def tiny_trainer(cfg: nd_plugin.TrainConfig, out: Path | None = None) -> nd_plugin.Trainer:
-    """A quiet :class:`~nd_plugin.Trainer` for ``cfg`` (resolved) on its data, the model wrapped at 32×32."""
+def tiny_parts(cfg: nd_plugin.TrainConfig) -> tuple[nd_plugin.DecoupledModel, Any]:
+    """``cfg``'s model wrapped at 32×32 and its data (the data set's own seed; the model's weights drawn as torch's RNG stands)."""
     from nd_plugin.adapters import create_model
     from nd_plugin.data import load_data
 
     data = load_data(cfg.data)
-    dm = nd_plugin.wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32))
-    return nd_plugin.Trainer(dm, data, cfg, out, progress=False)
+    return nd_plugin.wrap(create_model(cfg.model, num_classes=data.num_classes), torch.zeros(1, 3, 32, 32)), data
+
+
+def tiny_trainer(cfg: nd_plugin.TrainConfig, out: Path | None = None) -> nd_plugin.Trainer:
+    """A quiet :class:`~nd_plugin.Trainer` for ``cfg`` (resolved) on its data, the model wrapped at 32×32."""
+    return nd_plugin.Trainer(*tiny_parts(cfg), cfg, out, progress=False)
 
 
 def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:

@@ -279,3 +279,41 @@ def test_reuse_takes_a_run_that_predates_a_new_field_and_retrains_a_damaged_one(
     row = Suite(args, "compare_pruners_test").run("decoupling R=0.6", ratio=0.6)
     assert [k.get("resume", False) for k in calls] == [True, False] and calls[1]["overwrite"] is True
     assert (run / "summary.json").is_file() and row.top1 >= 0
+
+
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_distilled_tp_rows_learn_from_the_suites_dense_network(cp, tb, tmp_path, monkeypatch, with_weights) -> None:
+    import argparse
+
+    from _suite import Suite, add_common_args
+    from nd_plugin.adapters import create_model
+
+    torch.manual_seed(0)
+    dense = create_model("cifar:resnet20", num_classes=10)
+    weights = tmp_path / "dense.th"
+    torch.save(dense.state_dict(), weights)
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    args = parser.parse_args(
+        ["--data", "synthetic:64", "--weights", str(weights) if with_weights else "none", "--epochs", "1",
+         "--warmup-epochs", "0", "--batch-size", "32", "--out-dir", str(tmp_path), "--set", "distill_weight:0.5"]
+    )
+    suite = Suite(args, "compare_pruners_test")
+    teachers = []
+    real = tb.Trainer
+
+    def recording(*a, teacher=None, **k):
+        teachers.append(teacher)
+        return real(*a, teacher=teacher, **k)
+
+    monkeypatch.setattr(tb, "Trainer", recording)
+    pruned = create_model("cifar:resnet20", num_classes=10)
+    if not with_weights:
+        with pytest.raises(SystemExit, match="pass --weights"):
+            cp.finetune(pruned, suite, False, epochs=1)
+        return
+    top1, dm = cp.finetune(pruned, suite, False, epochs=1)
+    (teacher,) = teachers
+    assert teacher is not None and teacher is not dm.model
+    for name, value in dense.state_dict().items():  # the weights file's network, untouched by the fine-tuning
+        torch.testing.assert_close(teacher.state_dict()[name], value)

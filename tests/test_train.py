@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _helpers import tiny_trainer
+from _helpers import tiny_parts, tiny_trainer
 from typer.testing import CliRunner
 
 from nd_plugin.cli._app import app
@@ -78,6 +78,8 @@ def _cli(*args: str):
         (["--lambda-c", "-0.5"], "--lambda-c must be >= 0"),
         (["--lambda-c-until", "1.5"], "--lambda-c-until must be in [0, 1]"),
         (["--freeze-gates-after", "-0.1"], "--freeze-gates-after must be in [0, 1]"),
+        (["--distill-weight", "-1"], "--distill-weight must be >= 0"),
+        (["--distill-temperature", "0"], "--distill-temperature must be > 0"),
     ],
 )
 def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], match: str) -> None:
@@ -102,6 +104,9 @@ def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], mat
         ({"lambda_c": -0.1}, "lambda_c must be >= 0"),
         ({"lambda_c_until": 1.2}, "lambda_c_until must be in [0, 1]"),
         ({"freeze_gates_after": -0.5}, "freeze_gates_after must be in [0, 1]"),
+        ({"distill_weight": -0.1}, "distill_weight must be >= 0"),
+        ({"distill_weight": float("nan")}, "distill_weight must be >= 0"),
+        ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
     ],
 )
 def test_bad_schedule_settings_are_a_config_error(settings: dict, match: str) -> None:
@@ -173,6 +178,73 @@ def test_trainer_freezes_the_gates_after_their_share(after: float) -> None:
     trainer.fit()
     moved = [not torch.equal(a, b) for a, b in zip(before, (*gates, *network))]
     assert any(moved[: len(gates)]) == (after == 1.0) and any(moved[len(gates) :])
+
+
+@pytest.mark.parametrize(
+    "settings, teacher, match",
+    [
+        ({"distill_weight": 0.0}, True, "a teacher was given but distill_weight is 0"),
+        ({"distill_weight": 1.0, "epochs": 0, "warmup_epochs": 1}, False, "this run has no decoupling epoch"),
+    ],
+)
+def test_distillation_without_a_teacher_to_use_is_refused(settings: dict, teacher: bool, match: str) -> None:
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "warmup_epochs": 0, **settings})
+    torch.manual_seed(0)
+    dm, data = tiny_parts(cfg)
+    with pytest.raises(ConfigError, match=match) as info:
+        Trainer(dm, data, cfg, progress=False, teacher=dm.unwrapped() if teacher else None)
+    assert "distill_weight" in info.value.params
+
+
+def test_distillation_adds_its_weighted_term_to_the_loss() -> None:
+    from nd_plugin.losses import distillation_loss
+
+    cfg = TrainConfig(**TINY, epochs=1, warmup_epochs=1, distill_weight=0.5, distill_temperature=2.0)
+    torch.manual_seed(0)
+    dm, data = tiny_parts(cfg)
+    torch.manual_seed(1)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, data.num_classes))
+    trainer = Trainer(dm, data, cfg, progress=False, teacher=teacher)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    dm.train()
+    for warmup in (True, False):  # a given teacher teaches in both phases
+        torch.manual_seed(2)
+        terms, logits, _ = trainer._forward_loss(x, y, warmup=warmup)
+        expected = distillation_loss(logits, teacher(x), 2.0).detach()
+        assert float(terms.d.detach()) == pytest.approx(float(expected)) and float(expected) > 0
+        saved, trainer.teacher = trainer.teacher, None
+        torch.manual_seed(2)
+        plain, _, _ = trainer._forward_loss(x, y, warmup=warmup)
+        trainer.teacher = saved
+        assert plain.d is None
+        assert float(terms.total.detach()) == pytest.approx(float(plain.total.detach()) + 0.5 * float(expected), rel=1e-5)
+    trainer.fit()
+    assert all(r.train["l_d"] > 0 for r in trainer.history)
+
+
+def test_distillation_teacher_is_the_network_as_decoupling_begins_and_survives_resume(tmp_path: Path) -> None:
+    cfg = TrainConfig(**TINY, epochs=2, warmup_epochs=1, distill_weight=1.0).resolved()
+    torch.manual_seed(0)
+    dm, data = tiny_parts(cfg)
+    seen = {}
+
+    def keep(trainer: Trainer, epoch: int) -> None:
+        if epoch == 0:  # after the warm-up: what the teacher must be
+            seen["start"] = {k: v.clone() for k, v in trainer.dm.unwrapped().state_dict().items()}
+        seen[epoch] = trainer.state_dict(epoch)
+
+    trainer = Trainer(dm, data, cfg, progress=False, on_epoch_end=keep)
+    trainer.fit()
+    assert trainer.history[0].train.get("l_d") == 0.0 and trainer.history[1].train["l_d"] > 0  # none in the warm-up
+    teacher = trainer.teacher.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in seen["start"].items())
+    assert "teacher" not in seen[0] and "teacher" in seen[1]
+    weights = trainer.dm.unwrapped().state_dict()
+    assert any(not torch.equal(teacher[k], weights[k]) for k in teacher)  # the student moved on
+    again = Trainer(*tiny_parts(cfg), cfg, progress=False)
+    again.load_state_dict(seen[1])  # resume after the first decoupling epoch
+    assert all(torch.equal(again.teacher.state_dict()[k], v) for k, v in teacher.items())
 
 
 def test_out_holding_another_models_run(tmp_path: Path) -> None:

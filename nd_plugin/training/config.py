@@ -138,6 +138,12 @@ class TrainConfig:
             default, never freezes them): the network's weights then adapt to fixed gate functions
             (which still read the features, so the routes move as the weights do). Measured with
             ``lambda_c_until`` in docs/notes/dynamic.md (approach 12).
+        distill_weight: weight of a knowledge-distillation term from a dense teacher, ``>= 0`` (0,
+            the default, turns it off; :func:`nd_plugin.losses.distillation_loss`). The teacher is the
+            one given to the Trainer (then it teaches every epoch, e.g. a pruned network fine-tuned from
+            its dense original) or else the network as the decoupling phase begins, gates open: the
+            trained network when ``weights`` are given. Apply it to every row of a comparison alike.
+        distill_temperature: the distillation temperature ``T > 0``.
     """
 
     model: str = "resnet18"
@@ -182,6 +188,8 @@ class TrainConfig:
     lambda_c: float = 0.0
     lambda_c_until: float = 1.0
     freeze_gates_after: float = 1.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by its default, validated."""
@@ -249,6 +257,12 @@ class TrainConfig:
                 + ("" if self.ratio is None else f" with ratio {self.ratio}") + ".",
                 params=("sparsity_cap", "ratio"),
             )
+        if not self.distill_weight >= 0:
+            raise ConfigError(
+                f"distill_weight must be >= 0 (0 turns distillation off), got {self.distill_weight}.", params=("distill_weight",)
+            )
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}.", params=("distill_temperature",))
         if self.bn_recalibrate < 0:
             raise ConfigError(
                 f"bn_recalibrate must be >= 0 (batches; 0 turns it off), got {self.bn_recalibrate}.", params=("bn_recalibrate",)

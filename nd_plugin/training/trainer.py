@@ -12,6 +12,7 @@ directory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import random
@@ -27,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from nd_plugin.decoupled import DecoupledModel
-from nd_plugin.errors import TrainingError
-from nd_plugin.losses import DecouplingLoss, LossTerms
+from nd_plugin.errors import ConfigError, TrainingError
+from nd_plugin.losses import DecouplingLoss, LossTerms, distillation_loss
 from nd_plugin.paths import PathStats
 from nd_plugin.training.bn import recalibrate_bn
 from nd_plugin.training.config import TrainConfig, density_target, lr_factor, resolve_device
@@ -135,6 +136,10 @@ class Trainer:
         before_step: called as ``before_step(trainer)`` after each backward pass, before the
             optimiser step: the gradients are there to change, e.g. torch-pruning's
             ``pruner.regularize(model)`` for sparse learning.
+        teacher: the network to distil from in every epoch (``config.distill_weight`` must be > 0),
+            e.g. the dense original of a pruned network; it is used in eval mode with its
+            parameters frozen. Without it, a ``distill_weight`` > 0 distils from a copy of ``dm``
+            taken as the decoupling phase begins (gates open), kept in the checkpoint.
 
     Example:
         >>> from nd_plugin.adapters import create_model
@@ -157,8 +162,20 @@ class Trainer:
         progress: bool = True,
         on_epoch_end: Callable[[Trainer, int], None] | None = None,
         before_step: Callable[[Trainer], None] | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         config = config.resolved()
+        if teacher is not None and config.distill_weight == 0:
+            raise ConfigError(
+                "a teacher was given but distill_weight is 0: set distill_weight > 0 to distil from it.",
+                params=("teacher", "distill_weight"),
+            )
+        if teacher is None and config.distill_weight > 0 and config.epochs == 0:
+            raise ConfigError(
+                "distill_weight > 0 without a teacher distils from the network as the decoupling phase begins, "
+                "and this run has no decoupling epoch: pass the teacher (e.g. the dense original).",
+                params=("teacher", "distill_weight", "epochs"),
+            )
         self.before_step = before_step
         self.cfg = config
         self.data = data
@@ -204,6 +221,12 @@ class Trainer:
         self.history: list[EpochResult] = []
         self._graphed: _GraphedStep | None = None
         self._compute: Any = _compiled(self._forward_loss) if config.compile else self._forward_loss
+        self._own_teacher = teacher is None  # a copy of dm made here (checkpointed) or the caller's
+        self.teacher = self._frozen(teacher) if teacher is not None else None
+
+    def _frozen(self, teacher: nn.Module) -> nn.Module:
+        teacher = teacher.to(self.device).eval().requires_grad_(False)
+        return teacher.to(memory_format=torch.channels_last) if self.device.type == "cuda" else teacher
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self, epoch: int) -> dict[str, Any]:
@@ -216,6 +239,7 @@ class Trainer:
             "epoch": epoch,
             "rng": _rng_state(),
             "history": [r.to_dict() for r in self.history],
+            **({"teacher": self.teacher.state_dict()} if self._own_teacher and self.teacher is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -226,6 +250,9 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"]) + 1
         self.history = [EpochResult.from_dict(d) for d in state.get("history", [])]
+        if self._own_teacher and "teacher" in state:
+            self.teacher = self._frozen(self.dm.unwrapped())
+            self.teacher.load_state_dict(state["teacher"])
 
     # ----------------------------------------------------------------------------------- loops
     def _loader(self, split: str, epoch: int, *, shuffle: bool) -> DataLoader:
@@ -300,7 +327,7 @@ class Trainer:
         with self._autocast():
             if warmup:
                 logits = self.net(x)
-                return self.loss_fn(logits, y, [], None), logits, torch.ones((), device=x.device)
+                return self._distilled(self.loss_fn(logits, y, [], None), logits, x), logits, torch.ones((), device=x.device)
             want_pre = self.cfg.lambda_k > 0
             outputs = self.net(
                 x,
@@ -312,8 +339,18 @@ class Trainer:
             logits, gates, z = outputs[0], outputs[1], outputs[-1]
             pre = outputs[2] if want_pre else None
             terms = self.loss_fn(logits, y, gates, pre, gate_logits=z if self.cfg.sparsity_gates == "eval" else None)
+            terms = self._distilled(terms, logits, x)
             density = torch.cat([g.detach() for g in gates.values()], 1).gt(0.5).float().mean()
         return terms, logits, density
+
+    def _distilled(self, terms: LossTerms, logits: torch.Tensor, x: torch.Tensor) -> LossTerms:
+        """``terms`` with the distillation term added (``distill_weight``·``d``) where there is a teacher."""
+        if self.teacher is None:
+            return terms
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        d = distillation_loss(logits, teacher_logits, self.cfg.distill_temperature)
+        return dataclasses.replace(terms, total=terms.total + self.cfg.distill_weight * d, d=d)
 
     def _uses_cuda_graphs(self) -> bool:
         return self.cfg.cuda_graphs and self.device.type == "cuda" and not self.dist.enabled
@@ -323,7 +360,9 @@ class Trainer:
         warmup = epoch < self.cfg.warmup_epochs
         self.net = self._ddp.module(warmup)
         self.net.train()
-        sums = torch.zeros(9, device=self.device)  # loss, ce, mi, kl, s, correct, n, density*n, c
+        if not warmup and self.teacher is None and self.cfg.distill_weight > 0:
+            self.teacher = self._frozen(self.dm.unwrapped())  # the network as the decoupling phase begins
+        sums = torch.zeros(10, device=self.device)  # loss, ce, mi, kl, s, correct, n, density*n, c, d
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         loader = self._loader("train", epoch, shuffle=True)
         context = self.dm.gates_open() if warmup else nullcontext()
@@ -369,6 +408,7 @@ class Trainer:
                             sums.new_full((), float(n)),
                             density * n,
                             terms.c.detach() * n,
+                            (terms.d.detach() if terms.d is not None else terms.c.new_zeros(())) * n,
                         ]
                     ).float()
                 if progress is not None and (step % 10 == 0 or step == len(loader) - 1):
@@ -385,6 +425,7 @@ class Trainer:
             "l_kl": s[3] / n,
             "l_s": s[4] / n,
             "l_c": s[8] / n,
+            **({"l_d": s[9] / n} if self.cfg.distill_weight > 0 else {}),
             "top1": s[5] / n,
             "density": s[7] / n,
             **({} if warmup else {"target_density": self.loss_fn.ratio}),
