@@ -275,8 +275,9 @@ class Suite:
         """A fresh copy of the suite's trained network (``--weights``), the teacher of every distilled row."""
         from nd_plugin.adapters import create_model
 
-        if self.weights is None:
-            raise SystemExit("distill_weight > 0: the teacher is the trained network, so pass --weights")
+        if self.weights is None or self.config().warmup_epochs > 0:
+            # the decoupling rows distil from their network as decoupling begins: the same network only without a warm-up
+            raise SystemExit("distill_weight > 0: the teacher is the trained network, so pass --weights and no --warmup-epochs")
         return create_model(self.args.model, num_classes=self.data.num_classes, checkpoint=self.weights).eval()
 
     def preset(self) -> dict[str, float]:

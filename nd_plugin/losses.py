@@ -113,7 +113,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
         0.4805
     """
     if not temperature > 0:
-        raise ConfigError(f"distill_temperature must be > 0, got {temperature}.", params=("distill_temperature",))
+        raise ConfigError(f"temperature must be > 0, got {temperature}.", params=("temperature",))
     if student.shape != teacher.shape:
         raise InputShapeError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape.")
     log_s = F.log_softmax(student.float() / temperature, dim=1)

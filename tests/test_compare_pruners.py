@@ -309,7 +309,7 @@ def test_distilled_tp_rows_learn_from_the_suites_dense_network(cp, tb, tmp_path,
     monkeypatch.setattr(tb, "Trainer", recording)
     pruned = create_model("cifar:resnet20", num_classes=10)
     if not with_weights:
-        with pytest.raises(SystemExit, match="pass --weights"):
+        with pytest.raises(SystemExit, match="pass --weights and no --warmup-epochs"):
             cp.finetune(pruned, suite, False, epochs=1)
         return
     top1, dm = cp.finetune(pruned, suite, False, epochs=1)

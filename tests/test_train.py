@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from nd_plugin.cli._app import app
 from nd_plugin.commands.decoupling import decouple
-from nd_plugin.errors import ConfigError, TrainingError
+from nd_plugin.errors import ConfigError, InputShapeError, TrainingError
 from nd_plugin.run import open_run
 from nd_plugin.training.config import TrainConfig
 from nd_plugin.training.optim import gate_parameters
@@ -107,6 +107,8 @@ def test_decouple_bad_options_give_one_line(tmp_path: Path, args: list[str], mat
         ({"distill_weight": -0.1}, "distill_weight must be >= 0"),
         ({"distill_weight": float("nan")}, "distill_weight must be >= 0"),
         ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
+        ({"distill_weight": float("inf")}, "distill_weight must be >= 0 and finite"),
+        ({"distill_temperature": float("inf")}, "distill_temperature must be > 0 and finite"),
     ],
 )
 def test_bad_schedule_settings_are_a_config_error(settings: dict, match: str) -> None:
@@ -178,6 +180,37 @@ def test_trainer_freezes_the_gates_after_their_share(after: float) -> None:
     trainer.fit()
     moved = [not torch.equal(a, b) for a, b in zip(before, (*gates, *network))]
     assert any(moved[: len(gates)]) == (after == 1.0) and any(moved[len(gates) :])
+
+
+def test_distillation_refuses_a_teacher_that_shares_the_students_parameters() -> None:
+    cfg = TrainConfig(**TINY, epochs=1, warmup_epochs=0, distill_weight=1.0)
+    dm, data = tiny_parts(cfg)
+    with pytest.raises(ConfigError, match="shares parameters") as info:
+        Trainer(dm, data, cfg, progress=False, teacher=dm.model)
+    assert info.value.params == ("teacher",)
+    assert all(p.requires_grad for p in dm.parameters())  # nothing was frozen
+
+
+def test_decouple_refuses_distillation_without_a_decoupling_epoch(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _cli("decouple", "cifar:resnet20", "--data", "synthetic:32", "--epochs", "0", "--distill-weight", "1",
+                  "--out", str(out), "--quiet")
+    assert result.exit_code == 2 and "--distill-weight" in result.output and "--epochs" in result.output
+    assert not out.exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "student, teacher, temperature, error, match",
+    [
+        ((2, 3), (2, 3), 0.0, ConfigError, "temperature must be > 0"),
+        ((2, 3), (2, 4), 1.0, InputShapeError, "differ in shape"),
+    ],
+)
+def test_distillation_loss_refuses_bad_arguments(student, teacher, temperature, error, match) -> None:
+    from nd_plugin.losses import distillation_loss
+
+    with pytest.raises(error, match=match):
+        distillation_loss(torch.zeros(student), torch.zeros(teacher), temperature)
 
 
 @pytest.mark.parametrize(

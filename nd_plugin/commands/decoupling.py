@@ -19,6 +19,7 @@ import torch
 
 from nd_plugin import run as rundir
 from nd_plugin.decoupled import wrap
+from nd_plugin.errors import ConfigError
 from nd_plugin.training.config import TrainConfig, resolve_device
 from nd_plugin.training.distributed import distributed_cleanup
 from nd_plugin.training.trainer import Trainer, seed_everything
@@ -129,6 +130,12 @@ def decouple(
         names = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names} | {"device": config.device})
     cfg = config.resolved()
+    if cfg.distill_weight > 0 and cfg.epochs == 0:  # decouple() has no teacher but the network as decoupling begins
+        raise ConfigError(
+            "distill_weight > 0 distils from the network as the decoupling phase begins, and this run has no "
+            "decoupling epoch: set epochs > 0 or distill_weight 0.",
+            params=("distill_weight", "epochs"),
+        )
     device = resolve_device(cfg.device)
     with distributed_cleanup(), ExitStack() as held:
         main = int(os.environ.get("RANK", "0")) == 0

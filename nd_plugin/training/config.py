@@ -257,12 +257,15 @@ class TrainConfig:
                 + ("" if self.ratio is None else f" with ratio {self.ratio}") + ".",
                 params=("sparsity_cap", "ratio"),
             )
-        if not self.distill_weight >= 0:
+        if not (self.distill_weight >= 0 and math.isfinite(self.distill_weight)):
             raise ConfigError(
-                f"distill_weight must be >= 0 (0 turns distillation off), got {self.distill_weight}.", params=("distill_weight",)
+                f"distill_weight must be >= 0 and finite (0 turns distillation off), got {self.distill_weight}.",
+                params=("distill_weight",),
             )
-        if not self.distill_temperature > 0:
-            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}.", params=("distill_temperature",))
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise ConfigError(
+                f"distill_temperature must be > 0 and finite, got {self.distill_temperature}.", params=("distill_temperature",)
+            )
         if self.bn_recalibrate < 0:
             raise ConfigError(
                 f"bn_recalibrate must be >= 0 (batches; 0 turns it off), got {self.bn_recalibrate}.", params=("bn_recalibrate",)

@@ -137,8 +137,8 @@ class Trainer:
             optimiser step: the gradients are there to change, e.g. torch-pruning's
             ``pruner.regularize(model)`` for sparse learning.
         teacher: the network to distil from in every epoch (``config.distill_weight`` must be > 0),
-            e.g. the dense original of a pruned network; it is used in eval mode with its
-            parameters frozen. Without it, a ``distill_weight`` > 0 distils from a copy of ``dm``
+            e.g. the dense original of a pruned network; it is moved to the device, put in eval
+            mode and its parameters frozen, in place (it must not share parameters with ``dm``). Without it, a ``distill_weight`` > 0 distils from a copy of ``dm``
             taken as the decoupling phase begins (gates open), kept in the checkpoint.
 
     Example:
@@ -169,6 +169,12 @@ class Trainer:
             raise ConfigError(
                 "a teacher was given but distill_weight is 0: set distill_weight > 0 to distil from it.",
                 params=("teacher", "distill_weight"),
+            )
+        if teacher is not None and {id(p) for p in teacher.parameters()} & {id(p) for p in dm.parameters()}:
+            raise ConfigError(
+                "the teacher shares parameters with the trained model: the Trainer freezes the teacher's, so pass a "
+                "separate copy (e.g. copy.deepcopy or dm.unwrapped()).",
+                params=("teacher",),
             )
         if teacher is None and config.distill_weight > 0 and config.epochs == 0:
             raise ConfigError(
