@@ -282,6 +282,16 @@ def test_describe_is_signed_in_points() -> None:
     assert "same prediction on 97.2%)" in describe({**d, "agreement": 0.972})
 
 
+@pytest.mark.parametrize("drop, extra, match", [("c1", None, r"missing \['c1'\], not gated \[\]"), (None, "c9", r"missing \[\], not gated \['c9'\]")])
+def test_keep_mapping_must_name_exactly_the_gated_layers(drop, extra, match) -> None:
+    dm = _hand_model()
+    keep = {name: np.ones(site.channels) for name, site in zip(dm.site_names, dm.gate_sites) if name != drop}
+    if extra:
+        keep[extra] = np.ones(2)
+    with pytest.raises(ValueError, match=match), fixed_gates(dm, keep):
+        pass
+
+
 def test_keep_of_the_wrong_length_is_refused() -> None:
     dm = _hand_model()
     with pytest.raises(ValueError, match="one entry per gated filter"), fixed_gates(dm, np.ones(3)):

@@ -83,6 +83,9 @@ def _replace_with(mask: torch.Tensor):
 
 def _split_keep(dm: DecoupledModel, keep: np.ndarray | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if isinstance(keep, Mapping):
+        missing, unknown = sorted(set(dm.site_names) - set(keep)), sorted(set(keep) - set(dm.site_names))
+        if missing or unknown:
+            raise ValueError(f"keep must name every gated layer and no other: missing {missing}, not gated {unknown}")
         out = {name: torch.as_tensor(np.asarray(keep[name], dtype=np.float32)) for name in dm.site_names}
     else:
         flat = np.asarray(keep, dtype=np.float32)
